@@ -1,0 +1,109 @@
+"""The ``gradwatch`` command: ``rules``, ``explain``, ``demo``, ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from ._version import __version__
+from .rules import BUILTIN_RULES, find_rule
+
+
+def _rules(args: argparse.Namespace) -> int:
+    console = Console()
+    table = Table(title="gradwatch rules", title_justify="left")
+    for column in ("code", "slug", "severity", "what it means"):
+        table.add_column(column)
+    for cls in BUILTIN_RULES:
+        table.add_row(cls.code, cls.slug, cls.severity, cls.summary)
+    console.print(table)
+    console.print("Details: gradwatch explain <code or slug>")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    try:
+        cls = find_rule(args.rule)
+    except ValueError as error:
+        print(f"gradwatch: {error}", file=sys.stderr)
+        return 2
+    console = Console()
+    console.print(f"[bold]{cls.code} {cls.slug}[/bold] ({cls.severity}): {cls.summary}\n")
+    console.print(cls.explanation, markup=False, highlight=False)
+    if cls.defaults:
+        console.print("\n[bold]Thresholds[/bold] (override with thresholds={...} in watch()):")
+        for name, value in cls.defaults.items():
+            doc = cls.threshold_docs.get(name, "")
+            console.print(f"  {name} = {value:g}  {doc}", markup=False, highlight=False)
+    console.print(
+        f"\nPersistence: announced after {cls.window} monitored step(s); resolved after "
+        f"{cls.clear_after} clear step(s); repeated after {cls.cooldown} if it persists.",
+        highlight=False,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return int(demo_main(args) or 0)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import main as report_main
+
+    return int(report_main(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradwatch",
+        description="Watch a PyTorch model while it trains and say where the gradient stops.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+
+    rules = sub.add_parser("rules", help="list the built-in rules")
+    rules.set_defaults(func=_rules)
+
+    explain = sub.add_parser("explain", help="what a rule measures, why, and how to fix it")
+    explain.add_argument("rule", help="a code (GW101) or slug (vanishing-gradient)")
+    explain.set_defaults(func=_explain)
+
+    demo = sub.add_parser(
+        "demo", help="train the seed document's networks on digits and show the findings"
+    )
+    try:
+        from .demo import add_arguments as add_demo_arguments
+    except ImportError:  # pragma: no cover - the demo ships with the package
+        add_demo_arguments = None
+    if add_demo_arguments is not None:
+        add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
+
+    report = sub.add_parser("report", help="summarise a recorded run (a JSONL file)")
+    try:
+        from .report import add_arguments as add_report_arguments
+    except ImportError:  # pragma: no cover
+        add_report_arguments = None
+    if add_report_arguments is not None:
+        add_report_arguments(report)
+    report.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Keep gradwatch's own failures out of the training loop.
+
+Every part that runs during training (probes, statistics, each rule, each reporter)
+runs under a :class:`Guard`. The first exception in a part is logged once, with its
+traceback, and that part is switched off; training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+logger = logging.getLogger("gradwatch")
+# A library must not print through logging unless the application asks for it; the
+# terminal reporter is gradwatch's own voice.
+logger.addHandler(logging.NullHandler())
+
+T = TypeVar("T")
+
+
+class GradwatchWarning(UserWarning):
+    """Raised as a warning (never as an error) when part of gradwatch disables itself."""
+
+
+class Guard:
+    """Runs parts of gradwatch so that none of them can raise into training.
+
+    >>> guard = Guard()
+    >>> guard.call("demo", lambda: 1 / 0, default=-1)  # doctest: +SKIP
+    -1
+    >>> guard.is_disabled("demo")  # doctest: +SKIP
+    True
+    """
+
+    def __init__(self) -> None:
+        self._disabled: dict[str, str] = {}
+        self._said: set[str] = set()
+
+    def call(self, part: str, fn: Callable[..., T], *args: Any, default: T, **kwargs: Any) -> T:
+        if part in self._disabled:
+            return default
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - anything at all must not reach training
+            self.fail(part, error)
+            return default
+
+    def fail(self, part: str, error: BaseException) -> None:
+        """Record that ``part`` failed: say so once and switch it off."""
+        if part in self._disabled:
+            return
+        self._disabled[part] = f"{type(error).__name__}: {error}"
+        text = (
+            f"gradwatch: {part} failed and is now disabled; training continues. "
+            f"({type(error).__name__}: {error})"
+        )
+        logger.error(text, exc_info=error)
+        warnings.warn(text, GradwatchWarning, stacklevel=3)
+
+    def say_once(self, key: str, text: str, *, level: int = logging.INFO) -> None:
+        """Log a notice once per watcher (a limit of what can be measured, say)."""
+        if key in self._said:
+            return
+        self._said.add(key)
+        logger.log(level, text)
+        if level >= logging.WARNING:
+            warnings.warn(text, GradwatchWarning, stacklevel=3)
+
+    def is_disabled(self, part: str) -> bool:
+        return part in self._disabled
+
+    @property
+    def disabled(self) -> dict[str, str]:
+        """Parts switched off so far, with the error that switched each off."""
+        return dict(self._disabled)

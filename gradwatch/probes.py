@@ -1,0 +1,328 @@
+"""Forward hooks that measure what flows through the network at monitored steps.
+
+Hooks exist only while a monitored step is under way (:meth:`Probes.arm` /
+:meth:`Probes.disarm`), so unmonitored steps run the model untouched. They come in two
+tiers, so that the common monitored step stays cheap:
+
+- core (every monitored step), on ReLU-family and sigmoid/tanh modules only: per unit,
+  the sum of the output over the batch (> 0: the unit was active at least once), and
+  for sigmoid/tanh how many outputs sit where the derivative is below 1% of its
+  maximum, with the sum of the derivative;
+- detail (see ``detail_every``), on every watched module: its place in the forward
+  order (depth), the norm of its output (forward signal) and of the gradient with
+  respect to that output (backward signal, through a tensor hook), and the norm of the
+  model's input as the first module saw it.
+
+Everything stays on the tensors' device; nothing is read by the host here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .guard import Guard
+from .layers import CONV, EMBEDDING, LINEAR, NORM, RELU, SIGMOID, TANH, LayerInfo
+
+# A sigmoid/tanh output counts as saturated where the derivative is below this share
+# of its maximum (sigmoid' <= 0.25, tanh' <= 1).
+SATURATION_LEVEL = 0.01
+_SIGMOID_DERIV_MAX = 0.25
+# A forward pass that is never followed by step() must not grow memory without bound.
+_MAX_ENTRIES = 8192
+
+_F32 = torch.float32
+_Tensor = torch.Tensor
+_ACTIVATION_KINDS = (RELU, SIGMOID, TANH)
+
+
+def _never() -> bool:
+    return False
+
+
+# Hooks must stay out of graphs that torch.compile is tracing.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
+_grad_enabled = torch.is_grad_enabled
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a module output (tensor, tuple, list or dict)."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)):
+        items: Any = output
+    elif isinstance(output, dict):
+        items = output.values()
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass
+class ProbeRecord:
+    """What the probes gathered since they were armed (device tensors, not yet read)."""
+
+    detail: bool = False
+    order: dict[int, int] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)
+    # (layer index, norm, number of elements), one entry per call
+    out_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
+    grad_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
+    unit_activity: dict[int, torch.Tensor] = field(default_factory=dict)
+    saturated: dict[int, torch.Tensor] = field(default_factory=dict)
+    derivative_sum: dict[int, torch.Tensor] = field(default_factory=dict)
+    activation_numel: dict[int, int] = field(default_factory=dict)
+    input_norm: torch.Tensor | None = None  # the model's input, as the first module saw it
+    input_numel: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.calls
+
+
+def _accumulate(store: dict[int, torch.Tensor], index: int, value: torch.Tensor) -> None:
+    previous = store.get(index)
+    if previous is None or previous.shape != value.shape:
+        store[index] = value  # a changed shape (dynamic model) restarts the sum
+    else:
+        store[index] = previous + value
+
+
+# Where the unit (neuron/channel) axis sits in a tensor produced by each kind of layer.
+_CHANNELS_FIRST = (CONV,)
+_CHANNELS_LAST = (LINEAR, EMBEDDING)
+
+
+def unit_axis(ndim: int, producer: str | None, producer_channels_first: bool) -> int:
+    """The axis whose entries are the units of an activation's input.
+
+    Linear layers put units last, convolutions (and the norms that follow them) put
+    channels at axis 1. Without a known producer, a 3-D tensor is read as
+    (batch, sequence, features) and anything else as (batch, channels, ...).
+
+    >>> unit_axis(3, None, False), unit_axis(3, "conv", False), unit_axis(4, "linear", False)
+    (2, 1, 3)
+    """
+    if ndim <= 1:
+        return 0
+    if producer in _CHANNELS_FIRST or (producer == NORM and producer_channels_first):
+        return 1
+    if producer in _CHANNELS_LAST or producer == NORM:
+        return ndim - 1
+    return ndim - 1 if ndim == 3 else 1
+
+
+class Probes:
+    """Forward hooks on the watched modules, present only while armed."""
+
+    def __init__(self, layers: list[LayerInfo], guard: Guard) -> None:
+        self._layers = [layer for layer in layers if layer.probe]
+        self._guard = guard
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._off = False
+        self._detail = False
+        self.record = ProbeRecord()
+        self._producer: str | None = None
+        self._producer_channels_first = False
+        self._axis: dict[int, int] = {}  # unit axis per activation, learnt on detail steps
+        #: ReLUs whose units the producing layer's gradient rows already show: on steps
+        #: without detail they need no hook at all.
+        self.skip_core: set[int] = set()
+        self._full_hooks = {layer.index: self._make_full_hook(layer) for layer in self._layers}
+        self._core_hooks = {
+            layer.index: self._make_core_hook(layer)
+            for layer in self._layers
+            if layer.kind in _ACTIVATION_KINDS
+        }
+        self._grad_hooks = {layer.index: self._make_grad_hook(layer.index) for layer in self._layers}
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def armed_detail(self) -> bool:
+        return self.armed and self._detail
+
+    @property
+    def active(self) -> bool:
+        """False once a probe failed (then they stay off)."""
+        return not self._off and bool(self._layers)
+
+    def arm(self, detail: bool) -> None:
+        """Place the hooks for the next forward pass (``detail``: every module, signals too)."""
+        if self._off or (self.armed and self._detail == detail):
+            return
+        self.disarm()
+        self._detail = detail
+        self.record = ProbeRecord(detail=detail)
+        for layer in self._layers:
+            module = layer.module
+            if detail:
+                if not layer.is_leaf:
+                    # Containers that own parameters (attention, a root with embeddings)
+                    # start before their children: take their depth when they start.
+                    hook = self._make_pre_hook(layer.index)
+                    self._handles.append(module.register_forward_pre_hook(hook))
+                self._handles.append(module.register_forward_hook(self._full_hooks[layer.index]))
+            elif layer.index in self._core_hooks and layer.index not in self.skip_core:
+                self._handles.append(module.register_forward_hook(self._core_hooks[layer.index]))
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def take(self) -> ProbeRecord:
+        """Hand over what was gathered and start afresh."""
+        record, self.record = self.record, ProbeRecord(detail=self._detail)
+        self._producer = None
+        return record
+
+    def shut_down(self, error: BaseException | None = None) -> None:
+        self._off = True
+        self.disarm()
+        self.record = ProbeRecord()
+        if error is not None:
+            self._guard.fail("activation probes", error)
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def _make_pre_hook(self, index: int) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            if self._off or not _grad_enabled() or _is_compiling():
+                return None
+            try:
+                order = self.record.order
+                if not order:
+                    self._note_input(args)
+                if index not in order:
+                    order[index] = len(order)
+            except Exception as error:  # noqa: BLE001 - never raise into the forward pass
+                self.shut_down(error)
+            return None
+
+        return pre_hook
+
+    def _make_full_hook(self, layer: LayerInfo) -> Callable[..., None]:
+        index, kind = layer.index, layer.kind
+        producer = kind if layer.is_leaf and layer.params else None
+        channels_first = isinstance(
+            layer.module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
+        )
+        core = self._make_core_hook(layer) if kind in _ACTIVATION_KINDS else None
+
+        def full_hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._off or not _grad_enabled() or _is_compiling():
+                return None
+            try:
+                record = self.record
+                tensor = first_tensor(output)
+                if tensor is None:
+                    return None
+                if not record.order:
+                    self._note_input(args)
+                if index not in record.order:
+                    record.order[index] = len(record.order)
+                if len(record.out_norms) < _MAX_ENTRIES:
+                    values = tensor.detach()
+                    norm = torch.linalg.vector_norm(values, dtype=_F32)
+                    record.out_norms.append((index, norm, values.numel()))
+                    if tensor.requires_grad:
+                        tensor.register_hook(self._grad_hooks[index])
+                if core is not None:
+                    self._axis[index] = unit_axis(
+                        tensor.dim(), self._producer, self._producer_channels_first
+                    )
+                    core(module, args, output)
+                else:
+                    record.calls[index] = record.calls.get(index, 0) + 1
+                if producer is not None:
+                    self._producer = producer
+                    self._producer_channels_first = channels_first
+            except Exception as error:  # noqa: BLE001 - never raise into the forward pass
+                self.shut_down(error)
+            return None
+
+        return full_hook
+
+    def _make_core_hook(self, layer: LayerInfo) -> Callable[..., None]:
+        index, kind = layer.index, layer.kind
+        # ReLU6 passes gradient only strictly between 0 and its upper clamp.
+        upper = getattr(layer.module, "max_val", None) if kind == RELU else None
+
+        def core_hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._off or not _grad_enabled() or _is_compiling():
+                return None
+            try:
+                tensor = output if type(output) is _Tensor else first_tensor(output)
+                if tensor is None:
+                    return None
+                ndim = tensor.dim()
+                if ndim == 0:
+                    return None
+                record = self.record
+                record.calls[index] = record.calls.get(index, 0) + 1
+                values = tensor.detach()
+                if kind == RELU:
+                    axis = self._axis.get(index)
+                    if axis is None or axis >= ndim:
+                        axis = unit_axis(ndim, None, False)
+                    # The output is >= 0, so a unit was active iff its sum is > 0; under an
+                    # upper clamp the product is > 0 only strictly inside the range.
+                    activity = values if upper is None else values * (upper - values)
+                    if ndim == 2 and axis == 1:
+                        sums = activity.sum(0, dtype=_F32)
+                    elif ndim == 1:
+                        sums = activity.to(_F32)
+                    else:
+                        dims = [d for d in range(ndim) if d != axis]
+                        sums = activity.sum(dim=dims, dtype=_F32)
+                    _accumulate(record.unit_activity, index, sums)
+                else:
+                    self._saturation(index, kind, values)
+            except Exception as error:  # noqa: BLE001 - never raise into the forward pass
+                self.shut_down(error)
+            return None
+
+        return core_hook
+
+    def _make_grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def grad_hook(grad: torch.Tensor) -> None:
+            if self._off:
+                return None
+            try:
+                norm = torch.linalg.vector_norm(grad.detach(), dtype=_F32)
+                self.record.grad_norms.append((index, norm, grad.numel()))
+            except Exception as error:  # noqa: BLE001 - never raise into the backward pass
+                self.shut_down(error)
+            return None
+
+        return grad_hook
+
+    def _note_input(self, args: Any) -> None:
+        tensor = first_tensor(args)
+        if tensor is None:
+            return
+        self.record.input_norm = torch.linalg.vector_norm(tensor.detach(), dtype=_F32)
+        self.record.input_numel = tensor.numel()
+
+    def _saturation(self, index: int, kind: str, values: torch.Tensor) -> None:
+        values = values.to(_F32)
+        if kind == SIGMOID:
+            derivative = values * (1.0 - values) / _SIGMOID_DERIV_MAX
+        else:
+            derivative = 1.0 - values * values
+        record = self.record
+        saturated = torch.count_nonzero(derivative < SATURATION_LEVEL)
+        _accumulate(record.saturated, index, saturated.to(_F32))
+        _accumulate(record.derivative_sum, index, derivative.sum())
+        record.activation_numel[index] = record.activation_numel.get(index, 0) + values.numel()

@@ -1,0 +1,40 @@
+"""The reporter protocol: where findings and statistics go."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..findings import Finding
+from ..rules.engine import SummaryRow
+from ..stats import StepStats
+
+
+class Reporter:
+    """Receives every monitored step and the findings new at it.
+
+    Subclass it and override what you need; both methods default to doing nothing.
+    A reporter that raises is switched off (once, with a logged message) and training
+    continues.
+
+    >>> class Count(Reporter):
+    ...     def __init__(self):
+    ...         self.steps = 0
+    ...     def report(self, stats, findings):
+    ...         self.steps += 1
+    """
+
+    name = "reporter"
+
+    def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
+        """Called at each monitored step, after the rules ran."""
+
+    def close(self, summary: Sequence[SummaryRow]) -> None:
+        """Called once by ``Watcher.close()`` with one row per announced problem."""
+
+
+def default_reporters() -> list[Reporter]:
+    """The terminal (rich) reporter and the ``logging`` reporter."""
+    from .logging import LoggingReporter
+    from .terminal import TerminalReporter
+
+    return [TerminalReporter(), LoggingReporter()]

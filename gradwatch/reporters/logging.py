@@ -1,0 +1,52 @@
+"""Findings through Python's ``logging``, on the logger named "gradwatch"."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from ..findings import Finding
+from ..rules.engine import SummaryRow
+from ..stats import StepStats
+from .base import Reporter
+from .terminal import evidence_text
+
+LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class LoggingReporter(Reporter):
+    """Logs each finding at the level matching its severity.
+
+    The record carries the finding as ``record.gradwatch_finding`` (a dict), for
+    handlers that ship structured logs. gradwatch attaches only a ``NullHandler``:
+    configure logging (``logging.basicConfig``) to see these lines.
+
+    >>> import logging
+    >>> reporter = LoggingReporter(logger=logging.getLogger("my.training"))
+    """
+
+    name = "logging"
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger("gradwatch")
+
+    def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
+        for finding in findings:
+            parts = [f"{finding.title} at step {finding.step}: {finding.message}"]
+            if finding.layers:
+                parts.append(f"layers: {', '.join(n or '<root>' for n in finding.layers)}")
+            if finding.evidence:
+                parts.append(f"evidence: {evidence_text(finding)}")
+            if finding.hint:
+                parts.append(f"fix: {finding.hint}")
+            self.logger.log(
+                LEVELS.get(finding.severity, logging.INFO),
+                " | ".join(parts),
+                extra={"gradwatch_finding": finding.to_dict()},
+            )
+
+    def close(self, summary: Sequence[SummaryRow]) -> None:
+        active = [row for row in summary if row.status == "active"]
+        self.logger.info(
+            "gradwatch closed: %d finding(s), %d still active", len(summary), len(active)
+        )

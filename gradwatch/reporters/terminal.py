@@ -1,0 +1,238 @@
+"""Findings in the terminal: a rich panel per finding with a gradient-flow chart, plain text
+when the output is not a terminal, and a summary table at the end.
+
+It shares the screen with progress bars instead of fighting them: while a tqdm bar is
+open (Lightning's default) lines go through ``tqdm.write``; under a rich ``Live``
+display (rich progress, Lightning's RichProgressBar) they go to ``sys.stderr``, which
+Live redirects above its display.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from ..findings import Finding, severity_rank
+from ..rules.engine import SummaryRow
+from ..stats import StepStats
+from .base import Reporter
+from .chart import gradient_flow_table, gradient_flow_text
+
+SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "error": "bold red"}
+
+
+def format_number(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or math.isinf(value):
+            return str(value)
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def evidence_text(finding: Finding) -> str:
+    return ", ".join(f"{k}={format_number(v)}" for k, v in finding.evidence.items())
+
+
+def finding_text(finding: Finding) -> str:
+    """A finding as plain lines (no colour, no box drawing)."""
+    head = (
+        f"gradwatch {finding.severity.upper()} {finding.title} at step {finding.step}"
+        + (f" [{finding.status}]" if finding.status != "new" else "")
+    )
+    lines = [head, f"  {finding.message}"]
+    if finding.layers:
+        shown = ", ".join(n or "<root>" for n in finding.layers[:12])
+        more = len(finding.layers) - 12
+        lines.append(f"  layers: {shown}" + (f" (+{more} more)" if more > 0 else ""))
+    if finding.evidence:
+        lines.append(f"  evidence: {evidence_text(finding)}")
+    if finding.hint:
+        lines.append(f"  fix: {finding.hint}")
+    return "\n".join(lines)
+
+
+def finding_panel(finding: Finding, stats: StepStats | None = None, chart: bool = True) -> Panel:
+    """A finding as a rich panel, with the gradient-flow chart below it."""
+    style = SEVERITY_STYLE.get(finding.severity, "white")
+    body = Table.grid(padding=(0, 1))
+    body.add_column(style="bold", no_wrap=True)
+    body.add_column()
+    body.add_row("what", Text(finding.message))
+    if finding.layers:
+        shown = ", ".join(n or "<root>" for n in finding.layers[:12])
+        more = len(finding.layers) - 12
+        body.add_row("layers", Text(shown + (f" (+{more} more)" if more > 0 else "")))
+    if finding.evidence:
+        body.add_row("evidence", Text(evidence_text(finding), style="dim"))
+    if finding.hint:
+        body.add_row("fix", Text(finding.hint, style="green"))
+    parts: list[Any] = [body]
+    if chart and stats is not None and stats.layers:
+        parts.append(Text(""))
+        parts.append(gradient_flow_table(stats))
+    status = "" if finding.status == "new" else f" ({finding.status})"
+    return Panel(
+        Group(*parts),
+        title=Text(f"{finding.title} · {finding.severity}{status} · step {finding.step}", style=style),
+        title_align="left",
+        border_style=style,
+        expand=False,
+    )
+
+
+def summary_table(rows: Sequence[SummaryRow]) -> Table:
+    table = Table(title="gradwatch summary", title_justify="left")
+    for column in ("code", "rule", "severity", "layers", "first step", "status"):
+        table.add_column(column)
+    for row in rows:
+        status = "active" if row.status == "active" else f"resolved at {row.resolved_step}"
+        layers = ", ".join(n or "<root>" for n in row.layers[:4])
+        if len(row.layers) > 4:
+            layers += f" (+{len(row.layers) - 4})"
+        table.add_row(
+            row.code,
+            row.rule,
+            Text(row.severity, style=SEVERITY_STYLE.get(row.severity, "")),
+            layers,
+            str(row.first_step),
+            status,
+        )
+    return table
+
+
+def summary_text(rows: Sequence[SummaryRow]) -> str:
+    if not rows:
+        return "gradwatch summary: no findings"
+    lines = ["gradwatch summary:"]
+    for row in rows:
+        status = "active" if row.status == "active" else f"resolved at {row.resolved_step}"
+        layers = ", ".join(n or "<root>" for n in row.layers[:4])
+        if len(row.layers) > 4:
+            layers += f" (+{len(row.layers) - 4})"
+        lines.append(
+            f"  {row.code} {row.rule} [{row.severity}] first at step {row.first_step}, "
+            f"{status}: {layers}"
+        )
+    return "\n".join(lines)
+
+
+def _open_tqdm() -> Any | None:
+    """tqdm's class when a tqdm bar is on screen now, else None."""
+    module = sys.modules.get("tqdm")
+    if module is None:
+        return None
+    tqdm_cls = getattr(module, "tqdm", None)
+    instances = getattr(tqdm_cls, "_instances", None)
+    return tqdm_cls if instances else None
+
+
+class TerminalReporter(Reporter):
+    """Prints findings as they start, and a summary at ``close()``.
+
+    ``min_severity`` hides lesser findings (``"warning"`` hides the "resolved" notes);
+    ``chart`` adds the gradient-flow chart under each new finding; ``file`` sends the
+    output elsewhere (default: standard error); ``plain`` forces (True) or forbids
+    (False) the plain-text form (default: plain unless the output is a terminal).
+
+    >>> import io
+    >>> out = io.StringIO()
+    >>> reporter = TerminalReporter(file=out)
+    >>> reporter.close([])
+    >>> out.getvalue().strip()
+    'gradwatch summary: no findings'
+    """
+
+    name = "terminal"
+
+    def __init__(
+        self,
+        *,
+        min_severity: str = "info",
+        chart: bool = True,
+        file: TextIO | None = None,
+        plain: bool | None = None,
+        summary: bool = True,
+    ) -> None:
+        severity_rank(min_severity)  # validates
+        self.min_severity = min_severity
+        self.chart = chart
+        self.file = file
+        self.plain = plain
+        self.summary = summary
+
+    # Resolved lazily: a Live display or a progress bar may have replaced sys.stderr.
+    def _target(self) -> TextIO:
+        return self.file if self.file is not None else sys.stderr
+
+    def _is_plain(self) -> bool:
+        if self.plain is not None:
+            return self.plain
+        target = self._target()
+        isatty = getattr(target, "isatty", None)
+        try:
+            return not (isatty is not None and isatty())
+        except (ValueError, OSError):
+            return True
+
+    def _emit(self, renderable: Any, text: str) -> None:
+        tqdm_cls = _open_tqdm() if self.file is None else None
+        if self._is_plain():
+            output = text
+            if tqdm_cls is not None:
+                tqdm_cls.write(output, file=sys.stderr)
+            else:
+                target = self._target()
+                target.write(output + "\n")
+                target.flush()
+            return
+        if tqdm_cls is not None:
+            buffer = io.StringIO()
+            Console(file=buffer, force_terminal=True, width=_width()).print(renderable)
+            tqdm_cls.write(buffer.getvalue().rstrip("\n"), file=sys.stderr)
+            return
+        Console(file=self._target(), width=_width()).print(renderable)
+
+    def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
+        shown = [f for f in findings if severity_rank(f.severity) >= severity_rank(self.min_severity)]
+        charted = False
+        for finding in shown:
+            if finding.status == "resolved":
+                line = f"gradwatch: {finding.title} {finding.message} (step {finding.step})"
+                self._emit(Text(line, style="cyan"), line)
+                continue
+            with_chart = self.chart and not charted
+            charted = charted or with_chart
+            text = finding_text(finding)
+            if with_chart:
+                text += "\n" + gradient_flow_text(stats)
+            self._emit(finding_panel(finding, stats, chart=with_chart), text)
+
+    def close(self, summary: Sequence[SummaryRow]) -> None:
+        if not self.summary:
+            return
+        rows = [r for r in summary if severity_rank(r.severity) >= severity_rank(self.min_severity)]
+        if not rows:
+            self._emit(Text(summary_text([]), style="green"), summary_text([]))
+            return
+        self._emit(summary_table(rows), summary_text(rows))
+
+
+def _width() -> int | None:
+    try:
+        import shutil
+
+        return max(80, min(140, shutil.get_terminal_size().columns))
+    except Exception:  # noqa: BLE001
+        return None

@@ -1,0 +1,166 @@
+"""GW201 dead-units: a large share of a layer's ReLU units never activate, so they get no
+gradient and cannot recover."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..stats import StepStats, UnitMask
+from ..units import UnitGroup, unit_groups
+from .base import Condition, Rule, RuleContext, format_layers
+
+
+class DeadUnits(Rule):
+    code = "GW201"
+    slug = "dead-units"
+    severity = "warning"
+    summary = "a large share of a layer's ReLU units never activate"
+    explanation = """\
+What it measures: per unit (neuron or channel), whether it was active at all over the
+last `span` monitored steps. Two sources, so it also works with functional F.relu and
+compiled models: a ReLU module's output (a unit is active where it is > 0; ReLU6
+strictly inside its range), and a Linear/Conv layer's weight gradient (a unit whose
+weight-gradient row is exactly zero for every sample got no gradient). It fires when
+more than `fraction` of a layer's units were inactive over the whole span, and is an
+error when all of them were (nothing passes through that layer). Layers followed by a
+sigmoid/tanh are left to GW202; layers with no gradient at all are left to GW101/GW104.
+
+Why it matters: ReLU's derivative is 1 where the unit is active and 0 where it is not.
+A unit whose pre-activation is negative for every input gets no gradient, so its
+weights never change and it stays dead: the dying-ReLU problem. A large learning rate
+can push many units there in a few steps; a large negative bias or badly scaled
+inputs can start them there.
+
+How to fix it: lower the learning rate (or warm it up); use LeakyReLU/GELU, which keep
+a small gradient for negative inputs; add normalization before the activation;
+re-initialise (kaiming) and check biases and input scaling."""
+    defaults = {"fraction": 0.5, "span": 3}
+    threshold_docs = {
+        "fraction": "share of a layer's units inactive over the span above which it fires",
+        "span": "monitored steps a unit must stay inactive to count as dead",
+    }
+    window = 1  # the span already demands persistence
+    clear_after = 3
+    worse_by = 0.25
+
+    def __init__(self, **thresholds: float) -> None:
+        super().__init__(**thresholds)
+        self._first_seen: dict[str, float] = {}
+
+    def check(self, ctx: RuleContext) -> list[Condition] | None:
+        span = max(1, int(self.t("span")))
+        recent = ctx.recent(span)
+        if len(recent) < span:
+            return None
+        if any(not math.isfinite(s.global_grad_norm) for s in recent):
+            return None  # NaN makes every unit look dead; GW103 speaks for it
+        flagged: list[tuple[UnitGroup, int, int, str]] = []
+        judged = False
+        for group in unit_groups(ctx.stats):
+            dead = self._dead(group, recent)
+            if dead is None:
+                continue
+            judged = True
+            n_dead, size, source = dead
+            self._first_seen.setdefault(group.name, n_dead / size)
+            if n_dead / size > self.t("fraction"):
+                flagged.append((group, n_dead, size, source))
+        if not judged:
+            return None
+        if not flagged:
+            return []
+        layers = [n for g, *_ in flagged for n in (g.producer, g.activation) if n is not None]
+        total_dead = sum(d for _, d, _, _ in flagged)
+        total = sum(s for _, _, s, _ in flagged)
+        fully = [g.name for g, d, s, _ in flagged if d == s]
+        parts = [f"{g.name} {d}/{s} ({100 * d / s:.0f}%)" for g, d, s, _ in flagged]
+        worst = max(flagged, key=lambda f: f[1] / f[2])[0]
+        message = (
+            f"{len(flagged)} layer(s) with dead ReLU units (inactive over the last {span} "
+            f"monitored steps): {format_layers(parts)}"
+        )
+        if fully:
+            message += f"; all units dead in {format_layers(fully)}: no gradient passes"
+        return [
+            Condition(
+                layers=tuple(layers),
+                message=message,
+                hint=self._hint(ctx, flagged),
+                evidence={
+                    "dead_units": total_dead,
+                    "units": total,
+                    "dead_fraction": total_dead / total if total else 0.0,
+                    "layers_flagged": len(flagged),
+                    "worst_layer": worst.name,
+                    "source": ",".join(sorted({f[3] for f in flagged})),
+                },
+                severity="error" if fully else None,
+                score=total_dead / total if total else 0.0,
+            )
+        ]
+
+    def _dead(self, group: UnitGroup, recent: list[StepStats]) -> tuple[int, int, str] | None:
+        """(dead units, layer size, source) over the span, or None if it cannot be judged.
+
+        Each step contributes the units it saw alive: from the ReLU's output where it was
+        hooked, else from the producer's non-zero gradient rows (a layer with no gradient
+        at all cannot be judged: that is vanishing or missing gradient, not dead units).
+        """
+        alive: UnitMask | None = None
+        sources: set[str] = set()
+        for stats in recent:
+            seen = _alive(group, stats)
+            if seen is None:
+                return None
+            mask, source = seen
+            if alive is not None and alive.size != mask.size:
+                return None
+            alive = mask if alive is None else alive | mask
+            sources.add(source)
+        if alive is None or alive.size == 0:
+            return None
+        return alive.size - alive.count(), alive.size, ",".join(sorted(sources))
+
+    def _hint(self, ctx: RuleContext, flagged: list) -> str:
+        info = ctx.stats.optimizer
+        lr = f" (lr={info.lr:g})" if info is not None else ""
+        died = [
+            g.name
+            for g, *_ in flagged
+            if self._first_seen.get(g.name, 1.0) <= self.t("fraction") / 2
+        ]
+        if died:
+            return (
+                f"Units in {format_layers(died)} were alive at first and died during "
+                f"training: the learning rate is likely too high{lr}. Lower it or warm it "
+                "up, clip gradients, or use LeakyReLU/GELU, which keep a gradient for "
+                "negative inputs."
+            )
+        return (
+            "These units were dead from the first monitored steps: their pre-activations "
+            "are negative for every input. Check the biases (a large negative bias kills "
+            "a layer), the input scaling and the initialisation (kaiming); LeakyReLU/GELU "
+            "keep a gradient for negative inputs; normalization before the activation "
+            "keeps pre-activations centred."
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_seen": dict(self._first_seen)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._first_seen = dict(state.get("first_seen", {}))
+
+
+def _alive(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | None:
+    """Units of the group that were active (or got gradient) at one step."""
+    if group.activation is not None:
+        act = stats.layers.get(group.activation)
+        if act is not None and act.active_units is not None:
+            return act.active_units, "activations"
+    if group.producer is not None:
+        producer = stats.layers.get(group.producer)
+        if producer is not None and producer.grad_norm and producer.zero_grad_units is not None:
+            return producer.zero_grad_units.complement(), "weight-gradient rows"
+    return None

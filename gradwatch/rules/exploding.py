@@ -1,0 +1,175 @@
+"""GW102 exploding-gradient: gradients grow with depth, dwarf the weights they update,
+or jump far above their recent level."""
+
+from __future__ import annotations
+
+import math
+
+from .base import Condition, Rule, RuleContext, format_layers, matrix_layers, median
+from .profile import gradient_profile, latest_param_rms, signal_profile
+
+
+class ExplodingGradient(Rule):
+    code = "GW102"
+    slug = "exploding-gradient"
+    severity = "warning"
+    summary = "gradients grow with depth, dwarf the weights, or spike far above their recent level"
+    explanation = """\
+What it measures, three ways (each must hold for `window` monitored steps):
+- growth with depth: the backward signal (RMS of the gradient with respect to each
+  weight layer's output; the weight-gradient RMS where that is not observed) in the
+  first quarter of layers is more than 1/`ratio` times that of the last quarter;
+- updates larger than the weights: for SGD-like optimizers, lr * |grad| / |weight| of
+  a weight layer above `update_ratio` (with the optimizer unknown, lr is taken as
+  `assumed_lr`; Adam-like optimizers bound their steps by lr, so this check is skipped);
+- a spike: the global gradient norm above `spike_factor` times the median of the
+  previous monitored steps, held for `window` steps.
+
+Why it matters: backpropagation multiplies one local derivative per layer; weights
+initialised too large (or a learning rate that inflates them) make that product grow
+geometrically with depth. Activations and gradients then overflow, the loss jumps, and
+NaN follows (GW103).
+
+How to fix it: clip gradients (torch.nn.utils.clip_grad_norm_, or gradient_clip_val in
+Lightning), lower the learning rate or warm it up, initialise with kaiming/xavier
+(not larger), add normalization (BatchNorm/LayerNorm) or residual scaling."""
+    defaults = {
+        "ratio": 1e-3,
+        "update_ratio": 1.0,
+        "assumed_lr": 1e-2,
+        "spike_factor": 20.0,
+        "baseline_steps": 8,
+        "min_baseline": 4,
+        "min_layers": 3,
+    }
+    threshold_docs = {
+        "ratio": "late/early ratio of the backward signal below which growth with depth fires",
+        "update_ratio": "lr * |grad| / |weight| of one layer above which a step is too large",
+        "assumed_lr": "learning rate assumed when the optimizer is not known",
+        "spike_factor": "global norm / median of recent steps above which it is a spike",
+        "baseline_steps": "how many earlier monitored steps make the spike baseline",
+        "min_baseline": "fewest earlier monitored steps before spikes are judged",
+        "min_layers": "fewest weight layers for a depth comparison",
+    }
+    window = 3
+    worse_by = 1.0
+
+    def check(self, ctx: RuleContext) -> list[Condition] | None:
+        stats = ctx.stats
+        if not all(s.grad_finite for s in stats) or not math.isfinite(stats.global_grad_norm):
+            return None  # GW103's business
+        hint = (
+            "Clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), or "
+            "gradient_clip_val in Lightning), lower or warm up the learning rate, and check "
+            "the initialisation (kaiming/xavier, not larger); normalization layers help."
+        )
+        out: list[Condition] = []
+        growth = self._growth(ctx, hint)
+        if growth is not None:
+            out.append(growth)
+        update = self._update(ctx, hint)
+        if update is not None:
+            out.append(update)
+        spike = self._spike(ctx, hint)
+        if spike is not None:
+            out.append(spike)
+        return out
+
+    def _growth(self, ctx: RuleContext, hint: str) -> Condition | None:
+        min_layers = int(self.t("min_layers"))
+        profile = signal_profile(ctx.stats, min_layers)
+        source = "backward signal"
+        if profile is None:
+            profile = gradient_profile(ctx.stats, min_layers)
+            source = "gradient RMS"
+            if profile is None or (ctx.stats.optimizer and ctx.stats.optimizer.adaptive):
+                return None
+        if profile.early <= 0 or profile.late <= 0:
+            return None
+        growth = profile.early / profile.late
+        if growth <= 1.0 / self.t("ratio"):
+            return None
+        limit = profile.late / self.t("ratio")
+        names = [s.name for s, v in zip(profile.layers, profile.values) if v > limit]
+        return Condition(
+            key="depth",
+            layers=tuple(names),
+            message=(
+                f"{source} grows {growth:.2g}x from the last layers to the first "
+                f"({profile.late:.2g} -> {profile.early:.2g}) in {format_layers(names)}"
+            ),
+            hint=hint,
+            evidence={
+                "growth": growth,
+                "early_rms": profile.early,
+                "late_rms": profile.late,
+                "measure": source,
+            },
+            score=math.log10(growth),
+        )
+
+    def _update(self, ctx: RuleContext, hint: str) -> Condition | None:
+        info = ctx.stats.optimizer
+        if info is not None and info.adaptive:
+            return None
+        lr = info.lr if info is not None else self.t("assumed_lr")
+        if lr <= 0:
+            return None
+        flagged: list[tuple[str, float]] = []
+        for layer in matrix_layers(ctx.stats):
+            weight = latest_param_rms(ctx, layer.name)
+            if not weight or layer.grad_rms is None:
+                continue  # a zero-initialised layer has no scale to compare with yet
+            ratio = lr * layer.grad_rms / weight
+            if ratio > self.t("update_ratio"):
+                flagged.append((layer.name, ratio))
+        if not flagged:
+            return None
+        worst = max(r for _, r in flagged)
+        names = [n for n, _ in flagged]
+        lr_text = f"lr={lr:g}" if info is not None else f"an assumed lr={lr:g}"
+        return Condition(
+            key="update",
+            layers=tuple(names),
+            message=(
+                f"one optimizer step would change the weights of {format_layers(names)} by "
+                f"up to {worst:.3g}x their own size ({lr_text}; global gradient norm "
+                f"{ctx.stats.global_grad_norm:.3g})"
+            ),
+            hint=hint,
+            evidence={
+                "max_update_ratio": worst,
+                "lr": lr,
+                "lr_known": info is not None,
+                "global_grad_norm": ctx.stats.global_grad_norm,
+            },
+            severity="error" if worst > 100 * self.t("update_ratio") else None,
+            score=math.log10(worst),
+        )
+
+    def _spike(self, ctx: RuleContext, hint: str) -> Condition | None:
+        earlier = ctx.recent(int(self.t("baseline_steps")) + 1)[:-1]
+        norms = [s.global_grad_norm for s in earlier if math.isfinite(s.global_grad_norm)]
+        if len(norms) < int(self.t("min_baseline")):
+            return None
+        baseline = median(norms)
+        now = ctx.stats.global_grad_norm
+        if baseline <= 0 or now <= self.t("spike_factor") * baseline:
+            return None
+        factor = now / baseline
+        ranked = sorted(
+            (s for s in ctx.stats.by_depth(with_gradient=True) if s.grad_norm),
+            key=lambda s: -(s.grad_norm or 0.0),
+        )
+        names = [s.name for s in ranked[:3]]
+        return Condition(
+            key="spike",
+            layers=tuple(names),
+            message=(
+                f"global gradient norm {now:.3g} is {factor:.3g}x its recent median "
+                f"({baseline:.3g}); largest in {format_layers(names)}"
+            ),
+            hint=hint,
+            evidence={"global_grad_norm": now, "baseline": baseline, "factor": factor},
+            score=math.log10(factor),
+        )

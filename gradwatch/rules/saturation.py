@@ -1,0 +1,98 @@
+"""GW202 saturated-activation: most sigmoid/tanh outputs sit where the derivative is ~0."""
+
+from __future__ import annotations
+
+from ..layers import SATURATING_KINDS, UNIT_ROW_KINDS
+from .base import Condition, Rule, RuleContext, format_layers
+
+# Beyond |x| ~ 4.6 the sigmoid's derivative is under 1% of its maximum (tanh: |x| ~ 3).
+_SATURATING_PREACTIVATION = 3.0
+
+
+class SaturatedActivation(Rule):
+    code = "GW202"
+    slug = "saturated-activation"
+    severity = "warning"
+    summary = "most sigmoid/tanh outputs sit where the derivative is near 0"
+    explanation = """\
+What it measures: for each nn.Sigmoid / nn.Tanh module, the share of its outputs where
+the derivative is below 1% of its maximum (sigmoid: s(1-s) < 0.0025, i.e. |x| > ~4.6;
+tanh: 1-t^2 < 0.01, i.e. |x| > ~3), and the mean derivative. It fires when more than
+`fraction` of a layer's outputs are saturated for `window` monitored steps.
+
+Why it matters: the gradient through a saturated unit is multiplied by ~0, so the
+layers before it stop learning even in a shallow network. Inputs that are not
+normalised (raw 0-255 pixels) saturate the first layer at once; weights that grow too
+large saturate later ones.
+
+How to fix it: normalise the inputs (mean 0, std 1; pixels / 255); initialise with
+xavier (glorot) init; put normalization (BatchNorm/LayerNorm) before the activation;
+lower the learning rate; in hidden layers prefer ReLU-family or GELU."""
+    defaults = {"fraction": 0.5}
+    threshold_docs = {"fraction": "share of saturated outputs above which a layer fires"}
+    window = 3
+    worse_by = 0.2
+
+    def check(self, ctx: RuleContext) -> list[Condition] | None:
+        stats = ctx.stats
+        ordered = stats.by_depth()
+        measured = [s for s in ordered if s.saturated_fraction is not None]
+        if not measured:
+            return None
+        flagged = [s for s in measured if (s.saturated_fraction or 0.0) > self.t("fraction")]
+        if not flagged:
+            return []
+        layers: list[str] = []
+        for act in flagged:
+            producer = _producer(ordered, act.name)
+            if producer is not None:
+                layers.append(producer)
+            layers.append(act.name)
+        worst = max(flagged, key=lambda s: s.saturated_fraction or 0.0)
+        parts = [f"{s.name} {100 * (s.saturated_fraction or 0):.0f}%" for s in flagged]
+        activations = [s for s in ordered if s.kind in SATURATING_KINDS]
+        first_is_input = bool(activations) and flagged[0].name == activations[0].name
+        return [
+            Condition(
+                layers=tuple(layers),
+                message=(
+                    f"saturated sigmoid/tanh outputs (derivative < 1% of max): "
+                    f"{format_layers(parts)}; mean derivative in {worst.name} is "
+                    f"{(worst.mean_derivative or 0):.2g} of its maximum"
+                ),
+                hint=self._hint(ctx, first_is_input),
+                evidence={
+                    "worst_layer": worst.name,
+                    "saturated_fraction": worst.saturated_fraction,
+                    "mean_derivative": worst.mean_derivative,
+                    "layers_flagged": len(flagged),
+                    "input_rms": stats.input_rms,
+                },
+                score=worst.saturated_fraction or 0.0,
+            )
+        ]
+
+    def _hint(self, ctx: RuleContext, first_is_input: bool) -> str:
+        input_rms = ctx.stats.input_rms
+        if first_is_input and input_rms is not None and input_rms > _SATURATING_PREACTIVATION:
+            return (
+                f"The model's inputs have RMS {input_rms:.3g}: they are not normalised, so "
+                "the first sigmoid/tanh layer saturates at once. Scale them to mean 0, std 1 "
+                "(e.g. pixels / 255, or standardise each feature)."
+            )
+        return (
+            "Pre-activations are too large: initialise with xavier (glorot) init, put "
+            "BatchNorm/LayerNorm before the activation, lower the learning rate, or use "
+            "ReLU-family/GELU activations in hidden layers."
+        )
+
+
+def _producer(ordered: list, name: str) -> str | None:
+    """The weight layer that feeds an activation: the nearest one before it."""
+    previous = None
+    for layer in ordered:
+        if layer.name == name:
+            return previous
+        if layer.kind in UNIT_ROW_KINDS:
+            previous = layer.name
+    return None

@@ -1,0 +1,172 @@
+"""GW101 vanishing-gradient: the early layers get orders of magnitude less gradient than
+the late ones, so they barely learn."""
+
+from __future__ import annotations
+
+import math
+
+from ..layers import SATURATING_KINDS
+from .base import Condition, Rule, RuleContext, format_layers
+from .profile import (
+    FLOAT32_RESOLUTION,
+    HE_GAIN,
+    Profile,
+    activation_names,
+    gradient_profile,
+    has_relu,
+    has_saturating,
+    init_gain,
+    latest_param_rms,
+    signal_profile,
+)
+
+
+class VanishingGradient(Rule):
+    code = "GW101"
+    slug = "vanishing-gradient"
+    severity = "warning"
+    summary = "early layers get gradients orders of magnitude below later layers"
+    explanation = """\
+What it measures: the gradient RMS (norm / sqrt(size), so layers of different sizes
+compare) of every weight layer (Linear, Conv, attention), in the order the forward pass
+runs them. It compares the median of the first quarter of layers with the median of
+the last quarter. With an Adam-like optimizer it compares relative step sizes instead,
+rms / (rms + eps): Adam rescales every gradient, so only one that sinks towards eps
+stops a layer. It fires when the early/late ratio stays below `ratio` for `window`
+monitored steps, and is an error when the early updates are below float32 resolution
+(w - lr*g == w) or exactly zero.
+
+Why it matters: backpropagation multiplies one local derivative per layer. The
+sigmoid's derivative is at most 0.25, so 30 sigmoid layers scale the gradient by at
+most 0.25^30 ~ 8.7e-19: the first layers get nothing and never move. ReLU's derivative
+is 1 or 0, which does not shrink the product by itself, but weights that are too small
+(PyTorch's default init has gain 0.58, He init sqrt(2)) shrink it at every layer: a
+30-layer ReLU MLP with default init measures a first/last ratio near 1e-11 on digits.
+A residual connection (out = F(x) + x) adds a +1 path to each derivative, so a
+gradient reaches the early layers even when dF/dx vanishes.
+
+How to fix it: replace sigmoid/tanh hidden activations with ReLU-family or GELU;
+initialise ReLU networks with kaiming (He) init; add residual connections or
+normalization (BatchNorm, LayerNorm); with many layers, do both."""
+    defaults = {"ratio": 1e-3, "min_layers": 3}
+    threshold_docs = {
+        "ratio": "early/late ratio of (median) gradient RMS below which it fires",
+        "min_layers": "fewest weight layers for a depth comparison",
+    }
+    window = 3
+    worse_by = 2.0  # two more orders of magnitude
+
+    def check(self, ctx: RuleContext) -> list[Condition] | None:
+        stats = ctx.stats
+        if not all(s.grad_finite for s in stats):
+            return None  # GW103's business
+        profile = gradient_profile(stats, int(self.t("min_layers")))
+        if profile is None:
+            return []
+        if profile.late <= 0:
+            return None  # no gradient at the top either: nothing to compare against
+        ratio = profile.ratio
+        if ratio >= self.t("ratio"):
+            return []
+        limit = self.t("ratio") * profile.late
+        starved = [s for s, v in zip(profile.layers, profile.values) if v < limit]
+        # The starved block that matters starts at the input side.
+        names = [s.name for s in starved]
+        first, last = profile.layers[0], profile.layers[-1]
+        frozen, why_frozen = self._frozen(ctx, profile, starved)
+        evidence: dict[str, object] = {
+            "ratio": ratio,
+            "early_rms": profile.early,
+            "late_rms": profile.late,
+            "first_layer": first.name,
+            "first_layer_grad_rms": first.grad_rms,
+            "last_layer": last.name,
+            "last_layer_grad_rms": last.grad_rms,
+            "starved_layers": len(starved),
+            "weight_layers": len(profile.layers),
+        }
+        signal = signal_profile(stats, int(self.t("min_layers")))
+        if signal is not None:
+            evidence["backward_signal_ratio"] = signal.ratio
+        if stats.optimizer is not None:
+            evidence["optimizer"] = stats.optimizer.name
+        gain = init_gain(ctx, profile.layers[:-1] or profile.layers)
+        if gain is not None:
+            evidence["init_gain"] = gain
+        orders = -math.log10(ratio) if ratio > 0 else math.inf
+        message = (
+            f"gradient RMS of the first layers is {_ratio_text(ratio)} of the last layers' "
+            f"({profile.early:.2g} vs {profile.late:.2g}); {len(starved)} of "
+            f"{len(profile.layers)} weight layers get less than {self.t('ratio'):g} of it "
+            f"({format_layers(names)})"
+        )
+        if frozen:
+            message += f"; {why_frozen}"
+        return [
+            Condition(
+                layers=tuple(names),
+                message=message,
+                hint=self._hint(ctx, profile, signal, gain),
+                evidence=evidence,
+                severity="error" if frozen else "warning",
+                score=min(orders, 60.0),
+            )
+        ]
+
+    def _frozen(self, ctx: RuleContext, profile: Profile, starved: list) -> tuple[bool, str]:
+        early = profile.layers[: profile.k]
+        if all((s.grad_rms or 0.0) == 0.0 for s in early):
+            return True, "the first layers' gradient is exactly 0: their weights cannot change"
+        info = ctx.stats.optimizer
+        if info is None or info.lr <= 0:
+            return False, ""
+        for layer in early:
+            weight = latest_param_rms(ctx, layer.name)
+            if not weight:
+                return False, ""
+            rms = layer.grad_rms or 0.0
+            step = info.lr * rms / info.eps if info.adaptive and info.eps else info.lr * rms
+            if step >= FLOAT32_RESOLUTION * weight:
+                return False, ""
+        return True, "their updates are below float32 resolution of the weights (w - lr*g == w)"
+
+    def _hint(self, ctx: RuleContext, profile: Profile, signal: Profile | None, gain) -> str:
+        hints: list[str] = []
+        saturating = activation_names(ctx.stats, SATURATING_KINDS)
+        if signal is not None and signal.ratio >= self.t("ratio"):
+            first = profile.layers[0]
+            hints.append(
+                "The backward signal itself reaches the early layers (ratio "
+                f"{signal.ratio:.2g}), but their inputs are small: check the scaling of the "
+                f"data fed to {first.name or '<root>'} (normalise inputs to mean 0, std 1)."
+            )
+        if has_saturating(ctx):
+            where = f" ({format_layers(saturating, 3)})" if saturating else ""
+            hints.append(
+                f"Sigmoid/tanh activations{where} multiply the gradient by at most 0.25 "
+                "(sigmoid) per layer, less once they saturate: use ReLU-family "
+                "(ReLU, LeakyReLU) or GELU activations in hidden layers."
+            )
+        if gain is not None and gain < 0.85 * HE_GAIN and (has_relu(ctx) or not saturating):
+            hints.append(
+                f"Weights are initialised with gain {gain:.2f} (PyTorch's default is 0.58; "
+                "He init gives 1.41), so every ReLU layer shrinks the signal: use kaiming "
+                "(He) init, nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')."
+            )
+        if not ctx.model.has_normalization:
+            hints.append(
+                "Add residual connections (out = F(x) + x) or normalization "
+                "(BatchNorm/LayerNorm): they give the gradient a path with derivative ~1."
+            )
+        if not hints:
+            hints.append(
+                "Shorten the network, or add residual connections so the early layers get "
+                "a direct gradient path."
+            )
+        return " ".join(hints)
+
+
+def _ratio_text(ratio: float) -> str:
+    if ratio == 0:
+        return "0"
+    return f"{ratio:.1e}"

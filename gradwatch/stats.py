@@ -1,0 +1,224 @@
+"""Host-side records of one monitored step: :class:`StepStats` holding :class:`LayerStats`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class UnitMask:
+    """A set of unit (neuron / channel) indices of one layer, stored as a bit mask.
+
+    Bit ``i`` is set when unit ``i`` is in the set. Masks from several steps combine
+    with ``|`` (units seen in any step) and ``&`` (units seen in every step).
+
+    >>> a, b = UnitMask(0b0101, 4), UnitMask(0b0011, 4)
+    >>> (a | b).count(), (a & b).indices()
+    (3, [0])
+    >>> a.complement().indices()
+    [1, 3]
+    """
+
+    bits: int
+    size: int
+
+    def count(self) -> int:
+        """How many units are in the set."""
+        return self.bits.bit_count()
+
+    def fraction(self) -> float:
+        """Share of the layer's units that are in the set."""
+        return self.count() / self.size if self.size else 0.0
+
+    def indices(self, limit: int | None = None) -> list[int]:
+        """The unit indices in the set, ascending (at most ``limit`` of them)."""
+        out: list[int] = []
+        bits, i = self.bits, 0
+        while bits and (limit is None or len(out) < limit):
+            low = bits & -bits
+            i = low.bit_length() - 1
+            out.append(i)
+            bits ^= low
+        return out
+
+    def complement(self) -> UnitMask:
+        """The units not in the set."""
+        return UnitMask(~self.bits & ((1 << self.size) - 1), self.size)
+
+    def __or__(self, other: UnitMask) -> UnitMask:
+        return UnitMask(self.bits | other.bits, max(self.size, other.size))
+
+    def __and__(self, other: UnitMask) -> UnitMask:
+        return UnitMask(self.bits & other.bits, max(self.size, other.size))
+
+    def to_hex(self) -> str:
+        """Compact text form for JSON records (see :meth:`from_hex`)."""
+        return f"{self.size}:{self.bits:x}"
+
+    @classmethod
+    def from_hex(cls, text: str) -> UnitMask:
+        size, bits = text.split(":", 1)
+        return cls(int(bits, 16), int(size))
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one module at one monitored step.
+
+    Gradient fields describe the module's *own* trainable parameters (``None`` for
+    parameter-free modules); signal fields describe the tensors flowing through it;
+    activation fields exist for ReLU-family and sigmoid/tanh modules.
+    Fields that were not measured at this step are ``None``.
+    """
+
+    name: str
+    kind: str
+    depth: float | None = None
+
+    # Gradients of the module's own trainable parameters.
+    grad_norm: float | None = None
+    grad_rms: float | None = None
+    grad_max: float | None = None
+    grad_zero_fraction: float | None = None
+    grad_nonfinite: int | None = None
+    param_norm: float | None = None
+    param_rms: float | None = None
+    numel: int = 0
+    fan_in: int | None = None
+    missing_grad: tuple[str, ...] = ()
+
+    # Linear/Conv weights: output units whose gradient row is exactly zero.
+    units: int | None = None
+    zero_grad_units: UnitMask | None = None
+
+    # Signals: forward output and the gradient with respect to that output.
+    output_rms: float | None = None
+    output_grad_norm: float | None = None
+    output_grad_rms: float | None = None
+    output_nonfinite: bool | None = None
+
+    # Activations: ReLU-family units that were active, sigmoid/tanh saturation.
+    active_units: UnitMask | None = None
+    saturated_fraction: float | None = None
+    mean_derivative: float | None = None
+    calls: int = 0
+
+    @property
+    def has_gradient(self) -> bool:
+        """True when the module owns trainable parameters that received a gradient."""
+        return self.grad_norm is not None
+
+    @property
+    def grad_finite(self) -> bool:
+        return self.grad_norm is None or math.isfinite(self.grad_norm)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("zero_grad_units", "active_units"):
+            mask = getattr(self, key)
+            data[key] = mask.to_hex() if mask is not None else None
+        data["missing_grad"] = list(self.missing_grad)
+        return {k: _json_number(v) for k, v in data.items() if v is not None and v != []}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerStats:
+        data = dict(data)
+        for key in ("zero_grad_units", "active_units"):
+            if data.get(key) is not None:
+                data[key] = UnitMask.from_hex(data[key])
+        data["missing_grad"] = tuple(data.get("missing_grad", ()))
+        known = cls.__dataclass_fields__
+        return cls(**{k: _from_json_number(v) for k, v in data.items() if k in known})
+
+
+@dataclass
+class OptimizerInfo:
+    """What the rules need to know about the optimizer (see :func:`gradwatch.optim.describe`)."""
+
+    name: str
+    lr: float
+    adaptive: bool
+    eps: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepStats:
+    """Everything gradwatch measured at one monitored step.
+
+    ``layers`` is keyed by the qualified module names that ``named_modules()`` gives
+    (a DDP or ``torch.compile`` wrapper's prefix removed) and ordered by forward depth.
+    """
+
+    step: int
+    layers: dict[str, LayerStats]
+    global_grad_norm: float
+    global_param_norm: float | None = None
+    missing: tuple[str, ...] = ()
+    optimizer: OptimizerInfo | None = None
+    activations_observed: bool = True
+    input_rms: float | None = None
+    detail: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[LayerStats]:
+        return iter(self.layers.values())
+
+    def by_depth(self, *, with_gradient: bool = False) -> list[LayerStats]:
+        """Layers in forward order (modules that never ran last, in registration order)."""
+        ordered = self.__dict__.get("_ordered")
+        if ordered is None or len(ordered) != len(self.layers):
+            ordered = sorted(
+                self.layers.values(),
+                key=lambda s: (s.depth is None, s.depth if s.depth is not None else 0.0),
+            )
+            self.__dict__["_ordered"] = ordered
+        if with_gradient:
+            return [s for s in ordered if s.has_gradient]
+        return list(ordered)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "global_grad_norm": _json_number(self.global_grad_norm),
+            "global_param_norm": _json_number(self.global_param_norm),
+            "missing": list(self.missing),
+            "optimizer": self.optimizer.to_dict() if self.optimizer else None,
+            "activations_observed": self.activations_observed,
+            "input_rms": _json_number(self.input_rms),
+            "detail": self.detail,
+            "layers": {name: s.to_dict() for name, s in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepStats:
+        opt = data.get("optimizer")
+        return cls(
+            step=int(data["step"]),
+            layers={n: LayerStats.from_dict(v) for n, v in data.get("layers", {}).items()},
+            global_grad_norm=_from_json_number(data.get("global_grad_norm")),
+            global_param_norm=_from_json_number(data.get("global_param_norm")),
+            missing=tuple(data.get("missing", ())),
+            optimizer=OptimizerInfo(**opt) if opt else None,
+            activations_observed=bool(data.get("activations_observed", True)),
+            input_rms=_from_json_number(data.get("input_rms")),
+            detail=bool(data.get("detail", True)),
+        )
+
+
+def _json_number(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as strings so records stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _from_json_number(value: Any) -> Any:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    return value
