@@ -29,10 +29,10 @@ _F64 = torch.float64
 
 try:  # DTensor (FSDP2 shards, tensor parallel); absent on old builds
     from torch.distributed.tensor import DTensor as _DTensor
-except Exception:  # noqa: BLE001
+except Exception:
     try:
         from torch.distributed._tensor import DTensor as _DTensor
-    except Exception:  # noqa: BLE001
+    except Exception:
         _DTensor = None
 
 
@@ -61,6 +61,7 @@ class Layout:
     grad_entries: list[int]  # layer index of each backward-signal norm
     saturating: list[int]
     relu_units: list[tuple[int, int]]  # (layer index, units)
+    positive_units: list[tuple[int, int]]  # (layer index, units) of Linear/Conv outputs
     has_input: bool
     order: dict[int, int]
     calls: dict[int, int]
@@ -211,8 +212,10 @@ class Collector:
         has_input = record.input_norm is not None
         if record.input_norm is not None:
             sums.append(record.input_norm.to(home).square().reshape(1))
-        relu_units = [(i, int(record.unit_activity[i].numel())) for i in sorted(record.unit_activity)]
+        relu_units = [(i, record.unit_activity[i].numel()) for i in sorted(record.unit_activity)]
         masks.extend(record.unit_activity[i] for i, _ in relu_units)
+        positive_units = [(i, int(record.positive[i].numel())) for i in sorted(record.positive)]
+        masks.extend(record.positive[i] for i, _ in positive_units)
 
         # Counts that can differ between ranks travel with the sums.
         counts = [float(n) for _, _, n in record.out_norms]
@@ -247,6 +250,7 @@ class Collector:
             grad_entries=[i for i, _, _ in record.grad_norms],
             saturating=saturating,
             relu_units=relu_units,
+            positive_units=positive_units,
             has_input=has_input,
             order=dict(record.order),
             calls=dict(record.calls),
@@ -266,13 +270,17 @@ class Collector:
         return cached
 
     @staticmethod
-    def count_nonfinite(slots: list[Slot]) -> list[int]:
-        """Exact counts of NaN/Inf per gradient (a second, small transfer: only on a step
-        that already showed non-finite values)."""
+    def inspect_nonfinite(slots: list[Slot]) -> tuple[list[int], list[float]]:
+        """Exact NaN/Inf counts per gradient and squared norms of the parameters (are the
+        weights themselves poisoned?). A second, small transfer, made only on a step that
+        already showed non-finite gradients."""
         if not slots:
-            return []
-        counts = torch.stack([(~torch.isfinite(s.grad)).sum() for s in slots])
-        return [int(v) for v in counts.tolist()]
+            return [], []
+        counts = torch.stack([(~torch.isfinite(s.grad)).sum().to(_F64) for s in slots])
+        params = [_local(s.param.detach())[0] for s in slots]
+        norms = torch.stack([n.to(counts.device) for n in _norms(params)]).to(_F64)
+        values = torch.cat([counts, norms.square()]).tolist()
+        return [int(v) for v in values[: len(slots)]], values[len(slots) :]
 
 
 def _sqrt(value: float) -> float:
@@ -285,7 +293,7 @@ def read(
     layers: list[LayerInfo],
     depth: dict[int, float],
     optimizer: OptimizerInfo | None,
-    nonfinite_counts: list[int] | None = None,
+    nonfinite: tuple[list[int], list[float]] | None = None,
     previous: StepStats | None = None,
 ) -> StepStats:
     """Build the host-side :class:`StepStats` from the transferred vector.
@@ -296,6 +304,7 @@ def read(
     slots = layout.slots
     n = len(slots)
     pos = 0
+    nonfinite_counts, checked_param_sumsq = nonfinite if nonfinite is not None else (None, None)
 
     def take(count: int) -> list[float]:
         nonlocal pos
@@ -348,8 +357,9 @@ def read(
                 m = maxes[max_pos]
                 max_pos += 1
                 a[4] = m if (m != m or a[4] != a[4]) else max(a[4], m)
-        if nonfinite_counts is not None:
+        if nonfinite_counts is not None and checked_param_sumsq is not None:
             a[5] += nonfinite_counts[k]
+            a[3] += checked_param_sumsq[k]
         if slot.rows:
             rows_nonzero = (bits >> bit_pos) & ((1 << slot.rows) - 1)
             bit_pos += slot.rows
@@ -370,16 +380,17 @@ def read(
             ls.grad_nonfinite = int(nf)
         elif math.isfinite(norm):
             ls.grad_nonfinite = 0
-        if layout.detail:
-            ls.grad_zero_fraction = 1.0 - nz / numel if numel else 0.0
+        if layout.detail or checked_param_sumsq is not None:
             ls.param_norm = _sqrt(psq)
             ls.param_rms = ls.param_norm / math.sqrt(numel) if numel else 0.0
-            ls.grad_max = mx
             total_psq += psq
         else:
             before = previous_layers.get(ls.name)
             if before is not None:
                 ls.param_norm, ls.param_rms = before.param_norm, before.param_rms
+        if layout.detail:
+            ls.grad_zero_fraction = 1.0 - nz / numel if numel else 0.0
+            ls.grad_max = mx
         total_sumsq += s2
     for index, names in layout.missing.items():
         layer_stats(index).missing_grad = tuple(names)
@@ -414,6 +425,10 @@ def read(
         active = (bits >> bit_pos) & ((1 << units) - 1)
         bit_pos += units
         layer_stats(index).active_units = UnitMask(active, units)
+    for index, units in layout.positive_units:
+        positive = (bits >> bit_pos) & ((1 << units) - 1)
+        bit_pos += units
+        layer_stats(index).positive_units = UnitMask(positive, units)
 
     ordered = sorted(
         stats.values(), key=lambda s: (s.depth is None, s.depth if s.depth is not None else 0.0)
@@ -423,7 +438,7 @@ def read(
         for i, names in layout.missing.items()
         for p in names
     )
-    if layout.detail:
+    if layout.detail or checked_param_sumsq is not None:
         global_psq: float | None = _sqrt(total_psq)
     else:
         global_psq = previous.global_param_norm if previous is not None else None

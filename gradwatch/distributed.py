@@ -31,7 +31,7 @@ def distributed_world_size() -> int:
         dist = _dist()
         if dist.is_available() and dist.is_initialized():
             return int(dist.get_world_size())
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return 1
 

@@ -18,7 +18,7 @@ ATTENTION = "attention"
 RELU = "relu"  # hard-gated: zero derivative where inactive, so units can die
 SIGMOID = "sigmoid"
 TANH = "tanh"
-ACTIVATION = "activation"  # other nonlinearities (LeakyReLU, GELU, SiLU, ...): gradient always flows
+ACTIVATION = "activation"  # LeakyReLU, GELU, SiLU, ...: the gradient always flows
 OTHER = "other"
 
 #: Kinds whose weight rows are output units (a zero row means a unit got no gradient).

@@ -77,6 +77,8 @@ class ProbeRecord:
     out_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     grad_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     unit_activity: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Linear/Conv outputs (pre-activations): per unit, the sum of the positive part
+    positive: dict[int, torch.Tensor] = field(default_factory=dict)
     saturated: dict[int, torch.Tensor] = field(default_factory=dict)
     derivative_sum: dict[int, torch.Tensor] = field(default_factory=dict)
     activation_numel: dict[int, int] = field(default_factory=dict)
@@ -142,7 +144,9 @@ class Probes:
             for layer in self._layers
             if layer.kind in _ACTIVATION_KINDS
         }
-        self._grad_hooks = {layer.index: self._make_grad_hook(layer.index) for layer in self._layers}
+        self._grad_hooks = {
+            layer.index: self._make_grad_hook(layer.index) for layer in self._layers
+        }
 
     @property
     def armed(self) -> bool:
@@ -206,7 +210,7 @@ class Probes:
                     self._note_input(args)
                 if index not in order:
                     order[index] = len(order)
-            except Exception as error:  # noqa: BLE001 - never raise into the forward pass
+            except Exception as error:
                 self.shut_down(error)
             return None
 
@@ -215,6 +219,9 @@ class Probes:
     def _make_full_hook(self, layer: LayerInfo) -> Callable[..., None]:
         index, kind = layer.index, layer.kind
         producer = kind if layer.is_leaf and layer.params else None
+        # Pre-activations of Linear/Conv: which units were ever positive (a ReLU after a
+        # layer whose gradient is entirely blocked shows its dead units only here).
+        positive_axis = {LINEAR: -1, CONV: 1}.get(kind) if producer is not None else None
         channels_first = isinstance(
             layer.module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
         )
@@ -238,6 +245,11 @@ class Probes:
                     record.out_norms.append((index, norm, values.numel()))
                     if tensor.requires_grad:
                         tensor.register_hook(self._grad_hooks[index])
+                    if positive_axis is not None and values.dim() >= 2:
+                        axis = positive_axis % values.dim()
+                        dims = [d for d in range(values.dim()) if d != axis]
+                        positive = values.clamp(min=0).sum(dim=dims, dtype=_F32)
+                        _accumulate(record.positive, index, positive)
                 if core is not None:
                     self._axis[index] = unit_axis(
                         tensor.dim(), self._producer, self._producer_channels_first
@@ -248,7 +260,7 @@ class Probes:
                 if producer is not None:
                     self._producer = producer
                     self._producer_channels_first = channels_first
-            except Exception as error:  # noqa: BLE001 - never raise into the forward pass
+            except Exception as error:
                 self.shut_down(error)
             return None
 
@@ -289,7 +301,7 @@ class Probes:
                     _accumulate(record.unit_activity, index, sums)
                 else:
                     self._saturation(index, kind, values)
-            except Exception as error:  # noqa: BLE001 - never raise into the forward pass
+            except Exception as error:
                 self.shut_down(error)
             return None
 
@@ -302,7 +314,7 @@ class Probes:
             try:
                 norm = torch.linalg.vector_norm(grad.detach(), dtype=_F32)
                 self.record.grad_norms.append((index, norm, grad.numel()))
-            except Exception as error:  # noqa: BLE001 - never raise into the backward pass
+            except Exception as error:
                 self.shut_down(error)
             return None
 

@@ -64,6 +64,9 @@ class UnitMask:
         return cls(int(bits, 16), int(size))
 
 
+_MASK_FIELDS = ("zero_grad_units", "active_units", "positive_units")
+
+
 @dataclass
 class LayerStats:
     """Statistics of one module at one monitored step.
@@ -102,6 +105,8 @@ class LayerStats:
 
     # Activations: ReLU-family units that were active, sigmoid/tanh saturation.
     active_units: UnitMask | None = None
+    #: Linear/Conv: units whose output (the pre-activation) was positive for some sample
+    positive_units: UnitMask | None = None
     saturated_fraction: float | None = None
     mean_derivative: float | None = None
     calls: int = 0
@@ -117,7 +122,7 @@ class LayerStats:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("zero_grad_units", "active_units"):
+        for key in _MASK_FIELDS:
             mask = getattr(self, key)
             data[key] = mask.to_hex() if mask is not None else None
         data["missing_grad"] = list(self.missing_grad)
@@ -126,7 +131,7 @@ class LayerStats:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerStats:
         data = dict(data)
-        for key in ("zero_grad_units", "active_units"):
+        for key in _MASK_FIELDS:
             if data.get(key) is not None:
                 data[key] = UnitMask.from_hex(data[key])
         data["missing_grad"] = tuple(data.get("missing_grad", ()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .layers import RELU, SATURATING_KINDS, UNIT_ROW_KINDS
-from .stats import LayerStats, StepStats
+from .stats import LayerStats, StepStats, UnitMask
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,9 @@ def unit_groups(stats: StepStats) -> list[UnitGroup]:
     weights = [s.name for s in ordered if s.kind in UNIT_ROW_KINDS]
     output_layer = weights[-1] if weights else None
     for layer in ordered:
-        if layer.kind in UNIT_ROW_KINDS and layer.name not in claimed:
-            if layer.name != output_layer:  # its rows are the model's outputs
-                groups.append(UnitGroup(layer.name, None, layer.depth or 0.0))
+        # the output layer's rows are the model's outputs, not hidden units
+        if layer.kind in UNIT_ROW_KINDS and layer.name not in claimed | {output_layer}:
+            groups.append(UnitGroup(layer.name, None, layer.depth or 0.0))
     return sorted(groups, key=lambda g: g.depth)
 
 
@@ -65,3 +65,54 @@ def _next_activation(ordered: list[LayerStats], position: int) -> LayerStats | N
         if layer.kind in UNIT_ROW_KINDS:
             return None
     return None
+
+
+def alive_units(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | None:
+    """Units of a group seen alive at one step, and how that was seen; None if unknown.
+
+    In order of preference: the ReLU module's output (> 0 somewhere); the producer's
+    non-zero gradient rows; and where no gradient reaches the producer at all, its
+    pre-activations (a unit never positive is dead behind a ReLU, and a layer of such
+    units blocks every gradient, which is why the rows show nothing).
+    """
+    if group.activation is not None:
+        act = stats.layers.get(group.activation)
+        if act is not None and act.active_units is not None:
+            return act.active_units, "activations"
+    if group.producer is None:
+        return None
+    producer = stats.layers.get(group.producer)
+    if producer is None or producer.grad_norm is None:
+        return None
+    if producer.grad_norm > 0 and producer.zero_grad_units is not None:
+        return producer.zero_grad_units.complement(), "weight-gradient rows"
+    if producer.grad_norm == 0 and producer.positive_units is not None:
+        return producer.positive_units, "pre-activations"
+    return None
+
+
+def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
+    """Each group's share of dead units as last seen: at the most recent of ``steps``
+    (newest last) that shows its units (between detail steps, a blocked layer may be
+    visible only at the last detail step)."""
+    if not steps:
+        return {}
+    out = {}
+    for group in unit_groups(steps[-1]):
+        for stats in reversed(steps):
+            seen = alive_units(group, stats)
+            if seen is not None:
+                if seen[0].size:
+                    out[group] = 1.0 - seen[0].count() / seen[0].size
+                break
+    return out
+
+
+def recent_blockers(steps: list[StepStats]) -> list[UnitGroup]:
+    """Groups whose units are all dead as last seen: no gradient passes them."""
+    return [group for group, share in dead_share(steps).items() if share >= 1.0]
+
+
+def mostly_dead(steps: list[StepStats], share: float = 0.5) -> list[str]:
+    """Names of the groups with more than ``share`` of their units dead, as last seen."""
+    return [group.name for group, dead in dead_share(steps).items() if dead > share]

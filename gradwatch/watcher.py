@@ -65,7 +65,7 @@ class Watcher:
         exclude: Sequence[str] | None = None,
         optimizer: Any = None,
         history: int = 256,
-        detail_every: int = 5,
+        detail_every: int = 50,
         activations: bool = True,
         sync: bool | None = None,
         deferred: bool | Literal["auto"] = "auto",
@@ -146,7 +146,9 @@ class Watcher:
         self._depth: dict[int, float] = {}
         self._count = 0
         self._monitored = 0
+        self._last_detail = 0
         self._closed = False
+        self._force_detail = False
         self._said_no_hooks = False
         self._arm_for(0)
 
@@ -240,6 +242,7 @@ class Watcher:
         return {
             "count": self._count,
             "monitored": self._monitored,
+            "last_detail": self._last_detail,
             "engine": self._engine.state_dict(),
             "findings": [f.to_dict() for f in self._findings],
         }
@@ -247,6 +250,7 @@ class Watcher:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._count = int(state.get("count", 0))
         self._monitored = int(state.get("monitored", 0))
+        self._last_detail = int(state.get("last_detail", 0))
         self._engine.load_state_dict(state.get("engine", {}))
         self._findings.clear()
         self._findings.extend(Finding.from_dict(f) for f in state.get("findings", []))
@@ -263,8 +267,11 @@ class Watcher:
         record = self._probes.take() if self._probes is not None else None
         if record is not None and record.empty and self._probes is not None:
             self._note_no_hooks()
-        detail = self._is_detail(self._monitored)
+        detail = self._is_detail(label)
+        if detail:
+            self._last_detail = label
         self._monitored += 1
+        self._force_detail = False
         try:
             measured = self._collector.measure(label, record or ProbeRecord(), detail=detail)
         except Exception:
@@ -278,10 +285,13 @@ class Watcher:
         self._transfer.deferred = self._use_deferred(packed)
         findings: list[Finding] = []
         for (ready_layout, ready_info), values in self._transfer.submit(packed, (layout, info)):
-            counts = None
-            if not self._transfer.deferred and _has_nonfinite(values, ready_layout):
-                counts = self._collector.count_nonfinite(ready_layout.slots)
-            findings.extend(self._process(ready_layout, ready_info, values, counts))
+            nonfinite = None
+            if _has_nonfinite(values, ready_layout):
+                # Look closer next time: the forward pass shows where NaN first appears.
+                self._force_detail = True
+                if not self._transfer.deferred:  # the gradients are still there to inspect
+                    nonfinite = self._collector.inspect_nonfinite(ready_layout.slots)
+            findings.extend(self._process(ready_layout, ready_info, values, nonfinite))
         return findings, True
 
     def _process(
@@ -289,10 +299,10 @@ class Watcher:
         layout: Layout,
         info: OptimizerInfo | None,
         values: list[float],
-        nonfinite_counts: list[int] | None,
+        nonfinite: tuple[list[int], list[float]] | None,
     ) -> list[Finding]:
         stats = read(
-            values, layout, self.layers, self._depth, info, nonfinite_counts, self._history.latest
+            values, layout, self.layers, self._depth, info, nonfinite, self._history.latest
         )
         if self._probes is None or not self._probes.active:
             stats.activations_observed = False
@@ -303,7 +313,8 @@ class Watcher:
         new = self._engine.evaluate(ctx)
         self._findings.extend(new)
         for reporter in self.reporters:
-            self._guard.call(f"reporter {_name(reporter)}", reporter.report, stats, new, default=None)
+            part = f"reporter {_name(reporter)}"
+            self._guard.call(part, reporter.report, stats, new, default=None)
         return new
 
     def _rows_cover_relus(self, stats: StepStats) -> set[int]:
@@ -321,6 +332,7 @@ class Watcher:
                     and producer is not None
                     and act.active_units is not None
                     and producer.units == act.active_units.size
+                    and producer.grad_norm  # a blocked layer's rows show nothing
                 ):
                     covered.add(index[group.activation])
         return covered
@@ -330,16 +342,20 @@ class Watcher:
         if self._probes is None:
             return
         if label % self.every_n_steps == 0:
-            self._probes.arm(detail=self._is_detail(self._monitored))
+            self._probes.arm(detail=self._is_detail(label))
         elif self._probes.armed:
             self._probes.disarm()
             self._probes.take()
 
-    def _is_detail(self, monitored_index: int) -> bool:
+    def _is_detail(self, label: int) -> bool:
         """Detail (signals, parameter norms, max and zero share) on the first three monitored
-        steps, so problems present from the start are judged at once, then every
-        ``detail_every``-th."""
-        return monitored_index < 3 or monitored_index % self.detail_every == 0
+        steps, so that problems present from the start are judged at once, then at least
+        ``detail_every`` steps apart, and right after a step with NaN/Inf gradients."""
+        return (
+            self._monitored < 3
+            or label - self._last_detail >= self.detail_every
+            or self._force_detail
+        )
 
     def _gradients_changed(self) -> bool:
         changed = False

@@ -85,7 +85,9 @@ def finding_panel(finding: Finding, stats: StepStats | None = None, chart: bool 
     status = "" if finding.status == "new" else f" ({finding.status})"
     return Panel(
         Group(*parts),
-        title=Text(f"{finding.title} · {finding.severity}{status} · step {finding.step}", style=style),
+        title=Text(
+            f"{finding.title} · {finding.severity}{status} · step {finding.step}", style=style
+        ),
         title_align="left",
         border_style=style,
         expand=False,
@@ -205,7 +207,8 @@ class TerminalReporter(Reporter):
         Console(file=self._target(), width=_width()).print(renderable)
 
     def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
-        shown = [f for f in findings if severity_rank(f.severity) >= severity_rank(self.min_severity)]
+        floor = severity_rank(self.min_severity)
+        shown = [f for f in findings if severity_rank(f.severity) >= floor]
         charted = False
         for finding in shown:
             if finding.status == "resolved":
@@ -234,5 +237,5 @@ def _width() -> int | None:
         import shutil
 
         return max(80, min(140, shutil.get_terminal_size().columns))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None

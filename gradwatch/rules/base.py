@@ -97,6 +97,8 @@ class Condition:
     severity: Severity | None = None
     score: float = 0.0
     key: str = ""
+    #: overrides the rule's window (1: announce at once, e.g. when waiting would be too late)
+    window: int | None = None
 
 
 class Rule:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..stats import StepStats, UnitMask
-from ..units import UnitGroup, unit_groups
+from ..units import UnitGroup, alive_units, unit_groups
 from .base import Condition, Rule, RuleContext, format_layers
 
 
@@ -51,6 +51,7 @@ re-initialise (kaiming) and check biases and input scaling."""
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         span = max(1, int(self.t("span")))
+        self._remember_start(ctx.stats)
         recent = ctx.recent(span)
         if len(recent) < span:
             return None
@@ -64,7 +65,6 @@ re-initialise (kaiming) and check biases and input scaling."""
                 continue
             judged = True
             n_dead, size, source = dead
-            self._first_seen.setdefault(group.name, n_dead / size)
             if n_dead / size > self.t("fraction"):
                 flagged.append((group, n_dead, size, source))
         if not judged:
@@ -101,6 +101,18 @@ re-initialise (kaiming) and check biases and input scaling."""
             )
         ]
 
+    def _remember_start(self, stats: StepStats) -> None:
+        """Each layer's dead share the first time it is seen: units that were alive then
+        and are dead now died during training."""
+        if not math.isfinite(stats.global_grad_norm):
+            return
+        for group in unit_groups(stats):
+            if group.name in self._first_seen:
+                continue
+            seen = alive_units(group, stats)
+            if seen is not None and seen[0].size:
+                self._first_seen[group.name] = 1.0 - seen[0].count() / seen[0].size
+
     def _dead(self, group: UnitGroup, recent: list[StepStats]) -> tuple[int, int, str] | None:
         """(dead units, layer size, source) over the span, or None if it cannot be judged.
 
@@ -111,7 +123,7 @@ re-initialise (kaiming) and check biases and input scaling."""
         alive: UnitMask | None = None
         sources: set[str] = set()
         for stats in recent:
-            seen = _alive(group, stats)
+            seen = alive_units(group, stats)
             if seen is None:
                 return None
             mask, source = seen
@@ -151,16 +163,3 @@ re-initialise (kaiming) and check biases and input scaling."""
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._first_seen = dict(state.get("first_seen", {}))
-
-
-def _alive(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | None:
-    """Units of the group that were active (or got gradient) at one step."""
-    if group.activation is not None:
-        act = stats.layers.get(group.activation)
-        if act is not None and act.active_units is not None:
-            return act.active_units, "activations"
-    if group.producer is not None:
-        producer = stats.layers.get(group.producer)
-        if producer is not None and producer.grad_norm and producer.zero_grad_units is not None:
-            return producer.zero_grad_units.complement(), "weight-gradient rows"
-    return None

@@ -79,7 +79,7 @@ class RuleEngine:
             track.absent = 0
             severity = cond.severity or rule.severity
             if not track.active:
-                if track.streak >= rule.window:
+                if track.streak >= (cond.window or rule.window):
                     out.append(self._announce(rule, cond, track, step, severity, "new"))
                 continue
             rose = severity_rank(severity) > severity_rank(track.announced_severity)

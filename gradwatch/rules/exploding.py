@@ -21,7 +21,10 @@ What it measures, three ways (each must hold for `window` monitored steps):
   first quarter of layers is more than 1/`ratio` times that of the last quarter;
 - updates larger than the weights: for SGD-like optimizers, lr * |grad| / |weight| of
   a weight layer above `update_ratio` (with the optimizer unknown, lr is taken as
-  `assumed_lr`; Adam-like optimizers bound their steps by lr, so this check is skipped);
+  `assumed_lr`; Adam-like optimizers bound their steps by lr, so this check is skipped).
+  When at least half of the weight layers (of ordinary scale, gain >= 0.1) exceed it,
+  it is announced at once, without the window: such a step ruins the weights, and
+  waiting would only report the NaN that follows; above 10x it is an error;
 - a spike: the global gradient norm above `spike_factor` times the median of the
   previous monitored steps, held for `window` steps.
 
@@ -116,17 +119,27 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         if lr <= 0:
             return None
         flagged: list[tuple[str, float]] = []
-        for layer in matrix_layers(ctx.stats):
+        ordinary_scale = False
+        layers = matrix_layers(ctx.stats)
+        for layer in layers:
             weight = latest_param_rms(ctx, layer.name)
             if not weight or layer.grad_rms is None:
                 continue  # a zero-initialised layer has no scale to compare with yet
             ratio = lr * layer.grad_rms / weight
             if ratio > self.t("update_ratio"):
                 flagged.append((layer.name, ratio))
+                # Layers initialised deliberately tiny (gain < 0.1, e.g. a zero-ish output
+                # head) may grow by more than their size at first: that alone is no alarm.
+                gain = weight * math.sqrt(layer.fan_in) if layer.fan_in else 1.0
+                ordinary_scale = ordinary_scale or gain >= 0.1
         if not flagged:
             return None
         worst = max(r for _, r in flagged)
+        extreme = worst > 10 * self.t("update_ratio")
         names = [n for n, _ in flagged]
+        # Network-wide, it is an explosion in progress; one layer alone (say, an output
+        # layer facing a large initial loss) must persist before it is announced.
+        broad = len(flagged) * 2 >= len(layers)
         lr_text = f"lr={lr:g}" if info is not None else f"an assumed lr={lr:g}"
         return Condition(
             key="update",
@@ -143,8 +156,11 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
                 "lr_known": info is not None,
                 "global_grad_norm": ctx.stats.global_grad_norm,
             },
-            severity="error" if worst > 100 * self.t("update_ratio") else None,
+            severity="error" if extreme else None,
             score=math.log10(worst),
+            # A step larger than the weights ruins them at once: waiting for the window
+            # would only report the NaN that follows.
+            window=1 if ordinary_scale and broad else None,
         )
 
     def _spike(self, ctx: RuleContext, hint: str) -> Condition | None:

@@ -14,9 +14,13 @@ class NonFiniteGradient(Rule):
     summary = "NaN/Inf values in the gradients"
     explanation = """\
 What it measures: whether any gradient holds NaN or Inf (its norm is not finite), at
-every monitored step, and with forward hooks armed, the first module in forward order
-whose output is already non-finite. It fires at once (no window): one NaN update
-poisons the weights for good.
+every monitored step. On such a step it counts the non-finite values, checks whether
+the weights themselves are already non-finite, and looks closer at the next monitored
+step (the first module in forward order whose output is non-finite). The finding
+names where it first appears, in forward order: poisoned weights, else the first
+non-finite forward output, else the first layer with a non-finite gradient; the other
+affected layers follow. It fires at once (no window): one NaN update poisons the
+weights for good.
 
 Why it matters: the optimizer adds the gradient to the weights; NaN + anything is NaN,
 so from the next step on the model outputs NaN and stops learning. Backpropagation
@@ -37,53 +41,68 @@ already NaN, restart from a checkpoint."""
         bad = [s for s in ordered if s.grad_norm is not None and not math.isfinite(s.grad_norm)]
         if not bad and math.isfinite(stats.global_grad_norm):
             return []
-        outputs = [s for s in ordered if s.output_nonfinite]
+        outputs = [s.name for s in ordered if s.output_nonfinite]
         weights = [
-            s for s in ordered if s.param_norm is not None and not math.isfinite(s.param_norm)
+            s.name for s in ordered if s.param_norm is not None and not math.isfinite(s.param_norm)
         ]
         names = [s.name for s in bad]
-        counts = {s.name: s.grad_nonfinite for s in bad if s.grad_nonfinite is not None}
-        first = names[0] if names else "<unknown>"
-        message = f"NaN/Inf gradient in {len(bad)} layer(s), first in forward order: {first}"
-        if counts:
-            message += f" ({sum(counts.values())} non-finite values in total)"
+        counts = [s.grad_nonfinite for s in bad if s.grad_nonfinite is not None]
         evidence: dict[str, object] = {
-            "first_layer": first,
-            "layers_with_nonfinite": len(bad),
+            "layers_with_nonfinite_gradient": len(bad),
             "global_grad_norm": stats.global_grad_norm,
         }
         if counts:
-            evidence["nonfinite_values"] = sum(counts.values())
+            evidence["nonfinite_values"] = sum(counts)
+        if stats.input_rms is not None and not math.isfinite(stats.input_rms):
+            evidence["input_nonfinite"] = True
+        # Where it first appears, in forward order: poisoned weights are the root cause;
+        # else the first module whose forward output is already NaN/Inf; else (the forward
+        # pass is clean) the backward pass produced it.
         if weights:
-            evidence["first_nonfinite_weight"] = weights[0].name
+            origin = weights[0]
+            evidence["first_nonfinite_weights"] = origin
             hint = (
-                f"The weights of {format_layers([w.name for w in weights])} are already "
-                "NaN/Inf: an earlier update poisoned them. Restart from a checkpoint with a "
-                "lower learning rate and gradient clipping."
+                f"The weights of {format_layers(weights)} are already NaN/Inf: an earlier "
+                "update poisoned them, and every gradient since is NaN. Restart from a "
+                "checkpoint with a lower learning rate and gradient clipping."
             )
         elif outputs:
-            origin = outputs[0].name
+            origin = outputs[0]
             evidence["first_nonfinite_output"] = origin
-            message += f"; the forward pass is already non-finite at {origin}"
-            hint = (
-                f"The forward output of {origin} is NaN/Inf: check its input and operation "
-                "(log of 0, division by ~0, overflow in fp16 -> use bf16 or a GradScaler), "
-                "and the data batch itself."
-            )
+            if evidence.get("input_nonfinite"):
+                hint = "The input batch itself holds NaN/Inf: clean the data (torch.isfinite)."
+            else:
+                hint = (
+                    f"The forward output of {origin} is NaN/Inf: check its input and operation "
+                    "(log of 0, division by ~0, overflow in fp16 -> use bf16 or a GradScaler)."
+                )
         elif not bad:
+            origin = ""
             hint = (
                 "Every gradient value is finite but their norm overflows float32: the "
                 "gradients are enormous. Clip them and lower the learning rate."
             )
         else:
+            origin = names[0]
             hint = (
                 "The forward pass is finite, so the backward pass overflowed or divided by "
                 "zero: clip gradients (clip_grad_norm_), lower the learning rate, add an eps "
                 "where the loss divides or takes a log, or use loss scaling with fp16."
             )
+        evidence["origin"] = origin
+        layers = ([origin] if origin else []) + [n for n in names if n != origin]
+        message = f"NaN/Inf gradient in {len(bad)} layer(s)"
+        if counts:
+            message += f" ({sum(counts)} non-finite values)"
+        if weights:
+            message += f"; first appears in the weights of {origin}"
+        elif outputs:
+            message += f"; first appears in the forward output of {origin}"
+        elif names:
+            message += f"; first layer in forward order: {origin}"
         return [
             Condition(
-                layers=tuple(names),
+                layers=tuple(layers),
                 message=message,
                 hint=hint,
                 evidence=evidence,

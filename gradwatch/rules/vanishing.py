@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ..layers import SATURATING_KINDS
+from ..units import mostly_dead, recent_blockers
 from .base import Condition, Rule, RuleContext, format_layers
 from .profile import (
     FLOAT32_RESOLUTION,
@@ -48,7 +49,7 @@ gradient reaches the early layers even when dF/dx vanishes.
 How to fix it: replace sigmoid/tanh hidden activations with ReLU-family or GELU;
 initialise ReLU networks with kaiming (He) init; add residual connections or
 normalization (BatchNorm, LayerNorm); with many layers, do both."""
-    defaults = {"ratio": 1e-3, "min_layers": 3}
+    defaults = {"ratio": 1e-2, "min_layers": 3}
     threshold_docs = {
         "ratio": "early/late ratio of (median) gradient RMS below which it fires",
         "min_layers": "fewest weight layers for a depth comparison",
@@ -70,6 +71,11 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
             return []
         limit = self.t("ratio") * profile.late
         starved = [s for s, v in zip(profile.layers, profile.values) if v < limit]
+        blockers = recent_blockers(ctx.recent(16))
+        if blockers and starved:
+            deepest = max(g.depth for g in blockers)
+            if all((s.depth if s.depth is not None else 0.0) <= deepest for s in starved):
+                return []  # a layer of dead units blocks the gradient: GW201's finding
         # The starved block that matters starts at the input side.
         names = [s.name for s in starved]
         first, last = profile.layers[0], profile.layers[-1]
@@ -133,6 +139,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
     def _hint(self, ctx: RuleContext, profile: Profile, signal: Profile | None, gain) -> str:
         hints: list[str] = []
         saturating = activation_names(ctx.stats, SATURATING_KINDS)
+        dead = mostly_dead(ctx.recent(16))
         if signal is not None and signal.ratio >= self.t("ratio"):
             first = profile.layers[0]
             hints.append(
@@ -152,6 +159,11 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
                 f"Weights are initialised with gain {gain:.2f} (PyTorch's default is 0.58; "
                 "He init gives 1.41), so every ReLU layer shrinks the signal: use kaiming "
                 "(He) init, nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')."
+            )
+        if dead:
+            hints.append(
+                f"Most units of {format_layers(dead, 3)} are dead ReLUs (see GW201): no "
+                "gradient passes them, so the layers before them starve."
             )
         if not ctx.model.has_normalization:
             hints.append(

@@ -1,0 +1,197 @@
+"""Terminal, logging and JSONL reporting."""
+
+import io
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch import JsonlRecorder, LoggingReporter, TerminalReporter, read_record
+from gradwatch.reporters.chart import gradient_flow_text
+
+from .support import mlp, train
+
+
+@pytest.fixture(scope="module")
+def sick_run(tmp_path_factory):
+    """A deep sigmoid MLP (vanishing from the start), watched with every reporter."""
+    path = tmp_path_factory.mktemp("run") / "run.jsonl"
+    plain = io.StringIO()
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Collect(level=logging.DEBUG)
+    logger = logging.getLogger("gradwatch.test")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    model = mlp(30, nn.Sigmoid)
+    watcher = gradwatch.watch(
+        model,
+        reporters=[
+            TerminalReporter(file=plain),
+            LoggingReporter(logger=logger),
+            JsonlRecorder(path, meta={"model": "sigmoid-30"}),
+        ],
+    )
+    train(model, watcher, steps=40, lr=0.1)
+    watcher.close()
+    logger.removeHandler(handler)
+    return watcher, plain.getvalue(), records, path
+
+
+def test_plain_terminal_output_has_code_layers_evidence_fix_and_chart(sick_run):
+    _, text, _, _ = sick_run
+    assert "gradwatch ERROR GW101 vanishing-gradient at step 20" in text
+    assert "layers: 0, 2, 4" in text
+    assert "evidence: ratio=0" in text
+    assert "fix: " in text
+    assert "gradient flow at step 20" in text
+    # the chart marks starved layers and draws the last layer's bar full
+    chart_lines = [line for line in text.splitlines() if line.startswith((" !", "  "))]
+    assert any(line.startswith(" !0 ") for line in chart_lines)
+    assert "\x1b[" not in text  # no colour codes when the output is not a terminal
+    assert "gradwatch summary:" in text and "GW101 vanishing-gradient [error]" in text
+
+
+def test_rich_panel_when_forced():
+    model = mlp(30, nn.Sigmoid)
+    out = io.StringIO()
+    watcher = gradwatch.watch(model, reporters=[TerminalReporter(file=out, plain=False)])
+    train(model, watcher, steps=21, lr=0.1)
+    watcher.close()
+    text = out.getvalue()
+    assert "GW101 vanishing-gradient · error · step 20" in text
+    assert "█" in text  # the gradient-flow bars
+    assert "gradwatch summary" in text
+
+
+def test_findings_go_to_logging_at_their_severity(sick_run):
+    _, _, records, _ = sick_run
+    errors = [r for r in records if r.levelno == logging.ERROR]
+    assert errors and errors[0].getMessage().startswith("GW101 vanishing-gradient at step 20")
+    assert errors[0].gradwatch_finding["code"] == "GW101"
+    assert records[-1].levelno == logging.INFO and "closed" in records[-1].getMessage()
+
+
+def test_jsonl_record_round_trip(sick_run):
+    watcher, _, _, path = sick_run
+    record = read_record(path)
+    assert record.meta == {"model": "sigmoid-30"}
+    assert [s.step for s in record.steps] == [0, 10, 20, 30]
+    assert [f.code for f in record.findings] == [f.code for f in watcher.findings]
+    first = record.steps[0].layers["0"]
+    assert first.grad_norm == watcher.history[0].layers["0"].grad_norm
+    assert record.summary[0].code == "GW101"
+    assert not record.truncated
+
+
+def test_jsonl_reader_tolerates_a_truncated_last_line(sick_run, tmp_path):
+    _, _, _, path = sick_run
+    text = path.read_text()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(text[: len(text) - 40])  # a crash in the middle of the last line
+    record = read_record(cut)
+    assert record.truncated
+    assert len(record.steps) == 4
+
+
+def test_jsonl_reader_rejects_corruption_in_the_middle(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "run"}\nnot json\n{"type": "summary", "rows": []}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_record(bad)
+
+
+def test_jsonl_lines_are_flushed_as_they_are_written(tmp_path):
+    path = tmp_path / "live.jsonl"
+    model = mlp(3)
+    watcher = gradwatch.watch(model, every_n_steps=1, reporters=[JsonlRecorder(path)])
+    train(model, watcher, steps=3)
+    lines = path.read_text().splitlines()  # read while the recorder is still open
+    assert [json.loads(line)["type"] for line in lines] == ["run", "step", "step", "step"]
+    watcher.close()
+
+
+def test_non_finite_values_stay_valid_json(tmp_path):
+    path = tmp_path / "nan.jsonl"
+    model = mlp(3)
+    watcher = gradwatch.watch(model, every_n_steps=1, reporters=[JsonlRecorder(path)])
+    model(torch.randn(4, 64)).sum().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    watcher.step()
+    watcher.close()
+    for line in path.read_text().splitlines():
+        json.loads(line)  # strict JSON: NaN is written as a string
+    record = read_record(path)
+    assert record.steps[0].layers["0"].grad_norm != record.steps[0].layers["0"].grad_norm
+
+
+def test_output_goes_through_tqdm_write_while_a_bar_is_open(capsys):
+    tqdm = pytest.importorskip("tqdm")
+    written = []
+    original = tqdm.tqdm.write
+
+    def spy(text, file=None, **kw):  # records, then does the real thing
+        written.append(text)
+        return original(text, file=file, **kw)
+
+    tqdm.tqdm.write = spy
+    try:
+        model = mlp(30, nn.Sigmoid)
+        watcher = gradwatch.watch(model, reporters=[TerminalReporter()])
+        with tqdm.tqdm(total=21, file=sys.stderr) as bar:
+            for _ in range(21):
+                train(model, watcher, steps=1, lr=0.1)
+                bar.update()
+        watcher.close()
+    finally:
+        tqdm.tqdm.write = original
+    assert any("GW101 vanishing-gradient" in text for text in written)
+    err = capsys.readouterr().err
+    header = next(line for line in err.splitlines() if "GW101 vanishing-gradient at step" in line)
+    assert header.startswith("gradwatch ERROR")  # a whole line, not glued to the bar
+
+
+def test_output_lands_above_a_rich_live_progress_bar():
+    from rich.console import Console
+    from rich.progress import Progress
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    model = mlp(30, nn.Sigmoid)
+    watcher = gradwatch.watch(model, reporters=[TerminalReporter(plain=True)])
+    with Progress(console=console) as progress:  # redirects sys.stderr while live
+        task = progress.add_task("training", total=21)
+        for _ in range(21):
+            train(model, watcher, steps=1, lr=0.1)
+            progress.advance(task)
+    watcher.close()
+    text = screen.getvalue()
+    assert "gradwatch ERROR GW101 vanishing-gradient at step 20" in text
+
+
+def test_chart_text_thins_long_networks():
+    model = mlp(30, nn.ReLU, init="kaiming")
+    watcher = gradwatch.watch(model, every_n_steps=1, reporters=[])
+    train(model, watcher, steps=1)
+    watcher.close()
+    lines = gradient_flow_text(watcher.latest, max_layers=10).splitlines()
+    assert len(lines) == 11
+    assert lines[1].split()[0] == "0" and lines[-1].split()[0] == "58"
+
+
+def test_min_severity_hides_lesser_findings():
+    out = io.StringIO()
+    reporter = TerminalReporter(file=out, min_severity="error")
+    finding = gradwatch.Finding("GW104", "no-gradient", "warning", 3, ("a",), "m", "h")
+    reporter.report(gradwatch.StepStats(step=3, layers={}, global_grad_norm=1.0), [finding])
+    assert out.getvalue() == ""
+    with pytest.raises(ValueError, match="severity"):
+        TerminalReporter(min_severity="loud")

@@ -1,0 +1,140 @@
+"""Sick and healthy models for the rule tests: each one a real, small training run."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .support import mlp
+
+
+class ResidualMLP(nn.Module):
+    """h = h + act(W h): the +1 path of a residual connection."""
+
+    def __init__(self, depth: int = 30, width: int = 64, act=torch.sigmoid, inputs: int = 64):
+        super().__init__()
+        self.inp = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth - 2))
+        self.out = nn.Linear(width, 10)
+        self.act = act
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        for block in self.blocks:
+            h = h + self.act(block(h))
+        return self.out(h)
+
+
+class FunctionalReLU(nn.Module):
+    """An MLP that uses F.relu (no activation modules) with one layer biased to -4."""
+
+    def __init__(self, depth: int = 5, width: int = 64, dead_layer: int | None = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Linear(64 if i == 0 else width, width) for i in range(depth - 1)
+        )
+        self.out = nn.Linear(width, 10)
+        for layer in self.layers:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        if dead_layer is not None:
+            nn.init.constant_(self.layers[dead_layer].bias, -4.0)
+            nn.init.normal_(self.layers[dead_layer].weight, 0.0, 0.01)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return self.out(x)
+
+
+def relu_with_dead_layer(depth: int = 5, dead_layer: int = 2) -> nn.Sequential:
+    """Kaiming ReLU MLP whose Linear at position ``dead_layer`` has bias -4 (and small
+    weights): its units never activate."""
+    model = mlp(depth, nn.ReLU, init="kaiming")
+    linear = model[2 * dead_layer]
+    nn.init.constant_(linear.bias, -4.0)
+    nn.init.normal_(linear.weight, 0.0, 0.01)
+    return model
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-style CNN with BatchNorm for 8x8 digit images (input (N, 64) reshaped)."""
+
+    def __init__(self, channels: int = 16, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.blocks = nn.Sequential(*(BasicBlock(channels) for _ in range(blocks)))
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 1, 8, 8)
+        x = self.blocks(self.stem(x))
+        return self.head(x.mean((2, 3)))
+
+
+class TinyTransformer(nn.Module):
+    """Token classifier: embedding + transformer encoder; tokens from a vocabulary of 50
+    of which a batch uses only some (absent rows of the embedding get no gradient)."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, layers: int = 2, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(1, 16, dim))
+        layer = nn.TransformerEncoderLayer(dim, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+        return self.head(self.encoder(h).mean(1))
+
+
+def token_task(n: int = 1024, vocab: int = 50, length: int = 16, seed: int = 0):
+    """Sequences whose label is (number of tokens below 10) mod 10; tokens 40-49 are rare."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 40, (n, length), generator=g)
+    labels = (tokens < 10).sum(1) % 10
+    return tokens, labels
+
+
+class Detached(nn.Module):
+    """An auxiliary branch whose output is detached before it joins the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+        self.aux = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.head(h) + 0.1 * self.aux(h).detach()
+
+
+class FrozenBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = mlp(4, nn.ReLU, outputs=64, init="kaiming")
+        self.backbone.requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
