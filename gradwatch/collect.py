@@ -15,7 +15,7 @@ masks (gradient rows and active units that are non-zero).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -66,7 +66,6 @@ class Layout:
     order: dict[int, int]
     calls: dict[int, int]
     n_max: int
-    notes: list[str] = field(default_factory=list)
 
 
 def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -168,6 +167,7 @@ class Collector:
     def measure(
         self, step: int, record: ProbeRecord, *, detail: bool
     ) -> tuple[torch.Tensor, Layout] | None:
+        self.reducer.begin_step()
         slots, missing = gather_slots(self.table)
         if not slots:
             return None
@@ -452,5 +452,4 @@ def read(
         activations_observed=bool(layout.calls),
         input_rms=_sqrt(input_sq / input_numel) if input_sq is not None and input_numel else None,
         detail=layout.detail,
-        notes=list(layout.notes),
     )

@@ -9,7 +9,16 @@ of the maxima, across the process group.
 Every rank makes the same collective calls in the same order at every monitored step:
 first a small header (is this rank healthy, how long are its vectors), then the data
 only if every rank agreed. A rank whose statistics failed still sends the header, so
-its peers learn of it and skip the data instead of waiting forever.
+its peers learn of it and skip the data instead of waiting forever:
+
+- failed before this step's header: it sends a failing header now, where its peers
+  are waiting for one;
+- failed after it (the peers have finished this step's collectives and gone on to
+  train): it owes them the news and sends it at the next monitored step;
+- a rank that learns of a peer's failure from the header sends nothing more: everyone
+  knows, and an extra header would have no partner.
+
+After that exchange no rank makes gradwatch collectives again.
 """
 
 from __future__ import annotations
@@ -49,6 +58,9 @@ class Reducer:
 
     def __init__(self, enabled: bool | None = None) -> None:
         self.enabled = enabled
+        self._exchanged = False  # this monitored step's header went out
+        self._owes_notice = False  # failed after the header: tell the peers next step
+        self._settled = False  # every rank knows of a failure: no more collectives
 
     @property
     def world_size(self) -> int:
@@ -70,17 +82,27 @@ class Reducer:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
+    def begin_step(self) -> None:
+        """Start of a monitored step (call it on every rank, also once statistics are
+        off): sends the failure notice owed since the last monitored step, if any."""
+        self._exchanged = False
+        if self._owes_notice:
+            self._owes_notice = False
+            self._send_failure()
+
     def header(self, ok: bool, lengths: tuple[int, ...], device: torch.device) -> bool:
         """Agree with the other ranks that all are healthy and sent the same layout."""
         dist = _dist()
         values = [0.0 if ok else 1.0, *map(float, lengths), *(-float(v) for v in lengths)]
         header = torch.tensor(values, dtype=_F64, device=device)
+        self._exchanged = True
         dist.all_reduce(header, op=dist.ReduceOp.MAX)
         failed = header[0].item() > 0
         n = len(lengths)
         highest = header[1 : 1 + n].tolist()
         lowest = [-v for v in header[1 + n :].tolist()]
         if failed:
+            self._settled = True
             raise PeerFailed("statistics failed on another rank")
         return highest == lowest
 
@@ -91,7 +113,7 @@ class Reducer:
         masks: torch.Tensor,
         maxes: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.world_size <= 1:
+        if self.world_size <= 1 or self._settled:
             return sums, counts, masks, maxes
         dist = _dist()
         home = sums.device
@@ -112,9 +134,20 @@ class Reducer:
         return sums, counts, masks, maxes
 
     def announce_failure(self) -> None:
-        """Called by a rank whose statistics raised: tell the peers, do not hang them."""
-        if self.world_size <= 1:
+        """Called by a rank whose statistics raised: tell the peers, do not hang them.
+
+        Safe to call more than once and on a rank that learnt of a peer's failure."""
+        if self._settled or self.world_size <= 1:
             return
+        if self._exchanged:
+            # The peers are past this step's collectives; a header now would meet their
+            # next training collective instead. Tell them at the next monitored step.
+            self._owes_notice = True
+        else:
+            self._send_failure()
+
+    def _send_failure(self) -> None:
+        self._settled = True
         try:
             self.header(False, (0, 0, 0, 0), self._collective_device())
         except PeerFailed:

@@ -28,9 +28,9 @@ class Guard:
     """Runs parts of gradwatch so that none of them can raise into training.
 
     >>> guard = Guard()
-    >>> guard.call("demo", lambda: 1 / 0, default=-1)  # doctest: +SKIP
+    >>> guard.call("demo", lambda: 1 / 0, default=-1)
     -1
-    >>> guard.is_disabled("demo")  # doctest: +SKIP
+    >>> guard.is_disabled("demo")
     True
     """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -169,7 +169,6 @@ class StepStats:
     activations_observed: bool = True
     input_rms: float | None = None
     detail: bool = True
-    notes: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers.values())

@@ -42,6 +42,29 @@ class Watcher:
     and the activations of that step's forward pass are measured, the rules run, and
     new findings are returned and reported. Other calls only count.
 
+    Options:
+
+    - ``every_n_steps``: how often to measure (default 10). Hooks exist only around
+      monitored steps, so the steps in between cost nothing.
+    - ``rules``, ``select``, ``ignore``, ``thresholds``: which rules run, by code, code
+      prefix or slug (``select=["GW1"]``, ``ignore=["dead-units"]``), and threshold
+      overrides (``thresholds={"GW101": {"ratio": 1e-3}}``); ``rules=`` replaces the
+      built-in set (e.g. to add a custom :class:`~gradwatch.rules.Rule`).
+    - ``reporters``: where findings go (default: terminal and ``logging``; ``[]``: none).
+    - ``layers``, ``exclude``: glob patterns of module names to watch / skip.
+    - ``optimizer``: lets the rules weigh gradients as the optimizer will (Adam rescales
+      them; SGD's learning rate sizes the update). Also accepted by :meth:`step`.
+    - ``detail_every``: the forward/backward signal norms, parameter norms, max |g| and
+      zero share are measured on the first three monitored steps and then at least this
+      many steps apart (default 50); gradient norms, dead units and saturation are
+      measured at every monitored step.
+    - ``history``: how many monitored steps to keep (default 256).
+    - ``activations``: set False to measure gradients only (no forward hooks at all).
+    - ``sync``: combine statistics across ranks (default: when a process group with more
+      than one rank is initialised). Call :meth:`step` on every rank.
+    - ``deferred``: read the statistics one monitored step late so the GPU never waits
+      for the host (default ``"auto"``: on CUDA).
+
     >>> import torch, gradwatch
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     >>> with gradwatch.watch(model, every_n_steps=1, reporters=[]) as watcher:

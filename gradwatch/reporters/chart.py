@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -51,18 +52,16 @@ def _label(layer: LayerStats) -> str:
     return name if len(name) <= 28 else "…" + name[-27:]
 
 
-def gradient_flow_table(stats: StepStats, max_layers: int = 32) -> Table:
-    """The chart as a rich renderable."""
+def chart_title(stats: StepStats) -> str:
+    return f"gradient flow at step {stats.step} (RMS, log scale, input side first)"
+
+
+def gradient_flow_table(stats: StepStats, max_layers: int = 32) -> Group:
+    """The chart as a rich renderable: a title line and one bar per layer."""
     layers = chart_layers(stats, max_layers)
     low, high = _scale(layers)
     top = 10**high if layers else 0.0
-    table = Table(
-        title=f"gradient flow at step {stats.step} (RMS, log scale, input side first)",
-        title_justify="left",
-        box=None,
-        show_header=False,
-        pad_edge=False,
-    )
+    table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column("layer", style="dim", no_wrap=True)
     table.add_column("bar", no_wrap=True)
     table.add_column("rms", justify="right", no_wrap=True)
@@ -76,7 +75,7 @@ def gradient_flow_table(stats: StepStats, max_layers: int = 32) -> Table:
             bar = Text("█" * length + "·" * (BAR_WIDTH - length), style=style)
             value = f"{rms:.1e}"
         table.add_row(_label(layer), bar, Text(value, style=style))
-    return table
+    return Group(Text(chart_title(stats), style="bold"), table)
 
 
 def gradient_flow_text(stats: StepStats, max_layers: int = 32) -> str:
@@ -84,7 +83,7 @@ def gradient_flow_text(stats: StepStats, max_layers: int = 32) -> str:
     layers = chart_layers(stats, max_layers)
     low, high = _scale(layers)
     top = 10**high if layers else 0.0
-    lines = [f"gradient flow at step {stats.step} (RMS, log scale, input side first)"]
+    lines = [chart_title(stats)]
     width = max((len(_label(s)) for s in layers), default=5)
     for layer in layers:
         rms = layer.grad_rms

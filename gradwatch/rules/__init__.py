@@ -66,14 +66,12 @@ def resolve_rules(
     >>> [r.code for r in resolve_rules(select=["GW1"], ignore=["no-gradient"])]
     ['GW101', 'GW102', 'GW103']
     """
-    thresholds = dict(thresholds or {})
+    thresholds = {key.strip().lower(): dict(value) for key, value in (thresholds or {}).items()}
     if rules is None:
         chosen: list[Rule] = []
         for cls in BUILTIN_RULES:
-            overrides = {}
-            for key in list(thresholds):
-                if _matches(cls, key) and key.lower() in (cls.code.lower(), cls.slug):
-                    overrides = dict(thresholds.pop(key))
+            overrides = thresholds.pop(cls.code.lower(), {})
+            overrides.update(thresholds.pop(cls.slug, {}))
             chosen.append(cls(**overrides))
     else:
         chosen = list(rules)
