@@ -137,6 +137,13 @@ def unpack_bits(values: list[float]) -> int:
     return int.from_bytes(bytes(map(int, values)), "little")
 
 
+def _row_norms(grad: torch.Tensor) -> torch.Tensor:
+    rows = grad.flatten(1)
+    if rows.dtype == _F32:  # asking for a dtype it already has takes a slower path
+        return torch.linalg.vector_norm(rows, dim=1)
+    return torch.linalg.vector_norm(rows, dim=1, dtype=_F32)
+
+
 def _stack(scalars: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if any(t.device != device for t in scalars):
         scalars = [t.to(device) for t in scalars]
@@ -167,7 +174,6 @@ class Collector:
     def measure(
         self, step: int, record: ProbeRecord, *, detail: bool
     ) -> tuple[torch.Tensor, Layout] | None:
-        self.reducer.begin_step()
         slots, missing = gather_slots(self.table)
         if not slots:
             return None
@@ -179,10 +185,7 @@ class Collector:
         row_slots = [s for s in slots if s.rows]
         other = [s for s in slots if not s.rows]
         if row_slots:
-            row_norms = _cat(
-                [torch.linalg.vector_norm(s.grad.flatten(1), dim=1, dtype=_F32) for s in row_slots],
-                home,
-            )
+            row_norms = _cat([_row_norms(s.grad) for s in row_slots], home)
             energy = row_norms * row_norms
             segments = self._segments(tuple(s.rows for s in row_slots), home)
             per_tensor = torch.zeros(len(row_slots), dtype=_F32, device=home)

@@ -61,6 +61,7 @@ class Reducer:
         self._exchanged = False  # this monitored step's header went out
         self._owes_notice = False  # failed after the header: tell the peers next step
         self._settled = False  # every rank knows of a failure: no more collectives
+        self._in_group = False  # has taken part in a header: peers count on this rank
 
     @property
     def world_size(self) -> int:
@@ -96,6 +97,7 @@ class Reducer:
         values = [0.0 if ok else 1.0, *map(float, lengths), *(-float(v) for v in lengths)]
         header = torch.tensor(values, dtype=_F64, device=device)
         self._exchanged = True
+        self._in_group = True
         dist.all_reduce(header, op=dist.ReduceOp.MAX)
         failed = header[0].item() > 0
         n = len(lengths)
@@ -136,8 +138,9 @@ class Reducer:
     def announce_failure(self) -> None:
         """Called by a rank whose statistics raised: tell the peers, do not hang them.
 
-        Safe to call more than once and on a rank that learnt of a peer's failure."""
-        if self._settled or self.world_size <= 1:
+        Safe to call more than once, after ``enabled = False``, and on a rank that learnt
+        of a peer's failure."""
+        if self._settled or not (self._in_group or self.world_size > 1):
             return
         if self._exchanged:
             # The peers are past this step's collectives; a header now would meet their

@@ -26,6 +26,15 @@ def unit_groups(stats: StepStats) -> list[UnitGroup]:
     forward order, same number of units, norms in between allowed). Weight layers
     without a ReLU module are kept (they may feed a functional F.relu) unless a
     sigmoid/tanh follows them or they are the output layer."""
+    cached = stats.__dict__.get("_unit_groups")
+    if cached is not None:
+        return cached
+    groups = _pair(stats)
+    stats.__dict__["_unit_groups"] = groups
+    return groups
+
+
+def _pair(stats: StepStats) -> list[UnitGroup]:
     ordered = stats.by_depth()
     groups: list[UnitGroup] = []
     claimed: set[str] = set()

@@ -27,6 +27,7 @@ from .rules.engine import RuleEngine, SummaryRow
 from .stats import OptimizerInfo, StepStats
 from .transfer import HostTransfer
 from .units import unit_groups
+from .validation import deferred_option, whole_number
 
 # Models being watched, so that a second watch() on the same modules fails clearly.
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
@@ -97,11 +98,9 @@ class Watcher:
             raise ValueError(
                 f"gradwatch.watch() needs a torch.nn.Module, got {type(module).__name__}"
             )
-        for name, value in (("every_n_steps", every_n_steps), ("detail_every", detail_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-        if deferred not in (True, False, "auto"):
-            raise ValueError(f"deferred must be True, False or 'auto', got {deferred!r}")
+        whole_number("every_n_steps", every_n_steps)
+        whole_number("detail_every", detail_every)
+        deferred_option(deferred)
 
         self._outer = module
         self.module = unwrap(module)
@@ -191,10 +190,14 @@ class Watcher:
             self._count += 1
             self._arm_for(label + 1)
             return []
+        # On every rank at every monitored step, statistics on or off: a rank whose
+        # statistics failed after the last step's collectives tells its peers now.
+        self._reducer.begin_step()
         findings, measured = self._guard.call(
             "statistics", self._monitored_step, label, optimizer, default=([], True)
         )
         if self._guard.is_disabled("statistics"):
+            self._reducer.announce_failure()  # idempotent: now, or at the next monitored step
             self._reducer.enabled = False
         if measured:
             self._count += 1

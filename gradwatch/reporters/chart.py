@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..stats import LayerStats, StepStats
+from .metrics import spread
 
 BAR_WIDTH = 28
 #: Layers whose gradient RMS is below this share of the largest are drawn as starved.
@@ -24,11 +25,7 @@ def chart_layers(stats: StepStats, max_layers: int = 32) -> list[LayerStats]:
     """Layers with a gradient in forward order, evenly thinned to at most ``max_layers``
     (the first and last are always kept)."""
     layers = [s for s in stats.by_depth(with_gradient=True) if s.grad_rms is not None]
-    if len(layers) <= max_layers:
-        return layers
-    step = (len(layers) - 1) / (max_layers - 1)
-    picks = sorted({round(i * step) for i in range(max_layers)})
-    return [layers[i] for i in picks]
+    return spread(layers, max_layers)
 
 
 def _scale(layers: Sequence[LayerStats]) -> tuple[float, float]:

@@ -116,6 +116,8 @@ def read_record(path: str | os.PathLike[str]) -> Record:
                 record.truncated = True
                 break
             raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object")
         kind = data.get("type")
         if kind == "run":
             record.meta.update(data.get("meta", {}))

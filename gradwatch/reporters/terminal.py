@@ -204,7 +204,18 @@ class TerminalReporter(Reporter):
             Console(file=buffer, force_terminal=True, width=_width()).print(renderable)
             tqdm_cls.write(buffer.getvalue().rstrip("\n"), file=sys.stderr)
             return
-        Console(file=self._target(), width=_width()).print(renderable)
+        target = self._target()
+        if getattr(target, "rich_proxied_file", None) is not None:
+            # Under a rich Live display (rich progress, Lightning's RichProgressBar: its
+            # default when rich is installed) sys.stderr is rich's FileProxy. A Console
+            # given the proxy writes to the file beneath it and garbles the display; text
+            # written to the proxy itself is printed above the display.
+            buffer = io.StringIO()
+            Console(file=buffer, force_terminal=True, width=_width()).print(renderable)
+            target.write(buffer.getvalue())
+            target.flush()
+            return
+        Console(file=target, width=_width()).print(renderable)
 
     def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
         floor = severity_rank(self.min_severity)

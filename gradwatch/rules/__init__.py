@@ -46,9 +46,18 @@ def find_rule(name: str) -> type[Rule]:
     raise ValueError(f"no rule named {name!r}; known rules: {known}")
 
 
-def _matches(rule: Rule | type[Rule], pattern: str) -> bool:
+def rule_matches(code: str, slug: str, pattern: str) -> bool:
+    """True when ``pattern`` is the slug, the code or a prefix of the code.
+
+    >>> rule_matches("GW101", "vanishing-gradient", "gw1")
+    True
+    """
     pattern = pattern.strip().lower()
-    return rule.slug == pattern or rule.code.lower().startswith(pattern)
+    return slug == pattern or code.lower().startswith(pattern)
+
+
+def _matches(rule: Rule | type[Rule], pattern: str) -> bool:
+    return rule_matches(rule.code, rule.slug, pattern)
 
 
 def resolve_rules(
@@ -117,4 +126,5 @@ __all__ = [
     "builtin_rules",
     "find_rule",
     "resolve_rules",
+    "rule_matches",
 ]

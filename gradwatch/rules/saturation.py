@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..layers import SATURATING_KINDS, UNIT_ROW_KINDS
 from .base import Condition, Rule, RuleContext, format_layers
+from .profile import gradient_profile
 
 # Beyond |x| ~ 4.6 the sigmoid's derivative is under 1% of its maximum (tanh: |x| ~ 3).
 _SATURATING_PREACTIVATION = 3.0
@@ -27,9 +28,17 @@ large saturate later ones.
 
 How to fix it: normalise the inputs (mean 0, std 1; pixels / 255); initialise with
 xavier (glorot) init; put normalization (BatchNorm/LayerNorm) before the activation;
-lower the learning rate; in hidden layers prefer ReLU-family or GELU."""
-    defaults = {"fraction": 0.5}
-    threshold_docs = {"fraction": "share of saturated outputs above which a layer fires"}
+lower the learning rate; in hidden layers prefer ReLU-family or GELU.
+
+When a skip path carries the gradient past the saturated layers (a residual network:
+the early layers still get at least `bypass_ratio` of the late layers' gradient RMS) and
+the saturation is not at the input, the finding is only info."""
+    defaults = {"fraction": 0.5, "bypass_ratio": 0.1}
+    threshold_docs = {
+        "fraction": "share of saturated outputs above which a layer fires",
+        "bypass_ratio": "early/late gradient RMS ratio at which a skip path is taken to carry "
+        "the gradient past a saturated layer (the finding is then info)",
+    }
     window = 3
     worse_by = 0.2
 
@@ -52,21 +61,36 @@ lower the learning rate; in hidden layers prefer ReLU-family or GELU."""
         parts = [f"{s.name} {100 * (s.saturated_fraction or 0):.0f}%" for s in flagged]
         activations = [s for s in ordered if s.kind in SATURATING_KINDS]
         first_is_input = bool(activations) and flagged[0].name == activations[0].name
+        # Saturation matters where it starves the layers before it. Behind a skip path
+        # (out = h + sigmoid(W h)) the gradient still reaches the early layers: say so,
+        # as information.
+        profile = gradient_profile(stats, 3)
+        bypassed = (
+            not first_is_input and profile is not None and profile.ratio >= self.t("bypass_ratio")
+        )
+        message = (
+            f"saturated sigmoid/tanh outputs (derivative < 1% of max): "
+            f"{format_layers(parts)}; mean derivative in {worst.name} is "
+            f"{(worst.mean_derivative or 0):.2g} of its maximum"
+        )
+        if bypassed:
+            message += (
+                f", but the gradient still reaches the early layers (early/late RMS ratio "
+                f"{profile.ratio:.2g}): a skip path carries it"
+            )
         return [
             Condition(
                 layers=tuple(layers),
-                message=(
-                    f"saturated sigmoid/tanh outputs (derivative < 1% of max): "
-                    f"{format_layers(parts)}; mean derivative in {worst.name} is "
-                    f"{(worst.mean_derivative or 0):.2g} of its maximum"
-                ),
+                message=message,
                 hint=self._hint(ctx, first_is_input),
+                severity="info" if bypassed else None,
                 evidence={
                     "worst_layer": worst.name,
                     "saturated_fraction": worst.saturated_fraction,
                     "mean_derivative": worst.mean_derivative,
                     "layers_flagged": len(flagged),
                     "input_rms": stats.input_rms,
+                    "early_late_ratio": profile.ratio if profile is not None else None,
                 },
                 score=worst.saturated_fraction or 0.0,
             )

@@ -1,0 +1,432 @@
+"""``gradwatch report RUN.jsonl``: what a recorded run found, and how its gradients moved.
+
+Reads a file written by :class:`gradwatch.JsonlRecorder` (a truncated last line, from
+a run that crashed, is skipped) and prints the findings, the end-of-run summary and the
+gradient RMS of each layer over time; ``--png`` draws it as a layers x steps heatmap
+with the per-layer gradient norms below.
+
+>>> import gradwatch.cli
+>>> gradwatch.cli.main(["report", "no-such-file.jsonl"])  # doctest: +SKIP
+2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from .demo.extras import MissingExtra, figure_class
+from .demo.figure import check_image_path, save_figure
+from .demo.table import Cell, print_table
+from .findings import Finding
+from .reporters.jsonl import Record, read_record
+from .reporters.terminal import SEVERITY_STYLE
+from .rules.engine import SummaryRow
+
+#: Steps shown as columns of the text table (evenly spaced, first and last included).
+TEXT_COLUMNS = 8
+_SPARK = "▁▂▃▄▅▆▇█"
+_SPARK_PLAIN = ".:-=+*#@"
+
+
+class ReportError(Exception):
+    """The file cannot be read as a gradwatch record; the message says why."""
+
+
+def load(path: str | os.PathLike[str]) -> Record:
+    """Read a record, turning every way a file can be wrong into a :class:`ReportError`."""
+    file = Path(path)
+    if not file.exists():
+        raise ReportError(f"{file}: no such file")
+    if file.is_dir():
+        raise ReportError(f"{file} is a folder; pass one of its .jsonl files")
+    try:
+        record = read_record(file)
+    except UnicodeDecodeError:
+        raise ReportError(f"{file} is not a text file, so not a gradwatch JSONL record") from None
+    except OSError as error:
+        raise ReportError(f"{file}: cannot read it ({error.strerror or error})") from None
+    except ValueError as error:  # a line that is not JSON, before the last one
+        raise ReportError(f"{file} is not a valid gradwatch record: {error}") from None
+    except Exception as error:
+        raise ReportError(
+            f"{file} is not a gradwatch record ({type(error).__name__}: {error}); "
+            "records are written by gradwatch.JsonlRecorder"
+        ) from None
+    if record.version is None and not record.steps and not record.findings:
+        what = "is empty" if file.stat().st_size == 0 else "has no gradwatch lines"
+        raise ReportError(
+            f"{file} {what}: it is not a record written by gradwatch.JsonlRecorder "
+            "(e.g. gradwatch demo --record DIR)"
+        )
+    return record
+
+
+def gradient_layers(record: Record) -> list[str]:
+    """Names of the layers that had a gradient in any step, input side first."""
+    names: list[str] = []
+    for stats in reversed(record.steps):
+        for layer in stats.by_depth(with_gradient=True):
+            if layer.grad_rms is not None and layer.name not in names:
+                names.append(layer.name)
+        if names:
+            break
+    for stats in record.steps:  # layers missing from the last step, e.g. frozen later
+        for layer in stats.by_depth(with_gradient=True):
+            if layer.grad_rms is not None and layer.name not in names:
+                names.append(layer.name)
+    return names
+
+
+def series(record: Record, layer: str, field: str = "grad_rms") -> list[float | None]:
+    """One value per monitored step (None where the layer was not measured)."""
+    values: list[float | None] = []
+    for stats in record.steps:
+        entry = stats.layers.get(layer)
+        value = getattr(entry, field, None) if entry is not None else None
+        values.append(float(value) if value is not None else None)
+    return values
+
+
+def summary_rows(record: Record) -> list[SummaryRow]:
+    """The recorded summary; for a run that stopped before ``close()``, one rebuilt
+    from its findings."""
+    if record.summary:
+        return record.summary
+    rows: dict[tuple[str, tuple[str, ...]], SummaryRow] = {}
+    for finding in record.findings:
+        if finding.status == "resolved":
+            continue
+        key = (finding.code, finding.layers)
+        first = rows[key].first_step if key in rows else finding.step
+        rows[key] = SummaryRow(
+            code=finding.code,
+            rule=finding.rule,
+            severity=finding.severity,
+            layers=finding.layers,
+            first_step=first,
+            last_step=finding.step,
+            status="active",
+        )
+    return sorted(rows.values(), key=lambda r: (r.first_step, r.code))
+
+
+# -- text ---------------------------------------------------------------------------------
+
+
+def value_text(value: float | None) -> str:
+    """A measured value for the text table: "0" for exactly zero, "-" for unmeasured.
+
+    >>> value_text(0.0), value_text(None), value_text(1.25e-7)
+    ('0', '-', '1.2e-07')
+    """
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.1e}"
+
+
+def sparkline(values: Sequence[float | None], *, plain: bool = False) -> str:
+    """The values on a log scale between their own smallest and largest non-zero value;
+    0 is a space, unmeasured is "-", NaN/Inf is "!".
+
+    >>> sparkline([1e-3, 1e-2, 1e-1, 0.0, None], plain=True)
+    '.+@ -'
+    """
+    ramp = _SPARK_PLAIN if plain else _SPARK
+    logs = [math.log10(v) for v in values if v is not None and v > 0 and math.isfinite(v)]
+    low, high = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    out = []
+    for value in values:
+        if value is None:
+            out.append("-")
+        elif not math.isfinite(value):
+            out.append("!")
+        elif value <= 0:
+            out.append(" ")
+        elif high - low < 1e-12:
+            out.append(ramp[-1])
+        else:
+            position = (math.log10(value) - low) / (high - low)
+            out.append(ramp[min(len(ramp) - 1, int(position * len(ramp)))])
+    return "".join(out)
+
+
+def sample_indices(n: int, k: int = TEXT_COLUMNS) -> list[int]:
+    """``k`` evenly spaced indices of ``n``, first and last included.
+
+    >>> sample_indices(20, 4)
+    [0, 6, 13, 19]
+    """
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def _severity(text: str) -> Text:
+    return Text(text, style=SEVERITY_STYLE.get(text, ""))
+
+
+def _layers(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(n or "<root>" for n in names[:limit])
+    return shown + (f" (+{len(names) - limit})" if len(names) > limit else "")
+
+
+def _say(console: Console, text: str, style: str | None = None) -> None:
+    console.print(
+        text, style=style, markup=False, highlight=False, soft_wrap=not console.is_terminal
+    )
+
+
+def print_report(record: Record, path: str | os.PathLike[str], console: Console) -> None:
+    """Header, findings, summary and the per-layer gradient RMS table."""
+    steps = record.steps
+    meta = ", ".join(f"{k}={v}" for k, v in record.meta.items())
+    _say(console, f"gradwatch report: {path}", style="bold")
+    if meta:
+        _say(console, f"  run: {meta}")
+    span = f"steps {steps[0].step}..{steps[-1].step}" if steps else "none"
+    _say(
+        console,
+        f"  {len(steps)} monitored step(s) ({span}), {len(record.findings)} finding(s)"
+        + (f", written by gradwatch {record.version}" if record.version else ""),
+    )
+    if record.truncated:
+        _say(
+            console,
+            "  the last line was cut off (the run stopped mid-write); it is skipped",
+            style="yellow",
+        )
+    if not record.summary and record.findings:
+        _say(
+            console,
+            "  no end-of-run summary (the run did not close the watcher); "
+            "rebuilt from the findings",
+            style="yellow",
+        )
+    console.print()
+    _print_findings(console, record.findings)
+    console.print()
+    _print_summary(console, summary_rows(record))
+    console.print()
+    _print_gradients(console, record)
+
+
+def _print_findings(console: Console, findings: Sequence[Finding]) -> None:
+    if not findings:
+        _say(console, "findings: none", style="green")
+        return
+    rows: list[list[Cell]] = [
+        [
+            str(f.step),
+            f.title,
+            _severity(f.severity),
+            f.status,
+            _layers(f.layers),
+            f.message,
+        ]
+        for f in findings
+    ]
+    print_table(
+        console,
+        "findings",
+        ("step", "finding", "severity", "status", "layers", "message"),
+        rows,
+        right=("step",),
+        keep_whole=("finding",),
+    )
+
+
+def _print_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
+    if not rows:
+        _say(console, "summary: no findings", style="green")
+        return
+    cells: list[list[Cell]] = []
+    for row in rows:
+        status = "active" if row.status == "active" else f"resolved at {row.resolved_step}"
+        cells.append(
+            [
+                f"{row.code} {row.rule}",
+                _severity(row.severity),
+                _layers(row.layers),
+                str(row.first_step),
+                str(row.last_step),
+                status,
+            ]
+        )
+    print_table(
+        console,
+        "summary",
+        ("finding", "severity", "layers", "first step", "last step", "status"),
+        cells,
+        right=("first step", "last step"),
+    )
+
+
+def _print_gradients(console: Console, record: Record) -> None:
+    layers = gradient_layers(record)
+    if not layers:
+        _say(console, "gradient RMS: no layer gradients recorded")
+        return
+    picks = sample_indices(len(record.steps))
+    plain = not console.is_terminal
+    columns = ["layer", *(f"step {record.steps[i].step}" for i in picks), "over time"]
+    rows: list[list[Cell]] = []
+    for name in layers:
+        values = series(record, name)
+        rows.append(
+            [
+                name or "<root>",
+                *(value_text(values[i]) for i in picks),
+                sparkline(values, plain=plain),
+            ]
+        )
+    norms = [s.global_grad_norm for s in record.steps]
+    rows.append(
+        ["(global norm)", *(value_text(norms[i]) for i in picks), sparkline(norms, plain=plain)]
+    )
+    print_table(
+        console,
+        "gradient RMS per layer (input side first) over monitored steps",
+        columns,
+        rows,
+        right=columns[1:-1],
+        caption="over time: every monitored step, log scale within each row; "
+        "blank = exactly 0, '-' = not measured",
+    )
+
+
+# -- figure -------------------------------------------------------------------------------
+
+
+def report_figure(record: Record) -> Any:
+    """A matplotlib Figure: top, a heatmap of log10 gradient RMS (layers x monitored
+    steps; exact zeros in grey); bottom, each layer's gradient norm over time (log
+    scale, coloured by depth). Finding steps are marked on both."""
+    Figure = figure_class()
+    import matplotlib
+    from matplotlib.colors import Normalize
+
+    layers = gradient_layers(record)
+    steps = [s.step for s in record.steps]
+    figure = Figure(figsize=(10, 8), layout="constrained")
+    heat_ax, norm_ax = figure.subplots(2, 1, sharex=True)
+    grid = [[_log10(v) for v in series(record, name)] for name in layers]
+    finite = [v for row in grid for v in row if v is not None and math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
+    data = [[v if v is not None and math.isfinite(v) else math.nan for v in row] for row in grid]
+    image = heat_ax.imshow(
+        data or [[math.nan]],
+        aspect="auto",
+        interpolation="nearest",
+        cmap=cmap,
+        vmin=low,
+        vmax=high if high > low else low + 1,
+        extent=_extent(steps, len(layers)),
+        origin="upper",
+    )
+    figure.colorbar(image, ax=heat_ax, label="log10 gradient RMS")
+    heat_ax.set_ylabel("layer (input side at top)")
+    if len(layers) <= 40:
+        heat_ax.set_yticks([len(layers) - i - 0.5 for i in range(len(layers))])
+        heat_ax.set_yticklabels([n or "<root>" for n in layers], fontsize=6)
+    title = record.meta.get("model") or record.meta.get("label") or "recorded run"
+    heat_ax.set_title(f"gradwatch report: {title} - gradient RMS (grey: exactly 0 or not measured)")
+
+    colors = matplotlib.colormaps["viridis"]
+    depth = Normalize(0, max(1, len(layers) - 1))
+    for index, name in enumerate(layers):
+        # NaN breaks the line where the norm is 0 or unmeasured (a log axis has no 0).
+        norms = [_positive(v) for v in series(record, name, "grad_norm")]
+        if any(not math.isnan(v) for v in norms):
+            norm_ax.plot(steps, norms, color=colors(depth(index)), linewidth=1, label=name)
+    norm_ax.set_yscale("log")
+    norm_ax.set_xlabel("step")
+    norm_ax.set_ylabel("gradient norm per layer\n(gaps: exactly 0)")
+    mappable = matplotlib.cm.ScalarMappable(norm=depth, cmap=colors)
+    figure.colorbar(mappable, ax=norm_ax, label="layer depth (0 = input side)")
+    for finding in record.findings:
+        if finding.status in ("new", "worse"):
+            for ax in (heat_ax, norm_ax):
+                ax.axvline(finding.step, color="red", linestyle="--", linewidth=0.8)
+            heat_ax.annotate(
+                finding.code,
+                xy=(finding.step, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                color="red",
+                rotation=90,
+                va="top",
+            )
+    return figure
+
+
+def _positive(value: float | None) -> float:
+    if value is None or not math.isfinite(value) or value <= 0:
+        return math.nan
+    return value
+
+
+def _log10(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value) or value <= 0:
+        return None
+    return math.log10(value)
+
+
+def _extent(steps: Sequence[int], n_layers: int) -> tuple[float, float, float, float]:
+    """Cells centred on their steps; rows from the bottom (last layer) to the top."""
+    if not steps:
+        return (0.0, 1.0, 0.0, 1.0)
+    gap = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else 1.0
+    return (steps[0] - gap / 2, steps[-1] + gap / 2, 0.0, float(max(1, n_layers)))
+
+
+# -- command ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gradwatch report``."""
+    parser.add_argument("record", metavar="RUN.jsonl", help="a file written by JsonlRecorder")
+    parser.add_argument(
+        "--png",
+        metavar="FILE",
+        help="draw a layers x steps heatmap of gradient RMS and the per-layer norms over "
+        "time (needs the 'plot' extra: matplotlib)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``gradwatch report`` (wired in :mod:`gradwatch.cli`)."""
+    path = args.record
+    png = getattr(args, "png", None)
+    try:
+        if png is not None:
+            check_image_path(png)  # say so before printing the report, not after
+        record = load(path)
+    except (ReportError, MissingExtra, ValueError) as error:
+        print(f"gradwatch report: {error}", file=sys.stderr)
+        return 2
+    print_report(record, path, Console())
+    if png is not None:
+        figure = report_figure(record)
+        try:
+            save_figure(figure, png)
+        except OSError as error:
+            print(
+                f"gradwatch report: cannot write {png}: {error.strerror or error}", file=sys.stderr
+            )
+            return 2
+        print(f"figure: {png}")
+    return 0
