@@ -1,21 +1,22 @@
 """Per-step overhead of gradwatch and its peers, side by side in one process.
 
 For each model, every configuration trains its own copy (same initial weights, same
-batches) in short blocks, round-robin, so that drift of the machine (other processes,
-thermal state) hits all configurations alike. Each block's mean step time includes
-the occasional monitored step; the reported figure is the median over rounds, and the
-ratio is to the bare loop measured in the same rounds.
+batches) in short blocks, round-robin in a shuffled order each round, so that drift of
+the machine hits all configurations alike. Blocks are timed in thread CPU time (torch
+runs on this one thread), so other processes on the machine do not count. Each block's
+mean step time includes the occasional monitored step; the reported figure is the
+median over rounds, and the ratio is to the bare loop measured in the same rounds.
 
 Configurations:
   bare              forward, backward, optimizer step
-  gradwatch         gradwatch.watch(model) with default settings (every 10 steps)
+  gradwatch         gradwatch.watch(model) with default settings (every 15 steps)
   gradwatch/1       gradwatch.watch(model, every_n_steps=1)
   wandb.watch       wandb.watch(model, log="gradients", log_freq=1), offline, plus the
                     run.log({"loss": ...}) call that commits it each step
   lightning         lightning.pytorch.utilities.grad_norm(model, norm_type=2) each step
 
-Run:  python benchmarks/overhead.py            (about 3 minutes on 2 CPU cores)
-      python benchmarks/overhead.py --rounds 3 --steps 10 --models mlp
+Run:  python benchmarks/overhead.py            (about 6 minutes on 2 CPU cores)
+      python benchmarks/overhead.py --rounds 4 --models mlp
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -34,14 +36,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+#: CPU time of this thread: with torch on one thread, all the work of a step, and none of
+#: the time another process held the core.
+clock = time.thread_time
+
+
 # -- models ---------------------------------------------------------------------------
 
 
 def mlp_case() -> tuple[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
-    """24 x (Linear(256) + ReLU) and a classifier; batch 128."""
+    """24 x (Linear(256) + ReLU) and a classifier, He (kaiming) init; batch 128."""
     layers: list[nn.Module] = []
     for _ in range(24):
-        layers += [nn.Linear(256, 256), nn.ReLU()]
+        linear = nn.Linear(256, 256)
+        # He init: with PyTorch's default init this depth vanishes (a sick model, which
+        # gradwatch watches more closely); the benchmark measures a healthy one.
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        nn.init.zeros_(linear.bias)
+        layers += [linear, nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(256, 10))
     x, y = torch.randn(128, 256), torch.randint(0, 10, (128,))
     return model, lambda: (x, y)
@@ -95,7 +107,7 @@ class Encoder(nn.Module):
 
 
 def transformer_case():
-    x, y = torch.randint(0, 1000, (32, 64)), torch.randint(0, 10, (32,))
+    x, y = torch.randint(0, 1000, (16, 32)), torch.randint(0, 10, (16,))
     return Encoder(), lambda: (x, y)
 
 
@@ -133,9 +145,9 @@ def make_configs(model: nn.Module, batch: Callable, wanted: list[str]) -> list[C
     for name in wanted:
         config = Config(name, copy.deepcopy(model), batch)
         if name.startswith("gradwatch"):
-            every = 1 if name == "gradwatch/1" else 10
+            options = {"every_n_steps": 1} if name == "gradwatch/1" else {}
             watcher = gradwatch.watch(
-                config.model, every_n_steps=every, reporters=[], optimizer=config.opt
+                config.model, reporters=[], optimizer=config.opt, **options
             )
             config.before_step = lambda loss, w=watcher: w.step()
             config.close = watcher.close
@@ -154,20 +166,25 @@ def make_configs(model: nn.Module, batch: Callable, wanted: list[str]) -> list[C
     return configs
 
 
-def measure(case: str, names: list[str], rounds: int, steps: int) -> dict[str, dict[str, float]]:
+def measure(
+    case: str, names: list[str], rounds: int, steps: int, warmup: int
+) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     model, batch = CASES[case]()
     configs = make_configs(model, batch, names)
     try:
-        for config in configs:  # warm-up: allocator, caches, first monitored step
-            for _ in range(steps):
+        for config in configs:  # warm-up: allocator, caches, the first detail steps
+            for _ in range(warmup):
                 config.step()
+        order = list(configs)
+        shuffle = random.Random(0)
         for _ in range(rounds):
-            for config in configs:
-                start = time.perf_counter()
+            shuffle.shuffle(order)  # no configuration always follows the same one
+            for config in order:
+                start = clock()
                 for _ in range(steps):
                     config.step()
-                config.times.append((time.perf_counter() - start) / steps)
+                config.times.append((clock() - start) / steps)
     finally:
         for config in configs:
             config.close()
@@ -184,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--configs", default="bare,gradwatch,gradwatch/1,wandb.watch,lightning"
     )
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=20, help="steps per block")
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30, help="steps per block (15 divides it)")
+    parser.add_argument(
+        "--warmup", type=int, default=60, help="steps before timing (past the first detail steps)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -201,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.models.split(","):
         if case not in CASES:
             parser.error(f"unknown model {case!r}; choose from {', '.join(CASES)}")
-        results[case] = measure(case, names, args.rounds, args.steps)
+        results[case] = measure(case, names, args.rounds, args.steps, args.warmup)
         print(f"{case}: done", file=sys.stderr)
 
     print(f"\nper-step time, ratio to bare (torch {torch.__version__}, {args.threads} thread)\n")

@@ -62,12 +62,21 @@ class Reducer:
         self._owes_notice = False  # failed after the header: tell the peers next step
         self._settled = False  # every rank knows of a failure: no more collectives
         self._in_group = False  # has taken part in a header: peers count on this rank
+        self._world: int | None = None
 
     @property
     def world_size(self) -> int:
         if self.enabled is False:
             return 1
-        return distributed_world_size()
+        try:
+            dist = _dist()
+            if not (dist.is_available() and dist.is_initialized()):
+                return 1
+        except Exception:
+            return 1
+        if self._world is None:  # a process group's size never changes
+            self._world = int(dist.get_world_size())
+        return self._world
 
     @property
     def rank(self) -> int:

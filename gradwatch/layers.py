@@ -122,18 +122,12 @@ class LayerInfo:
     def numel(self) -> int:
         return sum(p.numel() for _, p in self.params)
 
-    @property
-    def fan_in(self) -> int | None:
-        """Inputs per output unit of the main weight (None where that has no meaning)."""
-        cached = self.__dict__.get("_fan_in", -1)
-        if cached != -1:
-            return cached
+    def __post_init__(self) -> None:
         weight = dict(self.params).get("weight")
-        fan_in = None
+        #: inputs per output unit of the main weight (None where that has no meaning)
+        self.fan_in: int | None = None
         if weight is not None and weight.dim() >= 2 and self.kind in UNIT_ROW_KINDS:
-            fan_in = weight[0].numel()
-        self.__dict__["_fan_in"] = fan_in
-        return fan_in
+            self.fan_in = weight[0].numel()
 
     @property
     def display_name(self) -> str:

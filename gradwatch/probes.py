@@ -180,6 +180,14 @@ class Probes:
             elif layer.index in self._core_hooks and layer.index not in self.skip_core:
                 self._handles.append(module.register_forward_hook(self._core_hooks[layer.index]))
 
+    def set_skip(self, indices: set[int]) -> None:
+        """Change which activations go without a hook on steps without detail."""
+        if indices == self.skip_core:
+            return
+        self.skip_core = set(indices)
+        if self.armed and not self._detail:
+            self.disarm()  # re-armed with the new set before the next forward pass
+
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UnitMask:
     """A set of unit (neuron / channel) indices of one layer, stored as a bit mask.
 
@@ -67,7 +67,7 @@ class UnitMask:
 _MASK_FIELDS = ("zero_grad_units", "active_units", "positive_units")
 
 
-@dataclass
+@dataclass(slots=True)
 class LayerStats:
     """Statistics of one module at one monitored step.
 

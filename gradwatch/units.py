@@ -84,6 +84,13 @@ def alive_units(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | No
     pre-activations (a unit never positive is dead behind a ReLU, and a layer of such
     units blocks every gradient, which is why the rows show nothing).
     """
+    memo = stats.__dict__.setdefault("_alive_units", {})
+    if group not in memo:
+        memo[group] = _alive(group, stats)
+    return memo[group]
+
+
+def _alive(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | None:
     if group.activation is not None:
         act = stats.layers.get(group.activation)
         if act is not None and act.active_units is not None:

@@ -141,7 +141,7 @@ def test_records_hold_each_run_and_report_reads_them(demo, capsys):
     for run in result.runs:
         record = gradwatch.read_record(out / "records" / f"{run.net.name}.jsonl")
         assert record.meta["model"] == run.net.name
-        assert len(record.steps) == 20  # 200 steps, every 10th monitored
+        assert len(record.steps) == 14  # 200 steps, every 15th monitored
         assert [(f.code, f.step) for f in record.findings] == [
             (f.code, f.step) for f in run.findings
         ]

@@ -27,7 +27,7 @@ def recorded(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("report") / "sigmoid.jsonl"
     recorder = gradwatch.JsonlRecorder(path, meta={"model": "sigmoid"})
-    run = train_net(get_net("sigmoid"), load_digits(), steps=60, reporters=[recorder])
+    run = train_net(get_net("sigmoid"), load_digits(), steps=90, reporters=[recorder])
     assert [f.code for f in run.problems] == ["GW101"]
     return path
 
@@ -36,14 +36,14 @@ def test_report_prints_findings_summary_and_gradients_per_layer(recorded, capsys
     assert cli.main(["report", str(recorded)]) == 0
     out = capsys.readouterr().out
     assert "model=sigmoid" in out
-    assert "6 monitored step(s) (steps 0..50)" in out
+    assert "6 monitored step(s) (steps 0..75)" in out
     assert "GW101 vanishing-gradient" in out
     lines = out.splitlines()
     summary = lines[lines.index("summary") + 3]
     assert summary.startswith("GW101 vanishing-gradient") and "active" in summary
     # The per-layer table: one row per weight layer, the first layer's gradient exactly 0.
     header = next(line for line in lines if line.startswith("layer "))
-    assert "step 0" in header and "step 50" in header
+    assert "step 0" in header and "step 75" in header
     rows = {line.split()[0]: line.split() for line in lines if line.startswith("linear")}
     assert len(rows) == 30
     assert rows["linear1"][1:7] == ["0"] * 6

@@ -34,6 +34,7 @@ def sick_run(tmp_path_factory):
     model = mlp(30, nn.Sigmoid)
     watcher = gradwatch.watch(
         model,
+        every_n_steps=10,
         reporters=[
             TerminalReporter(file=plain),
             LoggingReporter(logger=logger),
@@ -63,7 +64,9 @@ def test_plain_terminal_output_has_code_layers_evidence_fix_and_chart(sick_run):
 def test_rich_panel_when_forced():
     model = mlp(30, nn.Sigmoid)
     out = io.StringIO()
-    watcher = gradwatch.watch(model, reporters=[TerminalReporter(file=out, plain=False)])
+    watcher = gradwatch.watch(
+        model, every_n_steps=10, reporters=[TerminalReporter(file=out, plain=False)]
+    )
     train(model, watcher, steps=21, lr=0.1)
     watcher.close()
     text = out.getvalue()
@@ -145,7 +148,7 @@ def test_output_goes_through_tqdm_write_while_a_bar_is_open(capsys):
     tqdm.tqdm.write = spy
     try:
         model = mlp(30, nn.Sigmoid)
-        watcher = gradwatch.watch(model, reporters=[TerminalReporter()])
+        watcher = gradwatch.watch(model, every_n_steps=10, reporters=[TerminalReporter()])
         with tqdm.tqdm(total=21, file=sys.stderr) as bar:
             for _ in range(21):
                 train(model, watcher, steps=1, lr=0.1)
@@ -166,7 +169,7 @@ def test_output_lands_above_a_rich_live_progress_bar():
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=120)
     model = mlp(30, nn.Sigmoid)
-    watcher = gradwatch.watch(model, reporters=[TerminalReporter(plain=True)])
+    watcher = gradwatch.watch(model, every_n_steps=10, reporters=[TerminalReporter(plain=True)])
     with Progress(console=console) as progress:  # redirects sys.stderr while live
         task = progress.add_task("training", total=21)
         for _ in range(21):

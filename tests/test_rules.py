@@ -111,13 +111,13 @@ def test_nan_injected_mid_run_is_an_immediate_error():
     model = mlp(4, nn.ReLU, init="kaiming")
 
     def inject(step):
-        if step == 40:  # the forward pass of a monitored step
+        if step == 45:  # the forward pass of a monitored step
             with torch.no_grad():
                 model[2].weight[0, 0] = float("nan")
 
     watcher, _ = _run(model, steps=60, lr=0.05, before_step=inject)
     finding = _first(watcher, "GW103")
-    assert finding.step == 40
+    assert finding.step == 45
     assert finding.severity == "error"
     assert finding.layers[0] == "2"  # where it first appears: the poisoned weights
     assert finding.evidence["first_nonfinite_weights"] == "2"

@@ -182,7 +182,7 @@ def _run(
     if steps < MIN_STEPS_FOR_FINDINGS:
         _say(
             console,
-            f"note: with {steps} steps there are too few monitored steps (one every 10, "
+            f"note: with {steps} steps there are too few monitored steps (one every 15, "
             f"three in a row) for any finding; use --steps {MIN_STEPS_FOR_FINDINGS} or more.",
             style="yellow",
         )

@@ -29,8 +29,8 @@ MOMENTUM = 0.9
 #: Clipping keeps the large-learning-rate runs finite: it bounds each step, it does not
 #: keep units alive.
 CLIP_NORM = 1.0
-#: The watcher's default: a monitored step every 10, a finding after 3 of them.
-MIN_STEPS_FOR_FINDINGS = 21
+#: The watcher's default: a monitored step every 15, a finding after 3 of them.
+MIN_STEPS_FOR_FINDINGS = 31
 
 
 @dataclass

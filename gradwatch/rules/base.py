@@ -170,7 +170,11 @@ def median(values: Sequence[float]) -> float:
 
 def matrix_layers(stats: StepStats) -> list[LayerStats]:
     """Dense weight-bearing layers with a gradient, in forward order: the depth profile."""
-    return [s for s in stats.by_depth(with_gradient=True) if s.kind in MATRIX_KINDS]
+    cached = stats.__dict__.get("_matrix_layers")
+    if cached is None:
+        cached = [s for s in stats.by_depth(with_gradient=True) if s.kind in MATRIX_KINDS]
+        stats.__dict__["_matrix_layers"] = cached
+    return list(cached)
 
 
 def edge_size(n: int) -> int:

@@ -50,6 +50,7 @@ re-initialise (kaiming) and check biases and input scaling."""
     def __init__(self, **thresholds: float) -> None:
         super().__init__(**thresholds)
         self._first_seen: dict[str, float] = {}
+        self._flagged: set[str] = set()  # layers in the last verdict
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         span = max(1, int(self.t("span")))
@@ -64,6 +65,8 @@ re-initialise (kaiming) and check biases and input scaling."""
         for group in unit_groups(ctx.stats):
             dead = self._dead(group, recent)
             if dead is None:
+                if group.name in self._flagged:
+                    return None  # a flagged layer went out of sight: no verdict this step
                 continue
             judged = True
             n_dead, size, source = dead
@@ -71,6 +74,7 @@ re-initialise (kaiming) and check biases and input scaling."""
                 flagged.append((group, n_dead, size, source))
         if not judged:
             return None
+        self._flagged = {group.name for group, *_ in flagged}
         if not flagged:
             return []
         layers = [n for g, *_ in flagged for n in (g.producer, g.activation) if n is not None]
@@ -161,7 +165,8 @@ re-initialise (kaiming) and check biases and input scaling."""
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"first_seen": dict(self._first_seen)}
+        return {"first_seen": dict(self._first_seen), "flagged": sorted(self._flagged)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._first_seen = dict(state.get("first_seen", {}))
+        self._flagged = set(state.get("flagged", []))
