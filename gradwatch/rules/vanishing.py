@@ -101,7 +101,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
             evidence["init_gain"] = gain
         orders = -math.log10(ratio) if ratio > 0 else math.inf
         message = (
-            f"gradient RMS of the first layers is {_ratio_text(ratio)} of the last layers' "
+            f"the first layers' gradient RMS is {_ratio_text(ratio)} x the last layers' "
             f"({profile.early:.2g} vs {profile.late:.2g}); {len(starved)} of "
             f"{len(profile.layers)} weight layers get less than {self.t('ratio'):g} of it "
             f"({format_layers(names)})"
