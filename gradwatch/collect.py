@@ -309,6 +309,18 @@ def _sqrt(value: float) -> float:
     return math.sqrt(value) if value >= 0 else (value if value != value else 0.0)
 
 
+def _per_module(
+    indices: list[int], squares: list[float], counts: list[float]
+) -> dict[int, tuple[float, float]]:
+    """Probe entries (one per call) summed per module: a module called twice adds its
+    squares and its element counts."""
+    total: dict[int, tuple[float, float]] = {}
+    for index, sq, count in zip(indices, squares, counts):
+        before = total.get(index, (0.0, 0.0))
+        total[index] = (before[0] + sq, before[1] + count)
+    return total
+
+
 def read(
     values: list[float],
     layout: Layout,
@@ -411,22 +423,11 @@ def read(
     for index, names in layout.missing.items():
         stats[index].missing_grad = tuple(names)
 
-    # Probe norms: one entry per call; a module called twice adds its squares.
-    out_total: dict[int, list[float]] = {}
-    for index, sq, count in zip(layout.out_entries, out_sq, out_numel):
-        t = out_total.setdefault(index, [0.0, 0.0])
-        t[0] += sq
-        t[1] += count
-    for index, (sq, count) in out_total.items():
+    for index, (sq, count) in _per_module(layout.out_entries, out_sq, out_numel).items():
         ls = stats[index]
         ls.output_nonfinite = not math.isfinite(sq)
         ls.output_rms = _sqrt(sq / count) if count else None
-    grad_total: dict[int, list[float]] = {}
-    for index, sq, count in zip(layout.grad_entries, grad_sq, grad_numel):
-        t = grad_total.setdefault(index, [0.0, 0.0])
-        t[0] += sq
-        t[1] += count
-    for index, (sq, count) in grad_total.items():
+    for index, (sq, count) in _per_module(layout.grad_entries, grad_sq, grad_numel).items():
         ls = stats[index]
         ls.output_grad_norm = _sqrt(sq)
         ls.output_grad_rms = ls.output_grad_norm / math.sqrt(count) if count else None

@@ -24,6 +24,13 @@ class GradwatchWarning(UserWarning):
     """Raised as a warning (never as an error) when part of gradwatch disables itself."""
 
 
+def warn_user(text: str, *, stacklevel: int = 3) -> None:
+    """Say something the person training should see once: a warning on the "gradwatch"
+    logger and a :class:`GradwatchWarning` (shown by default, once per place)."""
+    logger.warning(text)
+    warnings.warn(text, GradwatchWarning, stacklevel=stacklevel)
+
+
 class Guard:
     """Runs parts of gradwatch so that none of them can raise into training.
 
@@ -64,9 +71,10 @@ class Guard:
         if key in self._said:
             return
         self._said.add(key)
-        logger.log(level, text)
         if level >= logging.WARNING:
-            warnings.warn(text, GradwatchWarning, stacklevel=3)
+            warn_user(text, stacklevel=4)
+        else:
+            logger.log(level, text)
 
     def is_disabled(self, part: str) -> bool:
         return part in self._disabled

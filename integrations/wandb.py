@@ -82,7 +82,7 @@ from datetime import timedelta
 from typing import Any
 
 from gradwatch.findings import SEVERITIES, Finding, severity_rank
-from gradwatch.guard import GradwatchWarning
+from gradwatch.guard import GradwatchWarning, warn_user
 from gradwatch.reporters.base import Reporter
 from gradwatch.reporters.chart import chart_layers
 from gradwatch.reporters.metrics import (
@@ -92,7 +92,7 @@ from gradwatch.reporters.metrics import (
     check_stats,
     global_metrics,
 )
-from gradwatch.reporters.terminal import evidence_text
+from gradwatch.reporters.terminal import evidence_text, layers_text
 from gradwatch.rules.engine import SummaryRow
 from gradwatch.stats import LayerStats, StepStats
 from gradwatch.validation import whole_number
@@ -310,8 +310,7 @@ class WandbReporter(Reporter):
                         "training, or pass WandbReporter(run=...). Nothing is sent to W&B until "
                         "a run exists."
                     )
-                    logger.warning(text)
-                    warnings.warn(text, GradwatchWarning, stacklevel=3)
+                    warn_user(text)
                 return None
         return self._run
 
@@ -366,8 +365,7 @@ class WandbReporter(Reporter):
                 "findings table and summary were not written. Call watcher.close() before "
                 "run.finish()."
             )
-            logger.warning(text)
-            warnings.warn(text, GradwatchWarning, stacklevel=3)
+            warn_user(text)
             return
         data: dict[str, Any] = {}
         if self._latest is not None and self._charted_step != self._latest.step:
@@ -530,9 +528,7 @@ def alert_text(finding: Finding) -> str:
     lines.append(finding.message)
     lines.append(f"Step: {finding.step}")
     if finding.layers:
-        shown = ", ".join(n or "<root>" for n in finding.layers[:_SHOWN_LAYERS])
-        more = len(finding.layers) - _SHOWN_LAYERS
-        lines.append(f"Layers: {shown}" + (f" (+{more} more)" if more > 0 else ""))
+        lines.append(f"Layers: {layers_text(finding.layers, _SHOWN_LAYERS)}")
     if finding.evidence:
         lines.append(f"Evidence: {evidence_text(finding)}")
     if finding.hint:

@@ -45,6 +45,17 @@ def evidence_text(finding: Finding) -> str:
     return ", ".join(f"{k}={format_number(v)}" for k, v in finding.evidence.items())
 
 
+def layers_text(names: Sequence[str], limit: int = 12) -> str:
+    """Module names for display, the root as ``<root>``, the rest counted."""
+    shown = ", ".join(n or "<root>" for n in names[:limit])
+    more = len(names) - limit
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
+def _row_status(row: SummaryRow) -> str:
+    return "active" if row.status == "active" else f"resolved at {row.resolved_step}"
+
+
 def finding_text(finding: Finding) -> str:
     """A finding as plain lines (no colour, no box drawing)."""
     head = (
@@ -53,9 +64,7 @@ def finding_text(finding: Finding) -> str:
     )
     lines = [head, f"  {finding.message}"]
     if finding.layers:
-        shown = ", ".join(n or "<root>" for n in finding.layers[:12])
-        more = len(finding.layers) - 12
-        lines.append(f"  layers: {shown}" + (f" (+{more} more)" if more > 0 else ""))
+        lines.append(f"  layers: {layers_text(finding.layers)}")
     if finding.evidence:
         lines.append(f"  evidence: {evidence_text(finding)}")
     if finding.hint:
@@ -71,9 +80,7 @@ def finding_panel(finding: Finding, stats: StepStats | None = None, chart: bool 
     body.add_column()
     body.add_row("what", Text(finding.message))
     if finding.layers:
-        shown = ", ".join(n or "<root>" for n in finding.layers[:12])
-        more = len(finding.layers) - 12
-        body.add_row("layers", Text(shown + (f" (+{more} more)" if more > 0 else "")))
+        body.add_row("layers", Text(layers_text(finding.layers)))
     if finding.evidence:
         body.add_row("evidence", Text(evidence_text(finding), style="dim"))
     if finding.hint:
@@ -99,17 +106,13 @@ def summary_table(rows: Sequence[SummaryRow]) -> Table:
     for column in ("code", "rule", "severity", "layers", "first step", "status"):
         table.add_column(column)
     for row in rows:
-        status = "active" if row.status == "active" else f"resolved at {row.resolved_step}"
-        layers = ", ".join(n or "<root>" for n in row.layers[:4])
-        if len(row.layers) > 4:
-            layers += f" (+{len(row.layers) - 4})"
         table.add_row(
             row.code,
             row.rule,
             Text(row.severity, style=SEVERITY_STYLE.get(row.severity, "")),
-            layers,
+            layers_text(row.layers, 4),
             str(row.first_step),
-            status,
+            _row_status(row),
         )
     return table
 
@@ -119,13 +122,9 @@ def summary_text(rows: Sequence[SummaryRow]) -> str:
         return "gradwatch summary: no findings"
     lines = ["gradwatch summary:"]
     for row in rows:
-        status = "active" if row.status == "active" else f"resolved at {row.resolved_step}"
-        layers = ", ".join(n or "<root>" for n in row.layers[:4])
-        if len(row.layers) > 4:
-            layers += f" (+{len(row.layers) - 4})"
         lines.append(
             f"  {row.code} {row.rule} [{row.severity}] first at step {row.first_step}, "
-            f"{status}: {layers}"
+            f"{_row_status(row)}: {layers_text(row.layers, 4)}"
         )
     return "\n".join(lines)
 
