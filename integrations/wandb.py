@@ -92,7 +92,7 @@ from gradwatch.reporters.metrics import (
     check_stats,
     global_metrics,
 )
-from gradwatch.reporters.terminal import evidence_text, layers_text
+from gradwatch.reporters.terminal import evidence_text, finding_fields
 from gradwatch.rules.engine import SummaryRow
 from gradwatch.stats import LayerStats, StepStats
 from gradwatch.validation import whole_number
@@ -527,12 +527,8 @@ def alert_text(finding: Finding) -> str:
         lines.append(f"Worse than when first reported (now {finding.severity}).")
     lines.append(finding.message)
     lines.append(f"Step: {finding.step}")
-    if finding.layers:
-        lines.append(f"Layers: {layers_text(finding.layers, _SHOWN_LAYERS)}")
-    if finding.evidence:
-        lines.append(f"Evidence: {evidence_text(finding)}")
-    if finding.hint:
-        lines.append(f"Fix: {finding.hint}")
+    fields = finding_fields(finding, _SHOWN_LAYERS)
+    lines.extend(f"{label.capitalize()}: {text}" for label, text in fields)
     text = "\n".join(lines)
     return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 1] + "…"
 

@@ -9,7 +9,7 @@ from ..findings import Finding
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
 from .base import Reporter
-from .terminal import evidence_text
+from .terminal import finding_fields
 
 LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -33,12 +33,9 @@ class LoggingReporter(Reporter):
     def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
         for finding in findings:
             parts = [f"{finding.title} at step {finding.step}: {finding.message}"]
-            if finding.layers:
-                parts.append(f"layers: {', '.join(n or '<root>' for n in finding.layers)}")
-            if finding.evidence:
-                parts.append(f"evidence: {evidence_text(finding)}")
-            if finding.hint:
-                parts.append(f"fix: {finding.hint}")
+            parts.extend(
+                f"{label}: {text}" for label, text in finding_fields(finding, layer_limit=None)
+            )
             self.logger.log(
                 LEVELS.get(finding.severity, logging.INFO),
                 " | ".join(parts),

@@ -52,6 +52,20 @@ def layers_text(names: Sequence[str], limit: int = 12) -> str:
     return shown + (f" (+{more} more)" if more > 0 else "")
 
 
+def finding_fields(finding: Finding, layer_limit: int | None = 12) -> list[tuple[str, str]]:
+    """``(label, text)`` for a finding's layers, evidence and fix (those it has): the
+    parts that every way of showing a finding shows."""
+    fields = []
+    if finding.layers:
+        limit = len(finding.layers) if layer_limit is None else layer_limit
+        fields.append(("layers", layers_text(finding.layers, limit)))
+    if finding.evidence:
+        fields.append(("evidence", evidence_text(finding)))
+    if finding.hint:
+        fields.append(("fix", finding.hint))
+    return fields
+
+
 def _row_status(row: SummaryRow) -> str:
     return "active" if row.status == "active" else f"resolved at {row.resolved_step}"
 
@@ -63,12 +77,7 @@ def finding_text(finding: Finding) -> str:
         + (f" [{finding.status}]" if finding.status != "new" else "")
     )
     lines = [head, f"  {finding.message}"]
-    if finding.layers:
-        lines.append(f"  layers: {layers_text(finding.layers)}")
-    if finding.evidence:
-        lines.append(f"  evidence: {evidence_text(finding)}")
-    if finding.hint:
-        lines.append(f"  fix: {finding.hint}")
+    lines.extend(f"  {label}: {text}" for label, text in finding_fields(finding))
     return "\n".join(lines)
 
 
@@ -79,12 +88,9 @@ def finding_panel(finding: Finding, stats: StepStats | None = None, chart: bool 
     body.add_column(style="bold", no_wrap=True)
     body.add_column()
     body.add_row("what", Text(finding.message))
-    if finding.layers:
-        body.add_row("layers", Text(layers_text(finding.layers)))
-    if finding.evidence:
-        body.add_row("evidence", Text(evidence_text(finding), style="dim"))
-    if finding.hint:
-        body.add_row("fix", Text(finding.hint, style="green"))
+    styles = {"evidence": "dim", "fix": "green"}
+    for label, text in finding_fields(finding):
+        body.add_row(label, Text(text, style=styles.get(label, "")))
     parts: list[Any] = [body]
     if chart and stats is not None and stats.layers:
         parts.append(Text(""))
