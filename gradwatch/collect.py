@@ -42,11 +42,14 @@ class Slot:
 
     layer: int
     name: str
-    grad: torch.Tensor  # local values (a shard's own part under FSDP2)
+    # local values (a shard's own part under FSDP2); dropped once measured, so that a
+    # statistics vector still in flight (deferred) does not keep old gradients alive
+    grad: torch.Tensor | None
     param: torch.Tensor
     numel: int  # global number of elements
     sharded: bool
     rows: int = 0  # > 0: a Linear/Conv weight whose rows are output units
+    has_values: bool = True
 
 
 @dataclass
@@ -102,10 +105,13 @@ def gather_slots(
             sharded = False
         else:
             grad, sharded = _local(grad)
+        has_values = grad.numel() > 0
         if rows and not sharded:
-            row_slots.append(Slot(index, pname, grad, param, numel, False, grad.shape[0]))
+            row_slots.append(
+                Slot(index, pname, grad, param, numel, False, grad.shape[0], has_values)
+            )
         else:
-            other_slots.append(Slot(index, pname, grad, param, numel, sharded))
+            other_slots.append(Slot(index, pname, grad, param, numel, sharded, 0, has_values))
     return row_slots + other_slots, missing
 
 
@@ -214,7 +220,7 @@ class Collector:
             sums.append(_stack(_norms([s.grad for s in other]), home).square())
 
         maxima = None
-        with_values = [s for s in slots if s.grad.numel()] if detail else []
+        with_values = [s for s in slots if s.has_values] if detail else []
         if detail:
             sums.append(_stack([_nonzero_count(s.grad) for s in slots], home))
             params = [_local(s.param.detach())[0] for s in slots]
@@ -263,6 +269,8 @@ class Collector:
             summed, count_vec, mask_vec, max_vec
         )
         packed = torch.cat([summed, count_vec, max_vec, pack_bits(mask_vec > 0).to(_F64)])
+        for slot in slots:
+            slot.grad = None
         layout = Layout(
             step=step,
             slots=slots,
@@ -298,7 +306,8 @@ class Collector:
         already showed non-finite gradients."""
         if not slots:
             return [], []
-        counts = torch.stack([(~torch.isfinite(s.grad)).sum().to(_F64) for s in slots])
+        grads = [_local(s.param.grad)[0] for s in slots]  # still this step's: read at once
+        counts = torch.stack([(~torch.isfinite(g)).sum().to(_F64) for g in grads])
         params = [_local(s.param.detach())[0] for s in slots]
         norms = torch.stack([n.to(counts.device) for n in _norms(params)]).to(_F64)
         values = torch.cat([counts, norms.square()]).tolist()
@@ -381,7 +390,7 @@ def read(
         if nonzero is not None and param_sumsq is not None:
             a[2] += nonzero[k]
             a[3] += param_sumsq[k]
-            if slot.grad.numel():
+            if slot.has_values:
                 m = maxes[max_pos]
                 max_pos += 1
                 a[4] = m if (m != m or a[4] != a[4]) else max(a[4], m)

@@ -366,3 +366,20 @@ def test_deferred_transfer_reports_one_monitored_step_later():
     assert watcher.latest.step == 1  # step 2 still in flight
     watcher.close()
     assert watcher.latest.step == 2  # close() reads it
+
+
+def test_statistics_in_flight_do_not_keep_old_gradients_alive():
+    import gc
+    import weakref
+
+    model = mlp(3)
+    x, y = digits()
+    watcher = _watch(model, deferred=True)
+    nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+    watcher.step()  # its statistics are still in flight
+    grad = weakref.ref(model[0].weight.grad)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    assert grad() is None
+    watcher.close()
+    assert watcher.latest.step == 0
