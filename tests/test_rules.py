@@ -247,3 +247,18 @@ def test_adam_compensates_small_but_usable_gradients():
     assert not [f for f in watcher.findings if f.code == "GW101"]
     plain, _ = _run(mlp(10, nn.Sigmoid), steps=60, lr=0.5)
     assert _first(plain, "GW101").severity == "error"
+
+
+def test_a_confident_sigmoid_output_layer_is_not_saturation():
+    x, y = digits()
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10), nn.Sigmoid())
+    with torch.no_grad():
+        model[2].weight.mul_(300.0)  # outputs pinned near 0 and 1 from the start
+
+    def bce(out, labels):
+        targets = (labels[:, None] == torch.arange(10)).float()
+        return nn.functional.binary_cross_entropy(out, targets)
+
+    watcher, _ = _run(model, steps=60, lr=0.05, x=x, y=y, loss_fn=bce)
+    assert all(s.layers["3"].saturated_fraction > 0.5 for s in watcher.history)
+    assert not [f for f in watcher.findings if f.code == "GW202"]

@@ -16,7 +16,9 @@ class SaturatedActivation(Rule):
     severity = "warning"
     summary = "most sigmoid/tanh outputs sit where the derivative is near 0"
     explanation = """\
-What it measures: for each nn.Sigmoid / nn.Tanh module, the share of its outputs where
+What it measures: for each hidden nn.Sigmoid / nn.Tanh module (an output activation,
+with no weight layer after it, is not judged: a confident model saturates it, and with
+a matching loss such as BCE that costs no gradient), the share of its outputs where
 the derivative is below 1% of its maximum (sigmoid: s(1-s) < 0.0025, i.e. |x| > ~4.6;
 tanh: 1-t^2 < 0.01, i.e. |x| > ~3), and the mean derivative. It fires when more than
 `fraction` of a layer's outputs are saturated for `window` monitored steps.
@@ -45,7 +47,15 @@ the saturation is not at the input, the finding is only info."""
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
         ordered = stats.by_depth()
-        measured = [s for s in ordered if s.saturated_fraction is not None]
+        # An output activation (no weight layer after it) saturates when the model is
+        # confident, and with a matching loss (BCE on a sigmoid) that costs no gradient:
+        # only hidden activations are judged.
+        last_weight = max(
+            (i for i, s in enumerate(ordered) if s.kind in UNIT_ROW_KINDS), default=-1
+        )
+        measured = [
+            s for i, s in enumerate(ordered) if s.saturated_fraction is not None and i < last_weight
+        ]
         if not measured:
             return None
         flagged = [s for s in measured if (s.saturated_fraction or 0.0) > self.t("fraction")]
