@@ -50,6 +50,7 @@ def test_deep_tanh_mlp_with_small_init_gets_vanishing_gradient():
     assert finding.step <= 50
     assert finding.layers[:2] == ("0", "2")
     assert finding.evidence["ratio"] < 1e-2
+    assert "xavier" in finding.hint and "calculate_gain('tanh')" in finding.hint
     assert [f.code for f in _alarms(watcher)] == ["GW101"]
 
 

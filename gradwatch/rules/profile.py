@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layers import RELU, SATURATING_KINDS
+from ..layers import RELU
 from ..stats import LayerStats, OptimizerInfo, StepStats
 from .base import RuleContext, edge_size, matrix_layers, median
 
@@ -15,6 +15,8 @@ from .base import RuleContext, edge_size, matrix_layers, median
 FLOAT32_RESOLUTION = 2.0**-24
 #: PyTorch's default Linear/Conv init has gain 1/sqrt(3) ~ 0.58; He init for ReLU sqrt(2).
 HE_GAIN = math.sqrt(2.0)
+#: ... and what tanh needs to keep the signal's scale (nn.init.calculate_gain("tanh")).
+TANH_GAIN = 5.0 / 3.0
 
 
 @dataclass
@@ -91,12 +93,6 @@ def init_gain(ctx: RuleContext, layers: Sequence[LayerStats]) -> float | None:
 
 def activation_names(stats: StepStats, kinds: Sequence[str]) -> list[str]:
     return [s.name for s in stats.by_depth() if s.kind in kinds]
-
-
-def has_saturating(ctx: RuleContext) -> bool:
-    return bool(activation_names(ctx.stats, SATURATING_KINDS)) or ctx.model.uses(
-        "Sigmoid", "Tanh", "Softsign", "Hardtanh", "Hardsigmoid"
-    )
 
 
 def has_relu(ctx: RuleContext) -> bool:

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import math
 
-from ..layers import SATURATING_KINDS
+from ..layers import SATURATING_KINDS, SIGMOID, TANH
 from ..units import mostly_dead, recent_blockers
 from .base import Condition, Rule, RuleContext, format_layers
 from .profile import (
     FLOAT32_RESOLUTION,
     HE_GAIN,
+    TANH_GAIN,
     Profile,
     activation_names,
     gradient_profile,
     has_relu,
-    has_saturating,
     init_gain,
     latest_param_rms,
     signal_profile,
@@ -147,14 +147,29 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
                 f"{signal.ratio:.2g}), but their inputs are small: check the scaling of the "
                 f"data fed to {first.name or '<root>'} (normalise inputs to mean 0, std 1)."
             )
-        if has_saturating(ctx):
-            where = f" ({format_layers(saturating, 3)})" if saturating else ""
+        sigmoids = activation_names(ctx.stats, (SIGMOID,))
+        tanhs = activation_names(ctx.stats, (TANH,))
+        if sigmoids or ctx.model.uses("Sigmoid"):
+            where = f" ({format_layers(sigmoids, 3)})" if sigmoids else ""
             hints.append(
-                f"Sigmoid/tanh activations{where} multiply the gradient by at most 0.25 "
-                "(sigmoid) per layer, less once they saturate: use ReLU-family "
-                "(ReLU, LeakyReLU) or GELU activations in hidden layers."
+                f"Sigmoid layers{where} multiply the gradient by at most 0.25 each "
+                "(0.25^30 ~ 8.7e-19 over 30 layers): use ReLU-family (ReLU, LeakyReLU) or "
+                "GELU activations in hidden layers."
             )
-        if gain is not None and gain < 0.85 * HE_GAIN and (has_relu(ctx) or not saturating):
+        only_tanh = bool(tanhs or ctx.model.uses("Tanh")) and not sigmoids
+        if only_tanh:
+            where = f" ({format_layers(tanhs, 3)})" if tanhs else ""
+            hints.append(
+                f"Tanh layers{where} pass at most the gradient they get, less once they "
+                "saturate, and small weights shrink it at every layer: use ReLU-family or "
+                "GELU, or keep tanh with xavier init."
+            )
+        if gain is not None and only_tanh and gain < 0.85 * TANH_GAIN:
+            hints.append(
+                f"Weights are initialised with gain {gain:.2f}, below the 5/3 tanh needs: "
+                "nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain('tanh'))."
+            )
+        elif gain is not None and gain < 0.85 * HE_GAIN and (has_relu(ctx) or not saturating):
             hints.append(
                 f"Weights are initialised with gain {gain:.2f} (PyTorch's default is 0.58; "
                 "He init gives 1.41), so every ReLU layer shrinks the signal: use kaiming "
