@@ -169,6 +169,12 @@ def _nonzero_count(grad: torch.Tensor) -> torch.Tensor:
     return torch.count_nonzero(sample).to(_F32) * (n / sample.numel())
 
 
+def _param_sumsq(slots: list[Slot], device: torch.device) -> torch.Tensor:
+    """Squared norm of each slot's parameter (its local shard under FSDP2), float32."""
+    params = [_local(s.param.detach())[0] for s in slots]
+    return _stack(_norms(params), device).square()
+
+
 def _stack(scalars: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if any(t.device != device for t in scalars):
         scalars = [t.to(device) for t in scalars]
@@ -223,8 +229,7 @@ class Collector:
         with_values = [s for s in slots if s.has_values] if detail else []
         if detail:
             sums.append(_stack([_nonzero_count(s.grad) for s in slots], home))
-            params = [_local(s.param.detach())[0] for s in slots]
-            sums.append(_stack(_norms(params), home).square())
+            sums.append(_param_sumsq(slots, home))
             if with_values:
                 maxima = _stack([s.grad.abs().amax().to(_F32) for s in with_values], home)
 
@@ -308,9 +313,7 @@ class Collector:
             return [], []
         grads = [_local(s.param.grad)[0] for s in slots]  # still this step's: read at once
         counts = torch.stack([(~torch.isfinite(g)).sum().to(_F64) for g in grads])
-        params = [_local(s.param.detach())[0] for s in slots]
-        norms = torch.stack([n.to(counts.device) for n in _norms(params)]).to(_F64)
-        values = torch.cat([counts, norms.square()]).tolist()
+        values = torch.cat([counts, _param_sumsq(slots, counts.device).to(_F64)]).tolist()
         return [int(v) for v in values[: len(slots)]], values[len(slots) :]
 
 
@@ -368,6 +371,14 @@ def read(
     input_numel = take(1)[0] if layout.has_input else 0.0
     maxes = take(layout.n_max)
     bits = unpack_bits(values[pos:])
+    bit_pos = 0
+
+    def take_mask(size: int) -> int:
+        """The next ``size`` bits of the packed masks, as an int (bit i = unit i)."""
+        nonlocal bit_pos
+        mask = (bits >> bit_pos) & ((1 << size) - 1)
+        bit_pos += size
+        return mask
 
     by_index = {layer.index: layer for layer in layers}
     # every watched module appears, measured this step or not
@@ -379,7 +390,6 @@ def read(
     }
 
     acc: dict[int, list[float]] = {}  # sumsq, numel, nonzero, param sumsq, max, nonfinite
-    bit_pos = 0
     max_pos = 0
     for k, slot in enumerate(slots):
         a = acc.get(slot.layer)
@@ -398,11 +408,9 @@ def read(
             a[5] += nonfinite_counts[k]
             a[3] += checked_param_sumsq[k]
         if slot.rows:
-            rows_nonzero = (bits >> bit_pos) & ((1 << slot.rows) - 1)
-            bit_pos += slot.rows
             ls = stats[slot.layer]
             ls.units = slot.rows
-            ls.zero_grad_units = UnitMask(rows_nonzero, slot.rows).complement()
+            ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
 
     previous_layers = previous.layers if previous is not None else {}
     total_sumsq = 0.0
@@ -448,13 +456,9 @@ def read(
         ls.saturated_fraction = count / numel if numel else None
         ls.mean_derivative = deriv / numel if numel else None
     for index, units in layout.relu_units:
-        active = (bits >> bit_pos) & ((1 << units) - 1)
-        bit_pos += units
-        stats[index].active_units = UnitMask(active, units)
+        stats[index].active_units = UnitMask(take_mask(units), units)
     for index, units in layout.positive_units:
-        positive = (bits >> bit_pos) & ((1 << units) - 1)
-        bit_pos += units
-        stats[index].positive_units = UnitMask(positive, units)
+        stats[index].positive_units = UnitMask(take_mask(units), units)
 
     ordered = sorted(
         stats.values(), key=lambda s: (s.depth is None, s.depth if s.depth is not None else 0.0)

@@ -107,6 +107,14 @@ def _alive(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | None:
     return None
 
 
+def dead_fraction(group: UnitGroup, stats: StepStats) -> float | None:
+    """Share of the group's units seen dead at one step (None when not seen)."""
+    seen = alive_units(group, stats)
+    if seen is None or not seen[0].size:
+        return None
+    return 1.0 - seen[0].fraction()
+
+
 def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     """Each group's share of dead units as last seen: at the most recent of ``steps``
     (newest last) that shows its units (between detail steps, a blocked layer may be
@@ -116,10 +124,9 @@ def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     out = {}
     for group in unit_groups(steps[-1]):
         for stats in reversed(steps):
-            seen = alive_units(group, stats)
-            if seen is not None:
-                if seen[0].size:
-                    out[group] = 1.0 - seen[0].count() / seen[0].size
+            share = dead_fraction(group, stats)
+            if share is not None:
+                out[group] = share
                 break
     return out
 

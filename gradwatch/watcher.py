@@ -27,7 +27,7 @@ from .rules.base import ModelFacts, Rule, RuleContext
 from .rules.engine import RuleEngine, SummaryRow
 from .stats import OptimizerInfo, StepStats
 from .transfer import HostTransfer
-from .units import alive_units, unit_groups
+from .units import alive_units, dead_fraction, unit_groups
 from .validation import deferred_option, whole_number
 
 # Models being watched, so that a second watch() on the same modules fails clearly.
@@ -169,6 +169,7 @@ class Watcher:
         self._findings: deque[Finding] = deque(maxlen=MAX_FINDINGS)
         self._optimizer = optimizer
         self._params = [p for layer in self.layers for _, p in layer.params]
+        self._index_of = {layer.name: layer.index for layer in self.layers}
         self._seen_grads: list[tuple[Any, int] | None] = []
         self._depth: dict[int, float] = {}
         self._count = 0
@@ -355,20 +356,22 @@ class Watcher:
         whose units are dying keeps its hook: once no gradient reaches it, its rows show
         nothing, and its ReLU's output is the only witness."""
         assert self._probes is not None
-        index = {layer.name: layer.index for layer in self.layers}
         covered = set(self._probes.skip_core)
         for group in unit_groups(stats):
             if group.producer is None or group.activation is None:
                 continue
-            activation = index[group.activation]
+            activation = self._index_of[group.activation]
             producer = stats.layers.get(group.producer)
             seen = alive_units(group, stats)
-            if seen is None or producer is None or not producer.grad_norm:
-                covered.discard(activation)
-                continue
-            mask = seen[0]
-            dead = 1.0 - mask.count() / mask.size if mask.size else 1.0
-            if producer.units == mask.size and dead < _AT_RISK:
+            dead = dead_fraction(group, stats)
+            if (
+                seen is not None
+                and dead is not None
+                and producer is not None
+                and producer.grad_norm  # once no gradient reaches it, rows show nothing
+                and producer.units == seen[0].size
+                and dead < _AT_RISK
+            ):
                 covered.add(activation)
             else:
                 covered.discard(activation)
@@ -414,7 +417,7 @@ class Watcher:
 
     def _update_depth(self, order: Mapping[int, int]) -> None:
         depth = {index: float(pos) for index, pos in order.items()}
-        by_name = {layer.name: layer.index for layer in self.layers}
+        by_name = self._index_of
         for layer in self.layers:
             if layer.index in depth or not layer.params:
                 continue

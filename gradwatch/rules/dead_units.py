@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..stats import StepStats, UnitMask
-from ..units import UnitGroup, alive_units, unit_groups
+from ..units import UnitGroup, alive_units, dead_fraction, unit_groups
 from .base import Condition, Rule, RuleContext, format_layers
 
 
@@ -115,9 +115,9 @@ re-initialise (kaiming) and check biases and input scaling."""
         for group in unit_groups(stats):
             if group.name in self._first_seen:
                 continue
-            seen = alive_units(group, stats)
-            if seen is not None and seen[0].size:
-                self._first_seen[group.name] = 1.0 - seen[0].count() / seen[0].size
+            share = dead_fraction(group, stats)
+            if share is not None:
+                self._first_seen[group.name] = share
 
     def _dead(self, group: UnitGroup, recent: list[StepStats]) -> tuple[int, int, str] | None:
         """(dead units, layer size, source) over the span, or None if it cannot be judged.
