@@ -122,6 +122,16 @@ def unit_axis(ndim: int, producer: str | None, producer_channels_first: bool) ->
     return ndim - 1 if ndim == 3 else 1
 
 
+def per_unit_sum(values: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum over every axis but the unit axis, in float32: one number per unit."""
+    ndim = values.dim()
+    if ndim == 1:
+        return values.to(_F32)
+    if ndim == 2 and axis == 1:  # the common (batch, features) case, without a dims list
+        return values.sum(0, dtype=_F32)
+    return values.sum(dim=[d for d in range(ndim) if d != axis], dtype=_F32)
+
+
 class Probes:
     """Forward hooks on the watched modules, present only while armed."""
 
@@ -255,8 +265,7 @@ class Probes:
                         tensor.register_hook(self._grad_hooks[index])
                     if positive_axis is not None and values.dim() >= 2:
                         axis = positive_axis % values.dim()
-                        dims = [d for d in range(values.dim()) if d != axis]
-                        positive = values.clamp(min=0).sum(dim=dims, dtype=_F32)
+                        positive = per_unit_sum(values.clamp(min=0), axis)
                         _accumulate(record.positive, index, positive)
                 if core is not None:
                     self._axis[index] = unit_axis(
@@ -299,14 +308,7 @@ class Probes:
                     # The output is >= 0, so a unit was active iff its sum is > 0; under an
                     # upper clamp the product is > 0 only strictly inside the range.
                     activity = values if upper is None else values * (upper - values)
-                    if ndim == 2 and axis == 1:
-                        sums = activity.sum(0, dtype=_F32)
-                    elif ndim == 1:
-                        sums = activity.to(_F32)
-                    else:
-                        dims = [d for d in range(ndim) if d != axis]
-                        sums = activity.sum(dim=dims, dtype=_F32)
-                    _accumulate(record.unit_activity, index, sums)
+                    _accumulate(record.unit_activity, index, per_unit_sum(activity, axis))
                 else:
                     self._saturation(index, kind, values)
             except Exception as error:
