@@ -7,7 +7,7 @@ import logging
 import math
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -144,6 +144,9 @@ class Watcher:
             raise
 
         self.every_n_steps = every_n_steps
+        #: Steps measured besides every ``every_n_steps``-th one: a predicate on the step
+        #: number (``None``: none). Hooks are placed ahead of such steps as well.
+        self.also_measure: Callable[[int], bool] | None = None
         self.detail_every = detail_every
         self._guard = Guard()
         self._compiled = is_compiled(module)
@@ -192,7 +195,7 @@ class Watcher:
         if self._closed:
             return []
         label = self._count if step is None else int(step)
-        if label % self.every_n_steps:
+        if not self.is_monitored(label):
             self._count += 1
             self._arm_for(label + 1)
             return []
@@ -209,6 +212,15 @@ class Watcher:
             self._count += 1
             self._arm_for(label + 1)
         return findings
+
+    def is_monitored(self, step: int) -> bool:
+        """True when :meth:`step` with this step number measures: every ``every_n_steps``-th
+        step, and any step that :attr:`also_measure` selects (integrations use it to measure
+        on their framework's logging steps too)."""
+        if step % self.every_n_steps == 0:
+            return True
+        extra = self.also_measure
+        return extra is not None and bool(extra(step))
 
     @property
     def findings(self) -> list[Finding]:
@@ -381,7 +393,7 @@ class Watcher:
         """Place the forward hooks only ahead of a monitored step."""
         if self._probes is None:
             return
-        if label % self.every_n_steps == 0:
+        if self.is_monitored(label):
             self._probes.arm(detail=self._is_detail(label))
         elif self._probes.armed:
             self._probes.disarm()
