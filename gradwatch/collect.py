@@ -15,7 +15,7 @@ masks (gradient rows and active units that are non-zero).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,14 @@ class Layout:
     order: dict[int, int]
     calls: dict[int, int]
     n_max: int
+    n_extra: int = 0
+    #: (module index, slot position): modules that share a parameter measured in that slot
+    aliases: list[tuple[int, int]] = field(default_factory=list)
+    #: a loss scaler is active: "scaled" (the gradients still carry its scale, the first
+    #: extra) or "unscaled" (it has divided them already); None: no scaler
+    scaler: str | None = None
+    #: the watched modules when this step was measured (the set can change mid-run)
+    layers: list[LayerInfo] | None = None
 
 
 def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -78,14 +86,32 @@ def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def param_table(layers: list[LayerInfo]) -> list[tuple[int, str, torch.Tensor, int, bool]]:
-    """(layer index, name, parameter, numel, rows are units) for every watched parameter."""
+    """(layer index, name, parameter, numel, rows are units) for every watched parameter.
+
+    A parameter shared by several modules (tied weights: an embedding and an output
+    layer) is listed once, under the first module that owns it: its gradient is read
+    once and counted once in the global norm."""
+    return param_tables(layers)[0]
+
+
+def param_tables(
+    layers: list[LayerInfo],
+) -> tuple[list[tuple[int, str, torch.Tensor, int, bool]], list[tuple[int, torch.Tensor]]]:
+    """:func:`param_table`, and the (module index, parameter) pairs it left out because
+    an earlier module owns the same parameter."""
     table = []
+    aliases = []
+    seen: set[int] = set()
     for layer in layers:
         unit_rows = layer.kind in UNIT_ROW_KINDS
         for pname, param in layer.params:
+            if id(param) in seen:
+                aliases.append((layer.index, param))
+                continue
+            seen.add(id(param))
             rows = unit_rows and pname == "weight" and param.dim() >= 2
             table.append((layer.index, pname, param, param.numel(), rows))
-    return table
+    return table, aliases
 
 
 def gather_slots(
@@ -99,12 +125,18 @@ def gather_slots(
     for index, pname, param, numel, rows in table:
         grad = param.grad
         if grad is None:
-            missing.setdefault(index, []).append(pname)
+            if param.requires_grad:  # a frozen parameter is not missing a gradient
+                missing.setdefault(index, []).append(pname)
             continue
-        if type(grad) is plain:
+        if type(grad) is plain and grad.layout is _STRIDED:
             sharded = False
         else:
             grad, sharded = _local(grad)
+            if grad.layout is not _STRIDED:
+                # Sparse gradients (nn.Embedding(sparse=True)): the stored values are the
+                # non-zero part, so norms, maxima and non-zero counts read them alone.
+                grad = _sparse_values(grad)
+                rows = False
         has_values = grad.numel() > 0
         if rows and not sharded:
             row_slots.append(
@@ -115,13 +147,34 @@ def gather_slots(
     return row_slots + other_slots, missing
 
 
+_STRIDED = torch.strided
+
+
+def _sparse_values(grad: torch.Tensor) -> torch.Tensor:
+    """The explicitly stored values of a sparse gradient (duplicates summed)."""
+    if grad.layout is torch.sparse_coo:
+        return grad.coalesce().values()
+    return grad.values()  # compressed layouts (CSR, CSC, BSR, BSC) hold no duplicates
+
+
 def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norms accumulated in float32 (float64 tensors in float64: a norm may not narrow)."""
     if not tensors:
         return []
+    if any(t.dtype == _F64 for t in tensors):
+        return [_norm(t) for t in tensors]
     try:
         return list(torch._foreach_norm(tensors, 2, dtype=_F32))
     except (TypeError, RuntimeError, AttributeError):  # older builds: no dtype argument
         return [torch.linalg.vector_norm(t, dtype=_F32) for t in tensors]
+
+
+def _norm(t: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if t.dtype == _F64:
+        return torch.linalg.vector_norm(t, dim=dim)
+    if t.dtype == _F32:  # asking for a dtype it already has takes a slower path
+        return torch.linalg.vector_norm(t, dim=dim)
+    return torch.linalg.vector_norm(t, dim=dim, dtype=_F32)
 
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -144,10 +197,7 @@ def unpack_bits(values: list[float]) -> int:
 
 
 def _row_norms(grad: torch.Tensor) -> torch.Tensor:
-    rows = grad.flatten(1)
-    if rows.dtype == _F32:  # asking for a dtype it already has takes a slower path
-        return torch.linalg.vector_norm(rows, dim=1)
-    return torch.linalg.vector_norm(rows, dim=1, dtype=_F32)
+    return _norm(grad.flatten(1), dim=1)
 
 
 #: Zero shares of larger gradients are estimated from this many evenly strided entries
@@ -170,20 +220,23 @@ def _nonzero_count(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _param_sumsq(slots: list[Slot], device: torch.device) -> torch.Tensor:
-    """Squared norm of each slot's parameter (its local shard under FSDP2), float32."""
+    """Squared norm of each slot's parameter (its local shard under FSDP2), float64."""
     params = [_local(s.param.detach())[0] for s in slots]
-    return _stack(_norms(params), device).square()
+    return _stack(_norms(params), device).to(_F64).square()
 
 
 def _stack(scalars: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if any(t.device != device for t in scalars):
-        scalars = [t.to(device) for t in scalars]
+    if any(t.device != device or t.dtype != _F32 for t in scalars):
+        # float64 models give float64 norms; everything travels as float64 anyway
+        dtype = _F64 if any(t.dtype == _F64 for t in scalars) else _F32
+        scalars = [t.to(device=device, dtype=dtype) for t in scalars]
     return torch.stack(scalars)
 
 
 def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if any(p.device != device for p in parts):
-        parts = [p.to(device) for p in parts]
+    if any(p.device != device or p.dtype != parts[0].dtype for p in parts):
+        dtype = _F64 if any(p.dtype == _F64 for p in parts) else _F32
+        parts = [p.to(device=device, dtype=dtype) for p in parts]
     return torch.cat(parts)
 
 
@@ -198,13 +251,23 @@ class Collector:
     """Computes the statistics of a monitored step on the gradients' device."""
 
     def __init__(self, layers: list[LayerInfo], reducer: Reducer) -> None:
-        self.table = param_table([layer for layer in layers if layer.params])
+        self.layers = layers
+        self.table, self.aliases = param_tables([layer for layer in layers if layer.params])
         self.reducer = reducer
         self._segment_cache: dict[tuple, torch.Tensor] = {}
 
     def measure(
-        self, step: int, record: ProbeRecord, *, detail: bool
+        self,
+        step: int,
+        record: ProbeRecord,
+        *,
+        detail: bool,
+        extras: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Layout] | None:
+        """Reduce this step's gradients and probe record into one float64 vector.
+
+        ``extras`` are scalars that travel along unchanged (the loss scale of a
+        GradScaler: equal on every rank, so they are combined with the maxima)."""
         slots, missing = gather_slots(self.table)
         if not slots:
             return None
@@ -216,14 +279,14 @@ class Collector:
         row_slots = [s for s in slots if s.rows]
         other = [s for s in slots if not s.rows]
         if row_slots:
-            row_norms = _cat([_row_norms(s.grad) for s in row_slots], home)
-            energy = row_norms * row_norms
+            row_norms = _cat([_row_norms(s.grad) for s in row_slots], home).to(_F64)
+            energy = row_norms * row_norms  # squared in float64: tiny norms do not underflow
             segments = self._segments(tuple(s.rows for s in row_slots), home)
-            per_tensor = torch.zeros(len(row_slots), dtype=_F32, device=home)
+            per_tensor = torch.zeros(len(row_slots), dtype=energy.dtype, device=home)
             sums.append(per_tensor.index_add_(0, segments, energy))
             masks.append(energy)
         if other:
-            sums.append(_stack(_norms([s.grad for s in other]), home).square())
+            sums.append(_stack(_norms([s.grad for s in other]), home).to(_F64).square())
 
         maxima = None
         with_values = [s for s in slots if s.has_values] if detail else []
@@ -231,20 +294,20 @@ class Collector:
             sums.append(_stack([_nonzero_count(s.grad) for s in slots], home))
             sums.append(_param_sumsq(slots, home))
             if with_values:
-                maxima = _stack([s.grad.abs().amax().to(_F32) for s in with_values], home)
+                maxima = _stack([s.grad.abs().amax().to(_F64) for s in with_values], home)
 
         n_scaled = len(slots) * (3 if detail else 1)
         if record.out_norms:
-            sums.append(_stack([n for _, n, _ in record.out_norms], home).square())
+            sums.append(_stack([n for _, n, _ in record.out_norms], home).to(_F64).square())
         if record.grad_norms:
-            sums.append(_stack([n for _, n, _ in record.grad_norms], home).square())
+            sums.append(_stack([n for _, n, _ in record.grad_norms], home).to(_F64).square())
         saturating = sorted(record.saturated)
         if saturating:
             pairs = [t for i in saturating for t in (record.saturated[i], record.derivative_sum[i])]
             sums.append(_stack(pairs, home))
         has_input = record.input_norm is not None
         if record.input_norm is not None:
-            sums.append(record.input_norm.to(home).square().reshape(1))
+            sums.append(record.input_norm.to(device=home, dtype=_F64).square().reshape(1))
         relu_units = [(i, record.unit_activity[i].numel()) for i in sorted(record.unit_activity)]
         masks.extend(record.unit_activity[i] for i, _ in relu_units)
         positive_units = [(i, int(record.positive[i].numel())) for i in sorted(record.positive)]
@@ -269,7 +332,9 @@ class Collector:
             summed = summed * torch.tensor(scale, dtype=_F64, device=home)
         count_vec = torch.tensor(counts, dtype=_F64, device=home)
         mask_vec = _cat(masks, home) if masks else torch.zeros(0, device=home)
-        max_vec = maxima.to(_F64) if maxima is not None else torch.zeros(0, dtype=_F64, device=home)
+        max_parts = [maxima.to(_F64)] if maxima is not None else []
+        max_parts += [e.detach().reshape(1).to(device=home, dtype=_F64) for e in extras or []]
+        max_vec = torch.cat(max_parts) if max_parts else torch.zeros(0, dtype=_F64, device=home)
         summed, count_vec, mask_vec, max_vec = self.reducer.reduce(
             summed, count_vec, mask_vec, max_vec
         )
@@ -290,8 +355,19 @@ class Collector:
             order=dict(record.order),
             calls=dict(record.calls),
             n_max=len(with_values) if maxima is not None else 0,
+            n_extra=len(extras or []),
+            layers=self.layers,
+            aliases=self._alias_slots(slots),
         )
         return packed, layout
+
+    def _alias_slots(self, slots: list[Slot]) -> list[tuple[int, int]]:
+        if not self.aliases:
+            return []
+        position = {id(slot.param): k for k, slot in enumerate(slots)}
+        return [
+            (index, position[id(param)]) for index, param in self.aliases if id(param) in position
+        ]
 
     def _segments(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
         key = (rows, str(device))
@@ -312,9 +388,22 @@ class Collector:
         if not slots:
             return [], []
         grads = [_local(s.param.grad)[0] for s in slots]  # still this step's: read at once
+        grads = [g if g.layout is _STRIDED else _sparse_values(g) for g in grads]
         counts = torch.stack([(~torch.isfinite(g)).sum().to(_F64) for g in grads])
         values = torch.cat([counts, _param_sumsq(slots, counts.device).to(_F64)]).tolist()
         return [int(v) for v in values[: len(slots)]], values[len(slots) :]
+
+
+def _add(acc: dict[int, list[float]], index: int, values: list[float]) -> None:
+    """Add one parameter's numbers to its module's: sums, except the maximum (NaN wins)."""
+    a = acc.get(index)
+    if a is None:
+        acc[index] = list(values)
+        return
+    for j in (0, 1, 2, 3, 5):
+        a[j] += values[j]
+    m = values[4]
+    a[4] = m if (m != m or a[4] != a[4]) else max(a[4], m)
 
 
 def _sqrt(value: float) -> float:
@@ -370,8 +459,24 @@ def read(
     act_numel = take(len(layout.saturating))
     input_numel = take(1)[0] if layout.has_input else 0.0
     maxes = take(layout.n_max)
+    extras = take(layout.n_extra)
     bits = unpack_bits(values[pos:])
     bit_pos = 0
+    if layout.layers is not None:
+        layers = layout.layers
+    # Under a loss scaler, gradients computed from the scaled loss are scale x too large:
+    # the backward signals always, parameter gradients until the scaler unscales them.
+    loss_scale = extras[0] if layout.scaler is not None and extras else None
+    signal_div = 1.0
+    grad_div = 1.0
+    if loss_scale is not None and math.isfinite(loss_scale) and loss_scale > 0:
+        signal_div = loss_scale
+        grad_div = 1.0 if layout.scaler == "unscaled" else loss_scale
+    if grad_div != 1.0:
+        sumsq = [v / (grad_div * grad_div) for v in sumsq]
+        maxes = [v / grad_div for v in maxes]
+    if signal_div != 1.0:
+        grad_sq = [v / (signal_div * signal_div) for v in grad_sq]
 
     def take_mask(size: int) -> int:
         """The next ``size`` bits of the packed masks, as an int (bit i = unit i)."""
@@ -390,31 +495,35 @@ def read(
     }
 
     acc: dict[int, list[float]] = {}  # sumsq, numel, nonzero, param sumsq, max, nonfinite
+    per_slot: list[list[float]] = []
     max_pos = 0
+    total_sumsq = 0.0
+    total_psq = 0.0
     for k, slot in enumerate(slots):
-        a = acc.get(slot.layer)
-        if a is None:
-            a = acc[slot.layer] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-        a[0] += sumsq[k]
-        a[1] += slot.numel
+        a = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
         if nonzero is not None and param_sumsq is not None:
-            a[2] += nonzero[k]
-            a[3] += param_sumsq[k]
+            a[2] = nonzero[k]
+            a[3] = param_sumsq[k]
             if slot.has_values:
-                m = maxes[max_pos]
+                a[4] = maxes[max_pos]
                 max_pos += 1
-                a[4] = m if (m != m or a[4] != a[4]) else max(a[4], m)
         if nonfinite_counts is not None and checked_param_sumsq is not None:
-            a[5] += nonfinite_counts[k]
+            a[5] = nonfinite_counts[k]
             a[3] += checked_param_sumsq[k]
+        per_slot.append(a)
+        total_sumsq += a[0]
+        total_psq += a[3]
+        _add(acc, slot.layer, a)
         if slot.rows:
             ls = stats[slot.layer]
             ls.units = slot.rows
             ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
+    # A tied parameter shows in every module that owns it, counted once in the totals.
+    for index, k in layout.aliases:
+        if index in stats:
+            _add(acc, index, per_slot[k])
 
     previous_layers = previous.layers if previous is not None else {}
-    total_sumsq = 0.0
-    total_psq = 0.0
     for index, (s2, numel, nz, psq, mx, nf) in acc.items():
         ls = stats[index]
         norm = _sqrt(s2)
@@ -428,7 +537,6 @@ def read(
         if layout.detail or checked_param_sumsq is not None:
             ls.param_norm = _sqrt(psq)
             ls.param_rms = ls.param_norm / math.sqrt(numel) if numel else 0.0
-            total_psq += psq
         else:
             before = previous_layers.get(ls.name)
             if before is not None:
@@ -436,7 +544,6 @@ def read(
         if layout.detail:
             ls.grad_zero_fraction = 1.0 - nz / numel if numel else 0.0
             ls.grad_max = mx
-        total_sumsq += s2
     for index, names in layout.missing.items():
         stats[index].missing_grad = tuple(names)
 

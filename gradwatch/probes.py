@@ -24,6 +24,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 
 from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RELU, SIGMOID, TANH, LayerInfo
@@ -47,6 +51,20 @@ def _never() -> bool:
 # Hooks must stay out of graphs that torch.compile is tracing.
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
 _grad_enabled = torch.is_grad_enabled
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _in_backward() -> bool:
+    """True inside a backward pass: a forward hook then sees activation checkpointing
+    recompute its segment, not the model's own forward pass."""
+    return _graph_task_id is not None and _graph_task_id() != -1
+
+
+def _norm(values: torch.Tensor) -> torch.Tensor:
+    """L2 norm accumulated in float32 (float64 stays float64: its norm cannot narrow)."""
+    if values.dtype == torch.float64:
+        return torch.linalg.vector_norm(values)
+    return torch.linalg.vector_norm(values, dtype=_F32)
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -84,6 +102,7 @@ class ProbeRecord:
     activation_numel: dict[int, int] = field(default_factory=dict)
     input_norm: torch.Tensor | None = None  # the model's input, as the first module saw it
     input_numel: int = 0
+    input_seen: bool = False  # the first module measured this step looked at its input
 
     @property
     def empty(self) -> bool:
@@ -126,14 +145,22 @@ def per_unit_sum(values: torch.Tensor, axis: int) -> torch.Tensor:
     """Sum over every axis but the unit axis, in float32: one number per unit."""
     ndim = values.dim()
     if ndim == 1:
-        return values.to(_F32)
+        return values.to(torch.float64 if values.dtype == torch.float64 else _F32)
+    dtype = torch.float64 if values.dtype == torch.float64 else _F32
     if ndim == 2 and axis == 1:  # the common (batch, features) case, without a dims list
-        return values.sum(0, dtype=_F32)
-    return values.sum(dim=[d for d in range(ndim) if d != axis], dtype=_F32)
+        return values.sum(0, dtype=dtype)
+    return values.sum(dim=[d for d in range(ndim) if d != axis], dtype=dtype)
 
 
 class Probes:
-    """Forward hooks on the watched modules, present only while armed."""
+    """Forward hooks on the watched modules, present only while armed.
+
+    The hooks are *global* module hooks (``torch.nn.modules.module.register_module_forward_hook``)
+    that look the calling module up in a table of the watched ones. Nothing is ever stored
+    on the user's modules, so a watched model can be pickled, saved whole with ``torch.save``,
+    deep-copied (an EMA or SWA copy) or scripted at any step, and a copy's forward passes
+    never reach the watcher: the copy's modules are not in the table.
+    """
 
     def __init__(self, layers: list[LayerInfo], guard: Guard) -> None:
         self._layers = [layer for layer in layers if layer.probe]
@@ -157,6 +184,14 @@ class Probes:
         self._grad_hooks = {
             layer.index: self._make_grad_hook(layer.index) for layer in self._layers
         }
+        self._order_hooks = {
+            layer.index: self._make_order_hook(layer.index)
+            for layer in self._layers
+            if not layer.is_leaf
+        }
+        # id(module) -> (module, hook), for the modules hooked in the current arming
+        self._post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+        self._pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
 
     @property
     def armed(self) -> bool:
@@ -178,17 +213,23 @@ class Probes:
         self.disarm()
         self._detail = detail
         self.record = ProbeRecord(detail=detail)
+        post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+        pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
         for layer in self._layers:
             module = layer.module
             if detail:
                 if not layer.is_leaf:
                     # Containers that own parameters (attention, a root with embeddings)
                     # start before their children: take their depth when they start.
-                    hook = self._make_pre_hook(layer.index)
-                    self._handles.append(module.register_forward_pre_hook(hook))
-                self._handles.append(module.register_forward_hook(self._full_hooks[layer.index]))
+                    pre[id(module)] = (module, self._order_hooks[layer.index])
+                post[id(module)] = (module, self._full_hooks[layer.index])
             elif layer.index in self._core_hooks and layer.index not in self.skip_core:
-                self._handles.append(module.register_forward_hook(self._core_hooks[layer.index]))
+                post[id(module)] = (module, self._core_hooks[layer.index])
+        self._post, self._pre = post, pre
+        if pre:
+            self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
+        if post:
+            self._handles.append(register_module_forward_hook(self._dispatch_post))
 
     def set_skip(self, indices: set[int]) -> None:
         """Change which activations go without a hook on steps without detail."""
@@ -202,6 +243,7 @@ class Probes:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._post, self._pre = {}, {}
 
     def take(self) -> ProbeRecord:
         """Hand over what was gathered and start afresh."""
@@ -218,13 +260,27 @@ class Probes:
 
     # -- hooks -------------------------------------------------------------------------
 
-    def _make_pre_hook(self, index: int) -> Callable[..., None]:
-        def pre_hook(module: nn.Module, args: Any) -> None:
-            if self._off or not _grad_enabled() or _is_compiling():
+    # The global hooks run for every module of the process while armed: one dictionary
+    # lookup decides whether the module is one of ours.
+    def _dispatch_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        entry = self._post.get(id(module))
+        if entry is not None and entry[0] is module:
+            entry[1](module, args, output)
+        return None
+
+    def _dispatch_pre(self, module: nn.Module, args: Any) -> None:
+        entry = self._pre.get(id(module))
+        if entry is not None and entry[0] is module:
+            entry[1](module, args)
+        return None
+
+    def _make_order_hook(self, index: int) -> Callable[..., None]:
+        def order_hook(module: nn.Module, args: Any) -> None:
+            if self._off or _is_compiling() or _in_backward():
                 return None
             try:
                 order = self.record.order
-                if not order:
+                if not self.record.input_seen and _grad_enabled():
                     self._note_input(args)
                 if index not in order:
                     order[index] = len(order)
@@ -232,7 +288,7 @@ class Probes:
                 self.shut_down(error)
             return None
 
-        return pre_hook
+        return order_hook
 
     def _make_full_hook(self, layer: LayerInfo) -> Callable[..., None]:
         index, kind = layer.index, layer.kind
@@ -246,20 +302,26 @@ class Probes:
         core = self._make_core_hook(layer) if kind in _ACTIVATION_KINDS else None
 
         def full_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._off or not _grad_enabled() or _is_compiling():
+            if self._off or _is_compiling():
                 return None
             try:
                 record = self.record
+                recomputing = _in_backward()
+                if not recomputing and index not in record.order:
+                    # The forward order, also from a pass without gradients: reentrant
+                    # activation checkpointing runs the forward under no_grad and the
+                    # recomputation (in reverse block order) inside backward.
+                    record.order[index] = len(record.order)
+                if not _grad_enabled() or (recomputing and index in record.calls):
+                    return None  # no gradient will flow, or already measured this step
                 tensor = first_tensor(output)
                 if tensor is None:
                     return None
-                if not record.order:
+                if not record.input_seen and not recomputing:
                     self._note_input(args)
-                if index not in record.order:
-                    record.order[index] = len(record.order)
                 if len(record.out_norms) < _MAX_ENTRIES:
                     values = tensor.detach()
-                    norm = torch.linalg.vector_norm(values, dtype=_F32)
+                    norm = _norm(values)
                     record.out_norms.append((index, norm, values.numel()))
                     if tensor.requires_grad:
                         tensor.register_hook(self._grad_hooks[index])
@@ -292,13 +354,15 @@ class Probes:
             if self._off or not _grad_enabled() or _is_compiling():
                 return None
             try:
+                record = self.record
+                if index in record.calls and _in_backward():
+                    return None  # recomputed by activation checkpointing: counted already
                 tensor = output if type(output) is _Tensor else first_tensor(output)
                 if tensor is None:
                     return None
                 ndim = tensor.dim()
                 if ndim == 0:
                     return None
-                record = self.record
                 record.calls[index] = record.calls.get(index, 0) + 1
                 values = tensor.detach()
                 if kind == RELU:
@@ -322,8 +386,7 @@ class Probes:
             if self._off:
                 return None
             try:
-                norm = torch.linalg.vector_norm(grad.detach(), dtype=_F32)
-                self.record.grad_norms.append((index, norm, grad.numel()))
+                self.record.grad_norms.append((index, _norm(grad.detach()), grad.numel()))
             except Exception as error:
                 self.shut_down(error)
             return None
@@ -331,14 +394,15 @@ class Probes:
         return grad_hook
 
     def _note_input(self, args: Any) -> None:
+        self.record.input_seen = True
         tensor = first_tensor(args)
         if tensor is None:
             return
-        self.record.input_norm = torch.linalg.vector_norm(tensor.detach(), dtype=_F32)
+        self.record.input_norm = _norm(tensor.detach())
         self.record.input_numel = tensor.numel()
 
     def _saturation(self, index: int, kind: str, values: torch.Tensor) -> None:
-        values = values.to(_F32)
+        values = values.to(_F32) if values.dtype != torch.float64 else values
         if kind == SIGMOID:
             derivative = values * (1.0 - values) / _SIGMOID_DERIV_MAX
         else:
@@ -346,5 +410,5 @@ class Probes:
         record = self.record
         saturated = torch.count_nonzero(derivative < SATURATION_LEVEL)
         _accumulate(record.saturated, index, saturated.to(_F32))
-        _accumulate(record.derivative_sum, index, derivative.sum())
+        _accumulate(record.derivative_sum, index, derivative.sum().to(_F32))
         record.activation_numel[index] = record.activation_numel.get(index, 0) + values.numel()

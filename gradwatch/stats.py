@@ -169,6 +169,15 @@ class StepStats:
     activations_observed: bool = True
     input_rms: float | None = None
     detail: bool = True
+    #: the loss passed to ``watcher.step(loss=...)`` at this step
+    loss: float | None = None
+    #: a GradScaler's scale when the gradients were computed (statistics are unscaled)
+    loss_scale: float | None = None
+    #: why this step was measured off schedule: the every-step sentinel saw
+    #: ``"nonfinite"`` / ``"surge"`` gradients or a ``"loss-nonfinite"`` / ``"loss-surge"``
+    trigger: str | None = None
+    #: with a ``"surge"`` trigger: the sampled gradient norm over its recent median
+    surge: float | None = None
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers.values())
@@ -196,6 +205,10 @@ class StepStats:
             "activations_observed": self.activations_observed,
             "input_rms": _json_number(self.input_rms),
             "detail": self.detail,
+            "loss": _json_number(self.loss),
+            "loss_scale": _json_number(self.loss_scale),
+            "trigger": self.trigger,
+            "surge": _json_number(self.surge),
             "layers": {name: s.to_dict() for name, s in self.layers.items()},
         }
 
@@ -212,6 +225,10 @@ class StepStats:
             activations_observed=bool(data.get("activations_observed", True)),
             input_rms=_from_json_number(data.get("input_rms")),
             detail=bool(data.get("detail", True)),
+            loss=_from_json_number(data.get("loss")),
+            loss_scale=_from_json_number(data.get("loss_scale")),
+            trigger=data.get("trigger"),
+            surge=_from_json_number(data.get("surge")),
         )
 
 

@@ -8,11 +8,13 @@ import math
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from .amp import ScalerView, check_scaler
 from .collect import Collector, Layout, read
 from .distributed import Reducer
 from .findings import Finding
@@ -25,7 +27,9 @@ from .reporters.base import Reporter, default_reporters
 from .rules import resolve_rules
 from .rules.base import ModelFacts, Rule, RuleContext
 from .rules.engine import RuleEngine, SummaryRow
+from .sentinel import Sentinel, Trip
 from .stats import OptimizerInfo, StepStats
+from .structure import WatchedSet
 from .transfer import HostTransfer
 from .units import alive_units, dead_fraction, unit_groups
 from .validation import deferred_option, whole_number
@@ -98,6 +102,8 @@ class Watcher:
         activations: bool = True,
         sync: bool | None = None,
         deferred: bool | Literal["auto"] = "auto",
+        scaler: Any = None,
+        sentinel: bool = True,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ValueError(
@@ -106,6 +112,7 @@ class Watcher:
         whole_number("every_n_steps", every_n_steps)
         whole_number("detail_every", detail_every)
         deferred_option(deferred)
+        check_scaler(scaler)
 
         self._outer = module
         self.module = unwrap(module)
@@ -143,6 +150,7 @@ class Watcher:
             self._release()
             raise
 
+        self._watched = WatchedSet(self.module, layers, exclude, layers=self.layers)
         self.every_n_steps = every_n_steps
         #: Steps measured besides every ``every_n_steps``-th one: a predicate on the step
         #: number (``None``: none). Hooks are placed ahead of such steps as well.
@@ -150,7 +158,8 @@ class Watcher:
         self.detail_every = detail_every
         self._guard = Guard()
         self._compiled = is_compiled(module)
-        self._probes = Probes(self.layers, self._guard) if activations else None
+        self._activations = activations and not self._compiled
+        self._probes = Probes(self.layers, self._guard) if self._activations else None
         if self._compiled:
             self._guard.say_once(
                 "compiled",
@@ -163,7 +172,7 @@ class Watcher:
             self._probes = None
         self._reducer = Reducer(sync)
         self._collector = Collector(self.layers, self._reducer)
-        self._transfer: HostTransfer[tuple[Layout, OptimizerInfo | None]] = HostTransfer(False)
+        self._transfer: HostTransfer[tuple[Layout, _StepContext]] = HostTransfer(False)
         self._deferred_setting = deferred
         self._engine = RuleEngine(self.rules, self._guard)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
@@ -171,8 +180,12 @@ class Watcher:
         self._history = History(history)
         self._findings: deque[Finding] = deque(maxlen=MAX_FINDINGS)
         self._optimizer = optimizer
+        self._scaler = ScalerView(scaler) if scaler is not None else None
         self._params = [p for layer in self.layers for _, p in layer.params]
         self._index_of = {layer.name: layer.index for layer in self.layers}
+        self._sentinel_on = sentinel
+        self._sentinel = self._make_sentinel()
+        self._flush_next = False
         self._seen_grads: list[tuple[Any, int] | None] = []
         self._depth: dict[int, float] = {}
         self._count = 0
@@ -185,26 +198,53 @@ class Watcher:
 
     # -- public API --------------------------------------------------------------------
 
-    def step(self, step: int | None = None, *, optimizer: Any = None) -> list[Finding]:
+    def step(
+        self,
+        step: int | None = None,
+        *,
+        optimizer: Any = None,
+        loss: Any = None,
+        scaler: Any = None,
+    ) -> list[Finding]:
         """Mark the end of a backward pass; measure if this step is monitored.
 
         ``step`` overrides the step number (a trainer's global step); by default the
         watcher counts calls from 0. ``optimizer`` tells the rules how gradients are
-        used (Adam rescales them). Returns the findings new at this step.
+        used (Adam rescales them). ``loss`` (this step's loss, a tensor or number) lets
+        the every-step sentinel see a NaN or a spike in the loss itself. ``scaler`` is
+        the ``torch.amp.GradScaler`` of fp16 training: statistics are then of unscaled
+        gradients, and the Inf gradients of a step the scaler skips are not a NaN
+        error. Returns the findings new at this step.
         """
         if self._closed:
             return []
         label = self._count if step is None else int(step)
-        if not self.is_monitored(label):
+        if optimizer is not None:
+            self._optimizer = optimizer
+        if scaler is not None and (self._scaler is None or self._scaler.scaler is not scaler):
+            check_scaler(scaler)
+            self._scaler = ScalerView(scaler)
+        findings: list[Finding] = []
+        if self._flush_next:  # a sentinel measurement still in flight (deferred mode)
+            self._flush_next = False
+            findings.extend(self._guard.call("statistics", self._read_pending, default=[]))
+        trip = None
+        if self._sentinel is not None and not self._guard.is_disabled("statistics"):
+            trips = self._guard.call(
+                "sentinel", self._sentinel.observe, label, loss, self._scale_tensor(), default=[]
+            )
+            trip = trips[-1] if trips else None
+        if not self.is_monitored(label) and trip is None:
             self._count += 1
             self._arm_for(label + 1)
-            return []
+            return findings
         # On every rank at every monitored step, statistics on or off: a rank whose
         # statistics failed after the last step's collectives tells its peers now.
         self._reducer.begin_step()
-        findings, measured = self._guard.call(
-            "statistics", self._monitored_step, label, optimizer, default=([], True)
+        new, measured = self._guard.call(
+            "statistics", self._monitored_step, label, loss, trip, default=([], True)
         )
+        findings.extend(new)
         if self._guard.is_disabled("statistics"):
             self._reducer.announce_failure()  # idempotent: now, or at the next monitored step
             self._reducer.enabled = False
@@ -258,9 +298,8 @@ class Watcher:
         self._closed = True
         if self._probes is not None:
             self._probes.disarm()
-        pending = self._guard.call("statistics", self._transfer.flush, default=[])
-        for (layout, info), values in pending:
-            self._guard.call("statistics", self._process, layout, info, values, None, default=[])
+        self._guard.call("statistics", self._read_pending, default=[])
+        self._watched.close()
         summary = self._engine.summary()
         for reporter in self.reporters:
             close = getattr(reporter, "close", None)
@@ -302,54 +341,161 @@ class Watcher:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _monitored_step(self, label: int, optimizer: Any) -> tuple[list[Finding], bool]:
+    def _monitored_step(
+        self, label: int, loss: Any, trip: Trip | None
+    ) -> tuple[list[Finding], bool]:
+        if self._watched.changed():
+            self._rebuild(label)
         if not self._gradients_changed():
             return [], False  # no backward since the last monitored step: nothing to read
-        if optimizer is not None:
-            self._optimizer = optimizer
         info = describe(self._optimizer)
         record = self._probes.take() if self._probes is not None else None
-        if record is not None and record.empty and self._probes is not None:
+        if record is not None and record.empty and self._probes is not None and trip is None:
             self._note_no_hooks()
-        detail = self._is_detail(label)
+        detail = self._is_detail(label) or trip is not None
         if detail:
             self._last_detail = label
         self._monitored += 1
         self._force_detail = False
+        extras, scaler_state = self._scaler_extras()
         try:
-            measured = self._collector.measure(label, record or ProbeRecord(), detail=detail)
+            measured = self._collector.measure(
+                label, record or ProbeRecord(), detail=detail, extras=extras
+            )
         except Exception:
             self._reducer.announce_failure()
             raise
         if measured is None:
             return [], True
         packed, layout = measured
+        layout.scaler = scaler_state
+        if layout.missing:
+            self._forget_removed(layout)
         if layout.order:
             self._update_depth(layout.order)
         self._transfer.deferred = self._use_deferred(packed)
+        context = _StepContext(info, _loss_value(loss) if not packed.is_cuda else None, trip)
         findings: list[Finding] = []
-        for (ready_layout, ready_info), values in self._transfer.submit(packed, (layout, info)):
-            nonfinite = None
-            if _has_nonfinite(values, ready_layout):
-                # Look closer next time: the forward pass shows where NaN first appears.
-                self._force_detail = True
-                if not self._transfer.deferred:  # the gradients are still there to inspect
-                    nonfinite = self._collector.inspect_nonfinite(ready_layout.slots)
-            findings.extend(self._process(ready_layout, ready_info, values, nonfinite))
+        for (ready_layout, ready_context), values in self._transfer.submit(
+            packed, (layout, context)
+        ):
+            findings.extend(self._read(ready_layout, ready_context, values, fresh=True))
+        if trip is not None and self._transfer.deferred:
+            self._flush_next = True  # read it at the next step, not 15 steps from now
         return findings, True
+
+    def _read(
+        self, layout: Layout, context: _StepContext, values: list[float], fresh: bool
+    ) -> list[Finding]:
+        nonfinite = None
+        if _has_nonfinite(values, layout):
+            # Look closer next time: the forward pass shows where NaN first appears.
+            self._force_detail = True
+            self._arm_for(layout.step + 1)
+            if fresh and not self._transfer.deferred:  # the gradients are still there
+                nonfinite = self._collector.inspect_nonfinite(layout.slots)
+        return self._process(layout, context, values, nonfinite)
+
+    def _read_pending(self) -> list[Finding]:
+        findings = []
+        for (layout, context), values in self._transfer.flush():
+            findings.extend(self._read(layout, context, values, fresh=False))
+        return findings
+
+    def _scale_tensor(self) -> torch.Tensor | None:
+        if self._scaler is None or not self._scaler.enabled:
+            return None
+        return self._scaler.scale_tensor()
+
+    def _scaler_extras(self) -> tuple[list[torch.Tensor], str | None]:
+        """The scale to send along with the statistics, and whether the gradients still
+        carry it."""
+        scale = self._scale_tensor()
+        if scale is None or self._scaler is None:
+            return [], None
+        state = "unscaled" if self._scaler.unscaled(self._optimizer) else "scaled"
+        return [scale], state
+
+    def _make_sentinel(self) -> Sentinel | None:
+        # Off in multi-process training: a trip seen on one rank would make it measure
+        # alone, out of step with the other ranks' exchange of statistics.
+        if not self._sentinel_on or self._reducer.world_size > 1:
+            return None
+        return Sentinel(self._params, deferred=self._deferred_setting)
+
+    def _rebuild(self, label: int) -> None:
+        """The model changed (layers frozen, unfrozen, replaced or added): watch the new
+        set from now on, and say so once."""
+        change = self._watched.rebuild()
+        old_depth = {layer.name: self._depth.get(layer.index) for layer in self.layers}
+        self.layers = self._watched.layers
+        self._claim_new(self.layers)
+        if self._probes is not None:
+            self._probes.disarm()
+            self._probes = Probes(self.layers, self._guard)
+        self._collector = Collector(self.layers, self._reducer)
+        all_classes = frozenset(type(m).__name__ for m in self.module.modules())
+        self._facts = ModelFacts.from_layers(self.layers, all_classes, compiled=self._compiled)
+        self._params = [p for layer in self.layers for _, p in layer.params]
+        self._index_of = {layer.name: layer.index for layer in self.layers}
+        self._depth = {
+            layer.index: depth
+            for layer in self.layers
+            if (depth := old_depth.get(layer.name)) is not None
+        }
+        self._seen_grads = []
+        self._sentinel = self._make_sentinel()
+        if change:
+            text = f"gradwatch: the watched layers changed at step {label} ({change.describe()})"
+            logger.info(text)
+            for reporter in self.reporters:
+                notice = getattr(reporter, "notice", None)
+                if callable(notice):
+                    self._guard.call(f"reporter {_name(reporter)}", notice, text, default=None)
+
+    def _forget_removed(self, layout: Layout) -> None:
+        """Parameters without a gradient whose module was removed from the model are not
+        missing: the module is gone (the watched set is rebuilt at the next step)."""
+        modules = {layer.index: layer.module for layer in self.layers}
+        gone = self._watched.detached([modules[i] for i in layout.missing if i in modules])
+        if gone:
+            gone_ids = {id(m) for m in gone}
+            layout.missing = {
+                i: names
+                for i, names in layout.missing.items()
+                if id(modules.get(i)) not in gone_ids
+            }
+
+    def _claim_new(self, layers: list[LayerInfo]) -> None:
+        for layer in layers:
+            if _WATCHED.get(layer.module) is None:
+                _WATCHED[layer.module] = self
 
     def _process(
         self,
         layout: Layout,
-        info: OptimizerInfo | None,
+        context: _StepContext,
         values: list[float],
         nonfinite: tuple[list[int], list[float]] | None,
     ) -> list[Finding]:
         stats = read(
-            values, layout, self.layers, self._depth, info, nonfinite, self._history.latest
+            values,
+            layout,
+            self.layers,
+            self._depth,
+            context.optimizer,
+            nonfinite,
+            self._history.latest,
         )
         if self._probes is None or not self._probes.active:
             stats.activations_observed = False
+        stats.loss = context.loss
+        trip = context.trip
+        if trip is not None:
+            stats.trigger = trip.reason
+            stats.surge = trip.factor if trip.reason == "surge" else None
+            if trip.loss is not None:
+                stats.loss = trip.loss
         self._history.append(stats)
         ctx = RuleContext(stats=stats, history=self._history, model=self._facts)
         new = self._engine.evaluate(ctx)
@@ -372,7 +518,9 @@ class Watcher:
         for group in unit_groups(stats):
             if group.producer is None or group.activation is None:
                 continue
-            activation = self._index_of[group.activation]
+            activation = self._index_of.get(group.activation)
+            if activation is None:
+                continue  # the model changed since these statistics were taken
             producer = stats.layers.get(group.producer)
             seen = alive_units(group, stats)
             dead = dead_fraction(group, stats)
@@ -478,6 +626,25 @@ class Watcher:
         for module in self.module.modules():
             if _WATCHED.get(module) is self:
                 del _WATCHED[module]
+
+
+@dataclass(frozen=True)
+class _StepContext:
+    """What travels with a monitored step's statistics besides the vector itself."""
+
+    optimizer: OptimizerInfo | None
+    loss: float | None
+    trip: Trip | None
+
+
+def _loss_value(loss: Any) -> float | None:
+    """The loss as a float, read on the CPU only (on a GPU it would force a sync; the
+    sentinel has it there)."""
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_cuda:
+        return float(loss.detach())
+    return None
 
 
 def _has_nonfinite(values: list[float], layout: Layout) -> bool:

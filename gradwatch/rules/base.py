@@ -77,8 +77,18 @@ class RuleContext:
     model: ModelFacts
 
     def recent(self, n: int) -> list[StepStats]:
-        """The last ``n`` monitored steps including this one, oldest first."""
-        return self.history.last(n)
+        """The last ``n`` monitored steps including this one, oldest first.
+
+        Steps measured off schedule because the every-step sentinel tripped are left out
+        (except this one): persistence means "over scheduled steps", not over the few
+        consecutive steps of an emergency."""
+        if n <= 0:
+            return []
+        steps = self.history.last(n + 8)
+        current = steps[-1] if steps and steps[-1] is self.stats else None
+        earlier = [s for s in (steps[:-1] if current is not None else steps) if s.trigger is None]
+        chosen = earlier[-(n - 1) :] if n > 1 else []
+        return [*chosen, current] if current is not None else earlier[-n:]
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,9 @@ class Rule:
     #: monitored steps after an announcement before a persisting condition is repeated
     cooldown: ClassVar[int] = 100
     worse_by: ClassVar[float] = 1.0
+    #: judged also at steps the every-step sentinel measured off schedule (a surge, a
+    #: NaN); only its conditions that fire at once (window 1) count there
+    fast: ClassVar[bool] = False
 
     def __init__(self, **thresholds: float) -> None:
         unknown = set(thresholds) - set(self.defaults) - {"window", "clear_after", "cooldown"}

@@ -57,17 +57,27 @@ class RuleEngine:
         self._tick = 0
 
     def evaluate(self, ctx: RuleContext) -> list[Finding]:
-        self._tick += 1
+        off_schedule = ctx.stats.trigger is not None
+        if not off_schedule:
+            self._tick += 1
         findings: list[Finding] = []
         for rule in self.rules:
+            if off_schedule and not getattr(rule, "fast", False):
+                continue
             part = f"rule {rule.code} {rule.slug}"
             conditions = self.guard.call(part, rule.check, ctx, default=None)
             if conditions is None:
                 continue
-            findings.extend(self._apply(rule, conditions, ctx.stats.step))
+            if off_schedule:
+                # A sentinel's emergency measurement: only what fires at once counts, and
+                # the persistence of everything else is left as it was.
+                conditions = [c for c in conditions if (c.window or rule.window) == 1]
+            findings.extend(self._apply(rule, conditions, ctx.stats.step, partial=off_schedule))
         return findings
 
-    def _apply(self, rule: Rule, conditions: Sequence[Condition], step: int) -> list[Finding]:
+    def _apply(
+        self, rule: Rule, conditions: Sequence[Condition], step: int, partial: bool = False
+    ) -> list[Finding]:
         out: list[Finding] = []
         seen: set[str] = set()
         for cond in conditions:
@@ -91,7 +101,7 @@ class RuleEngine:
                 track.last_step = step
                 self._record(rule, cond.key, track)
         for (slug, key), track in list(self._tracks.items()):
-            if slug != rule.slug or key in seen:
+            if slug != rule.slug or key in seen or partial:
                 continue
             track.streak = 0
             track.absent += 1

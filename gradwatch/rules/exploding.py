@@ -26,7 +26,12 @@ What it measures, three ways (each must hold for `window` monitored steps):
   it is announced at once, without the window: such a step ruins the weights, and
   waiting would only report the NaN that follows; above 10x it is an error;
 - a spike: the global gradient norm above `spike_factor` times the median of the
-  previous monitored steps, held for `window` steps.
+  previous monitored steps, held for `window` steps;
+- a surge, at once: between monitored steps a cheap sentinel reads a small sample of
+  gradients every step; when it jumps above `spike_factor` times its median over the
+  last 16 steps, the whole model is measured at that step and this fires without the
+  window, naming the layers whose gradient grew most since the last measurement. It
+  comes before the NaN that a diverging run produces a few steps later.
 
 Why it matters: backpropagation multiplies one local derivative per layer; weights
 initialised too large (or a learning rate that inflates them) make that product grow
@@ -56,6 +61,7 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
     }
     window = 3
     worse_by = 1.0
+    fast = True
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
@@ -76,7 +82,68 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         spike = self._spike(ctx, hint)
         if spike is not None:
             out.append(spike)
+        surge = self._surge(ctx, hint)
+        if surge is not None:
+            out.append(surge)
         return out
+
+    def _surge(self, ctx: RuleContext, hint: str) -> Condition | None:
+        """The every-step sentinel saw the gradient jump: measured at that very step, so
+        the finding comes before the weights are ruined (and before the NaN)."""
+        stats = ctx.stats
+        factor = stats.surge
+        if stats.trigger != "surge" or factor is None or factor <= self.t("spike_factor"):
+            return None
+        earlier = next(
+            (
+                s
+                for s in reversed(ctx.recent(int(self.t("baseline_steps")) + 1)[:-1])
+                if math.isfinite(s.global_grad_norm) and s.trigger is None
+            ),
+            None,
+        )
+        growth: list[tuple[float, str]] = []
+        for layer in stats.by_depth(with_gradient=True):
+            before = earlier.layers.get(layer.name) if earlier is not None else None
+            if before is not None and before.grad_norm and layer.grad_norm:
+                growth.append((layer.grad_norm / before.grad_norm, layer.name))
+        growth.sort(reverse=True)
+        names = [name for _, name in growth[:3]]
+        evidence: dict[str, object] = {
+            "factor": factor,
+            "global_grad_norm": stats.global_grad_norm,
+        }
+        where = ""
+        if earlier is not None and growth:
+            evidence["since_step"] = earlier.step
+            evidence["largest_growth"] = growth[0][0]
+            evidence["largest_growth_layer"] = growth[0][1]
+            evidence["global_growth"] = (
+                stats.global_grad_norm / earlier.global_grad_norm
+                if earlier.global_grad_norm
+                else math.inf
+            )
+            where = (
+                f"; largest growth since step {earlier.step} in {format_layers(names)} "
+                f"({growth[0][0]:.3g}x in {growth[0][1] or '<root>'})"
+            )
+        return Condition(
+            key="surge",
+            layers=tuple(names),
+            message=(
+                f"the gradient jumped to {factor:.3g}x its median over the last steps "
+                f"(global gradient norm {stats.global_grad_norm:.3g}){where}: training is "
+                "diverging"
+            ),
+            hint=(
+                "A sudden jump of the gradient is how divergence starts (NaN follows within "
+                "a few steps): " + hint[0].lower() + hint[1:]
+            ),
+            evidence=evidence,
+            severity="error" if factor > 10 * self.t("spike_factor") else None,
+            score=math.log10(factor),
+            window=1,
+        )
 
     def _growth(self, ctx: RuleContext, hint: str) -> Condition | None:
         min_layers = int(self.t("min_layers"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from .base import Condition, Rule, RuleContext, format_layers
@@ -13,14 +14,24 @@ class NonFiniteGradient(Rule):
     severity = "error"
     summary = "NaN/Inf values in the gradients"
     explanation = """\
-What it measures: whether any gradient holds NaN or Inf (its norm is not finite), at
-every monitored step. On such a step it counts the non-finite values, checks whether
-the weights themselves are already non-finite, and looks closer at the next monitored
-step (the first module in forward order whose output is non-finite). The finding
-names where it first appears, in forward order: poisoned weights, else the first
-non-finite forward output, else the first layer with a non-finite gradient; the other
-affected layers follow. It fires at once (no window): one NaN update poisons the
+What it measures: whether any gradient (or the loss, when passed to
+watcher.step(loss=...)) holds NaN or Inf. Every step, not only monitored ones: a cheap
+sentinel reads a small sample of gradients (and the loss), and at the first NaN/Inf the
+whole model is measured at that very step, while the weights are still clean. It counts
+the non-finite values, checks whether the weights themselves are already non-finite,
+and watches the next forward passes (the first module whose output is non-finite). The
+finding names where it first appears, in forward order: poisoned weights, else the first
+non-finite forward output, else (weights still finite) this step's batch or computation
+and the first layer it reached. It fires at once (no window): one NaN update poisons the
 weights for good.
+
+With fp16 and a loss scaler (watch(model, scaler=scaler), or step(scaler=...); the
+Lightning and Transformers callbacks pass theirs): Inf gradients at a step the scaler
+skips are how it calibrates, not a fault, and are not reported. It fires instead when
+the scale falls below `min_loss_scale` (an error: the model yields Inf/NaN at every
+scale) or the scaler skipped more than `skip_share` of the steps over the last
+`skip_span` monitored steps (a warning), and whenever the weights or the loss are
+non-finite.
 
 Why it matters: the optimizer adds the gradient to the weights; NaN + anything is NaN,
 so from the next step on the model outputs NaN and stops learning. Backpropagation
@@ -31,20 +42,37 @@ How to fix it: find the operation that produced it (log of 0, division by ~0, sq
 a negative, overflow in fp16); lower the learning rate, clip gradients, use bf16 or a
 GradScaler with fp16; add an eps where you divide or take logs. If the weights are
 already NaN, restart from a checkpoint."""
-    defaults: dict[str, float] = {}
+    defaults = {"min_loss_scale": 1.0, "skip_share": 0.5, "skip_span": 3}
+    threshold_docs = {
+        "min_loss_scale": "a GradScaler's scale below this means the model produces Inf/NaN "
+        "at every scale",
+        "skip_share": "share of recent steps a GradScaler skipped above which it fires",
+        "skip_span": "monitored steps over which the skipped share is counted",
+    }
     window = 1
     clear_after = 3
+    fast = True
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
         ordered = stats.by_depth()
         bad = [s for s in ordered if s.grad_norm is not None and not math.isfinite(s.grad_norm)]
-        if not bad and math.isfinite(stats.global_grad_norm):
-            return []
-        outputs = [s.name for s in ordered if s.output_nonfinite]
         weights = [
             s.name for s in ordered if s.param_norm is not None and not math.isfinite(s.param_norm)
         ]
+        loss_bad = stats.loss is not None and not math.isfinite(stats.loss)
+        if stats.loss_scale is not None and not weights and not loss_bad:
+            # fp16 with a loss scaler: Inf gradients at a step the scaler skips are how it
+            # calibrates. Only a scale that keeps falling says the model itself is broken.
+            collapse = self._scale_collapse(ctx)
+            return [collapse] if collapse is not None else []
+        if not bad and math.isfinite(stats.global_grad_norm) and not loss_bad:
+            return []
+        return [self._nonfinite(stats, ordered, bad, weights, loss_bad)]
+
+    def _nonfinite(self, stats, ordered, bad, weights, loss_bad) -> Condition:
+        outputs = [s.name for s in ordered if s.output_nonfinite]
+        forward_seen = any(s.output_nonfinite is not None for s in ordered)
         names = [s.name for s in bad]
         counts = [s.grad_nonfinite for s in bad if s.grad_nonfinite is not None]
         evidence: dict[str, object] = {
@@ -53,8 +81,12 @@ already NaN, restart from a checkpoint."""
         }
         if counts:
             evidence["nonfinite_values"] = sum(counts)
+        if loss_bad:
+            evidence["loss"] = stats.loss
         if stats.input_rms is not None and not math.isfinite(stats.input_rms):
             evidence["input_nonfinite"] = True
+        if stats.loss_scale is not None:
+            evidence["loss_scale"] = stats.loss_scale
         # Where it first appears, in forward order: poisoned weights are the root cause;
         # else the first module whose forward output is already NaN/Inf; else (the forward
         # pass is clean) the backward pass produced it.
@@ -76,12 +108,31 @@ already NaN, restart from a checkpoint."""
                     f"The forward output of {origin} is NaN/Inf: check its input and operation "
                     "(log of 0, division by ~0, overflow in fp16 -> use bf16 or a GradScaler)."
                 )
+        elif not forward_seen and (bad or loss_bad):
+            # Measured at the step it appeared (the sentinel), before any forward hook:
+            # the weights were still finite, so this step's batch or computation made it.
+            origin = names[0] if names else ""
+            evidence["weights_finite"] = True
+            hint = (
+                "The weights were finite before this step, so the NaN/Inf came from this "
+                "step's batch or an operation in its forward or backward pass. Check the "
+                "batch (torch.isfinite(x).all(), labels in range) and operations such as "
+                "log, division, sqrt and exp; skip non-finite batches or clip gradients. "
+                "gradwatch watches the next forward passes to name the first module whose "
+                "output is NaN/Inf."
+            )
         elif not bad:
             origin = ""
-            hint = (
-                "Every gradient value is finite but their norm overflows float32: the "
-                "gradients are enormous. Clip them and lower the learning rate."
-            )
+            if loss_bad:
+                hint = (
+                    "The loss is NaN/Inf while every gradient is finite: check the loss "
+                    "computation (log of 0, division by ~0)."
+                )
+            else:
+                hint = (
+                    "Every gradient value is finite but their norm overflows float32: the "
+                    "gradients are enormous. Clip them and lower the learning rate."
+                )
         else:
             origin = names[0]
             hint = (
@@ -91,21 +142,67 @@ already NaN, restart from a checkpoint."""
             )
         evidence["origin"] = origin
         layers = ([origin] if origin else []) + [n for n in names if n != origin]
-        message = f"NaN/Inf gradient in {len(bad)} layer(s)"
-        if counts:
-            message += f" ({sum(counts)} non-finite values)"
+        if bad:
+            message = f"NaN/Inf gradient in {len(bad)} layer(s)"
+            if counts:
+                message += f" ({sum(counts)} non-finite values)"
+        else:
+            message = "NaN/Inf loss" if loss_bad else "the gradient norm overflows"
+        if loss_bad and bad:
+            message += "; the loss is NaN/Inf"
         if weights:
             message += f"; first appears in the weights of {origin}"
         elif outputs:
             message += f"; first appears in the forward output of {origin}"
+        elif not forward_seen and names:
+            message += f"; the weights were finite: it began at this step (first layer {origin})"
         elif names:
             message += f"; first layer in forward order: {origin}"
-        return [
-            Condition(
-                layers=tuple(layers),
-                message=message,
-                hint=hint,
-                evidence=evidence,
-                score=float(len(bad)),
-            )
-        ]
+        return Condition(
+            layers=tuple(layers),
+            message=message,
+            hint=hint,
+            evidence=evidence,
+            score=float(len(bad)),
+        )
+
+    def _scale_collapse(self, ctx: RuleContext) -> Condition | None:
+        """A GradScaler halves its scale at each skipped step and doubles it only after
+        long runs of clean ones: a scale below 1, or one that fell at most recent steps,
+        means the model yields Inf/NaN at every scale."""
+        stats = ctx.stats
+        scale = stats.loss_scale
+        assert scale is not None
+        span = [s for s in ctx.recent(int(self.t("skip_span")) + 1) if s.loss_scale]
+        skipped = 0.0
+        for before, after in itertools.pairwise(span):
+            if after.loss_scale and before.loss_scale and after.loss_scale < before.loss_scale:
+                skipped += math.log2(before.loss_scale / after.loss_scale)
+        steps = span[-1].step - span[0].step if len(span) > 1 else 0
+        share = skipped / steps if steps > 0 else 0.0
+        if scale >= self.t("min_loss_scale") and (steps <= 0 or share <= self.t("skip_share")):
+            return None
+        collapsed = scale < self.t("min_loss_scale")
+        what = (
+            f"the loss scale fell to {scale:.3g}" if collapsed
+            else f"the loss scaler skipped about {skipped:.0f} of the last {steps} steps"
+        )
+        return Condition(
+            key="scaler",
+            layers=(),
+            message=(
+                f"{what} (scale {scale:.3g}): the gradients are Inf/NaN at every scale, so "
+                "the model itself produces non-finite values and the optimizer steps are "
+                "being skipped"
+            ),
+            hint=(
+                "The loss scaler cannot fix values that are non-finite before scaling: find "
+                "the operation that overflows or divides by zero in fp16 (softmax or "
+                "attention logits, exp, large activations), compute it in float32, or train "
+                "in bf16. Check the data for NaN/Inf."
+            ),
+            evidence={"loss_scale": scale, "skipped_steps": round(skipped), "steps": steps},
+            severity="error" if collapsed else "warning",
+            score=-math.log2(max(scale, 1e-30)),
+            window=1,
+        )

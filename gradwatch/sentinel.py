@@ -1,0 +1,228 @@
+"""The every-step sentinel: notice divergence and NaN at the step they start.
+
+Monitored steps come every ``every_n_steps`` (15 by default): fine for slow problems, too
+late for a run that diverges within ten steps or a batch that turns everything NaN. On
+every other step the sentinel reads a few small numbers and decides whether the watcher
+should measure *now*, while that step's gradients still exist:
+
+- the norm of a small, fixed sample of gradients: the 1-D parameters (biases, norm
+  scales) spread over the network, at most ``_BUDGET`` values (a tiny fraction of a
+  model's gradients; reading them all every step would cost ~10% of a step);
+- the loss, when ``watcher.step(loss=loss)`` passes it;
+- the scale of a GradScaler, so that scaled gradients compare across steps.
+
+It trips on a non-finite value (NaN/Inf gradient sample or loss) or on a surge: the
+gradient sample above ``surge`` times its median over the last ``window`` steps, or the
+loss far above its recent level. The numbers are computed on the gradients' device; on
+CUDA they are copied without blocking and judged one step later (the GPU never waits).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .transfer import HostTransfer
+
+_F32 = torch.float32
+#: Gradient values the sample may hold (about 0.3 MB in float32).
+_BUDGET = 65_536
+#: Tensors in the sample (one fused norm over them).
+_MAX_TENSORS = 32
+
+
+@dataclass(frozen=True)
+class Trip:
+    """Why the sentinel asks for a measurement at ``step``."""
+
+    step: int
+    reason: str  # "nonfinite", "surge", "loss-nonfinite", "loss-surge"
+    value: float  # the sampled gradient norm (unscaled)
+    baseline: float | None  # its median over the recent steps
+    loss: float | None = None
+    loss_baseline: float | None = None
+
+    @property
+    def factor(self) -> float | None:
+        """How many times its recent median the gradient sample is."""
+        if self.baseline is None or self.baseline <= 0 or not math.isfinite(self.value):
+            return None
+        return self.value / self.baseline
+
+
+def sample_parameters(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The parameters whose gradients the sentinel reads every step: 1-D ones (biases,
+    norm scales) spread evenly over ``params`` (given in model order), else the smallest
+    tensors, within the value budget.
+
+    >>> ps = [torch.nn.Parameter(torch.zeros(n)) for n in (4, 8)] + [
+    ...     torch.nn.Parameter(torch.zeros(3, 3))]
+    >>> [p.numel() for p in sample_parameters(ps)]
+    [4, 8]
+    """
+    small = [p for p in params if p.dim() <= 1]
+    if not small:
+        small = sorted(params, key=lambda p: p.numel())[:4]
+    if len(small) > _MAX_TENSORS:
+        step = len(small) / _MAX_TENSORS
+        small = [small[int(i * step)] for i in range(_MAX_TENSORS)]
+    chosen: list[torch.nn.Parameter] = []
+    total = 0
+    for p in sorted(small, key=lambda p: p.numel()):
+        if total + p.numel() > _BUDGET and chosen:
+            continue
+        chosen.append(p)
+        total += p.numel()
+    order = {id(p): i for i, p in enumerate(params)}
+    return sorted(chosen, key=lambda p: order.get(id(p), 0))
+
+
+class Sentinel:
+    """Decides, every step, whether this step needs a full measurement.
+
+    >>> import torch
+    >>> p = torch.nn.Parameter(torch.zeros(3))
+    >>> sentinel = Sentinel([p])
+    >>> for step in range(10):
+    ...     p.grad = torch.ones(3)
+    ...     assert sentinel.observe(step) == []
+    >>> p.grad = torch.full((3,), 100.0)
+    >>> [t.reason for t in sentinel.observe(10)]
+    ['surge']
+    >>> p.grad = torch.full((3,), float("nan"))
+    >>> [t.reason for t in sentinel.observe(11)], sentinel.observe(12)  # once per episode
+    (['nonfinite'], [])
+    """
+
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        *,
+        window: int = 16,
+        surge: float = 10.0,
+        min_history: int = 4,
+        deferred: bool | str = "auto",
+    ) -> None:
+        self.params = sample_parameters(params)
+        self.window = window
+        self.surge = surge
+        self.min_history = min_history
+        self._deferred_setting = deferred
+        self._transfer: HostTransfer[int] = HostTransfer(False)
+        self._grads: deque[float] = deque(maxlen=window)
+        self._losses: deque[float] = deque(maxlen=window)
+        # A surge or a NaN that lasts trips once, not at every step: a NaN again only
+        # after a finite step, a surge again only when it doubles the last one.
+        self._in_nonfinite = False
+        self._surge_level: float | None = None
+
+    def observe(
+        self, step: int, loss: Any = None, scale: torch.Tensor | None = None
+    ) -> list[Trip]:
+        """Read this step's sample; return the trips among the steps judged now (this
+        one on the CPU, the previous one on CUDA)."""
+        grads = [p.grad for p in self.params]
+        grads = [g for g in grads if g is not None and g.layout is torch.strided]
+        parts: list[torch.Tensor] = []
+        device = None
+        if grads:
+            norms = torch._foreach_norm(grads, 2) if len(grads) > 1 else [grads[0].norm()]
+            total = torch.stack([n.to(_F32) for n in norms]).square().sum()
+            device = total.device
+            parts.append(total.reshape(1))
+        else:
+            parts.append(torch.full((1,), -1.0))  # nothing to read this step
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            parts.append(loss.detach().reshape(1).to(_F32))
+        elif isinstance(loss, (int, float)):
+            parts.append(torch.tensor([float(loss)], dtype=_F32))
+        else:
+            parts.append(torch.full((1,), math.nan))
+        parts.append(
+            scale.detach().reshape(1).to(_F32) if scale is not None else torch.ones(1)
+        )
+        parts.append(torch.ones(1) if loss is not None else torch.zeros(1))
+        device = device or parts[1].device
+        packed = torch.cat([p.to(device) for p in parts])
+        if self._deferred_setting == "auto":
+            self._transfer.deferred = packed.is_cuda
+        else:
+            self._transfer.deferred = bool(self._deferred_setting)
+        trips = []
+        for judged, values in self._transfer.submit(packed, step):
+            trip = self._judge(judged, values)
+            if trip is not None:
+                trips.append(trip)
+        return trips
+
+    def _judge(self, step: int, values: list[float]) -> Trip | None:
+        sumsq, loss, scale, has_loss = values
+        if sumsq < 0:
+            return None
+        value = math.sqrt(sumsq) / (scale if scale > 0 and math.isfinite(scale) else 1.0)
+        baseline = _median(self._grads) if len(self._grads) >= self.min_history else None
+        loss_value = loss if has_loss > 0 else None
+        loss_base = _median(self._losses) if len(self._losses) >= self.min_history else None
+        reason = None
+        nonfinite = not math.isfinite(value) or (
+            loss_value is not None and not math.isfinite(loss_value)
+        )
+        if nonfinite:
+            if not self._in_nonfinite:
+                # Under a loss scaler an Inf gradient with a finite loss is a skipped
+                # step: the watcher judges it with the scale at hand.
+                reason = "nonfinite" if not math.isfinite(value) else "loss-nonfinite"
+            self._in_nonfinite = True
+        else:
+            self._in_nonfinite = False
+            if baseline is not None and baseline > 0 and value > self.surge * baseline:
+                if self._surge_level is None or value > 2.0 * self._surge_level:
+                    reason = "surge"
+                    self._surge_level = value
+            else:
+                self._surge_level = None
+                if loss_value is not None and loss_base is not None and self._loss_surge(
+                    loss_value
+                ):
+                    reason = "loss-surge"
+        if math.isfinite(value):
+            self._grads.append(value)
+        if loss_value is not None and math.isfinite(loss_value):
+            self._losses.append(loss_value)
+        if reason is None:
+            return None
+        return Trip(step, reason, value, baseline, loss_value, loss_base)
+
+    def _loss_surge(self, loss: float) -> bool:
+        """The loss far above its recent level: more than 6 median absolute deviations
+        and more than half its own magnitude above the median (a loss that has fallen by
+        orders of magnitude has tiny deviations; the second test keeps its noise quiet)."""
+        ordered = list(self._losses)
+        centre = _median(ordered)
+        spread = _median([abs(v - centre) for v in ordered])
+        return loss - centre > max(6.0 * 1.4826 * spread, 0.5 * abs(centre))
+
+    def flush(self) -> list[Trip]:
+        """Judge a sample still in flight (deferred mode), e.g. at close."""
+        trips = []
+        for judged, values in self._transfer.flush():
+            trip = self._judge(judged, values)
+            if trip is not None:
+                trips.append(trip)
+        return trips
+
+    def state(self) -> dict[str, Any]:
+        return {"grads": list(self._grads), "losses": list(self._losses)}
+
+
+def _median(values: Any) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return math.nan
+    mid = n // 2
+    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
