@@ -589,4 +589,5 @@ def read(
         activations_observed=bool(layout.calls),
         input_rms=_sqrt(input_sq / input_numel) if input_sq is not None and input_numel else None,
         detail=layout.detail,
+        loss_scale=loss_scale,
     )

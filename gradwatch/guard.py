@@ -31,6 +31,20 @@ def warn_user(text: str, *, stacklevel: int = 3) -> None:
     warnings.warn(text, GradwatchWarning, stacklevel=stacklevel)
 
 
+def short_error(error: BaseException, limit: int = 200) -> str:
+    """``"Type: first line of the message"``, at most ``limit`` characters: some errors
+    (PyTorch's dispatcher) carry kilobytes of detail that belong in a traceback, not in a
+    warning.
+
+    >>> short_error(RuntimeError("bad thing\\nwith 10 KB of detail"))
+    'RuntimeError: bad thing'
+    """
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class Guard:
     """Runs parts of gradwatch so that none of them can raise into training.
 
@@ -55,15 +69,15 @@ class Guard:
             return default
 
     def fail(self, part: str, error: BaseException) -> None:
-        """Record that ``part`` failed: say so once and switch it off."""
+        """Record that ``part`` failed: say so once, in one short line, and switch it off.
+        The full traceback goes to the "gradwatch" logger at DEBUG level."""
         if part in self._disabled:
             return
-        self._disabled[part] = f"{type(error).__name__}: {error}"
-        text = (
-            f"gradwatch: {part} failed and is now disabled; training continues. "
-            f"({type(error).__name__}: {error})"
-        )
-        logger.error(text, exc_info=error)
+        reason = short_error(error)
+        self._disabled[part] = reason
+        text = f"gradwatch: {part} failed and is now disabled; training continues. ({reason})"
+        logger.error(text)
+        logger.debug("gradwatch: %s failed", part, exc_info=error)
         warnings.warn(text, GradwatchWarning, stacklevel=3)
 
     def say_once(self, key: str, text: str, *, level: int = logging.INFO) -> None:

@@ -12,8 +12,8 @@ should measure *now*, while that step's gradients still exist:
 - the scale of a GradScaler, so that scaled gradients compare across steps.
 
 It trips on a non-finite value (NaN/Inf gradient sample or loss) or on a surge: the
-gradient sample above ``surge`` times its median over the last ``window`` steps, or the
-loss far above its recent level. The numbers are computed on the gradients' device; on
+gradient sample above ``surge`` times its median over the last ``window`` steps and above
+their maximum, or the loss far above its recent level. The numbers are computed on the gradients' device; on
 CUDA they are copied without blocking and judged one step later (the GPU never waits).
 """
 
@@ -179,7 +179,15 @@ class Sentinel:
             self._in_nonfinite = True
         else:
             self._in_nonfinite = False
-            if baseline is not None and baseline > 0 and value > self.surge * baseline:
+            # A surge is far above the recent typical level *and* above everything in the
+            # window: a run whose gradient fell by orders of magnitude has batches far
+            # above its new median, but not above where it came from.
+            if (
+                baseline is not None
+                and baseline > 0
+                and value > self.surge * baseline
+                and value > max(self._grads)
+            ):
                 if self._surge_level is None or value > 2.0 * self._surge_level:
                     reason = "surge"
                     self._surge_level = value

@@ -30,8 +30,8 @@ Lightning and Transformers callbacks pass theirs): Inf gradients at a step the s
 skips are how it calibrates, not a fault, and are not reported. It fires instead when
 the scale falls below `min_loss_scale` (an error: the model yields Inf/NaN at every
 scale) or the scaler skipped more than `skip_share` of the steps over the last
-`skip_span` monitored steps (a warning), and whenever the weights or the loss are
-non-finite.
+`skip_window` steps (a warning; counted from the falls of its scale, which halves at
+each skipped step), and whenever the weights or the loss are non-finite.
 
 Why it matters: the optimizer adds the gradient to the weights; NaN + anything is NaN,
 so from the next step on the model outputs NaN and stops learning. Backpropagation
@@ -42,12 +42,13 @@ How to fix it: find the operation that produced it (log of 0, division by ~0, sq
 a negative, overflow in fp16); lower the learning rate, clip gradients, use bf16 or a
 GradScaler with fp16; add an eps where you divide or take logs. If the weights are
 already NaN, restart from a checkpoint."""
-    defaults = {"min_loss_scale": 1.0, "skip_share": 0.5, "skip_span": 3}
+    defaults = {"min_loss_scale": 1.0, "skip_share": 0.5, "skip_window": 100}
     threshold_docs = {
         "min_loss_scale": "a GradScaler's scale below this means the model produces Inf/NaN "
         "at every scale",
         "skip_share": "share of recent steps a GradScaler skipped above which it fires",
-        "skip_span": "monitored steps over which the skipped share is counted",
+        "skip_window": "steps over which the skipped share is counted (longer than a "
+        "scaler's calibration at the start of training)",
     }
     window = 1
     clear_after = 3
@@ -71,6 +72,8 @@ already NaN, restart from a checkpoint."""
         return [self._nonfinite(stats, ordered, bad, weights, loss_bad)]
 
     def _nonfinite(self, stats, ordered, bad, weights, loss_bad) -> Condition:
+        if bad and all(s.grad_nonfinite == 0 for s in bad):
+            return self._overflow(stats, bad)
         outputs = [s.name for s in ordered if s.output_nonfinite]
         forward_seen = any(s.output_nonfinite is not None for s in ordered)
         names = [s.name for s in bad]
@@ -166,6 +169,28 @@ already NaN, restart from a checkpoint."""
             score=float(len(bad)),
         )
 
+    def _overflow(self, stats, bad) -> Condition:
+        """Every value is finite, but so large that the norms overflow float32: the step
+        before NaN."""
+        names = [s.name for s in bad]
+        largest = max((s.grad_max for s in bad if s.grad_max is not None), default=None)
+        evidence: dict[str, object] = {"layers_overflowing": len(bad), "origin": names[0]}
+        if largest is not None:
+            evidence["max_abs_gradient"] = largest
+        return Condition(
+            layers=tuple(names),
+            message=(
+                f"the gradients of {format_layers(names)} are so large that their norm "
+                "overflows float32 (no NaN/Inf values yet): the next step will be NaN"
+            ),
+            hint=(
+                "Training is diverging: clip gradients (clip_grad_norm_), lower or warm up "
+                "the learning rate, and restart from a checkpoint taken before the jump."
+            ),
+            evidence=evidence,
+            score=float(len(bad)),
+        )
+
     def _scale_collapse(self, ctx: RuleContext) -> Condition | None:
         """A GradScaler halves its scale at each skipped step and doubles it only after
         long runs of clean ones: a scale below 1, or one that fell at most recent steps,
@@ -173,14 +198,22 @@ already NaN, restart from a checkpoint."""
         stats = ctx.stats
         scale = stats.loss_scale
         assert scale is not None
-        span = [s for s in ctx.recent(int(self.t("skip_span")) + 1) if s.loss_scale]
+        window = int(self.t("skip_window"))
+        span: list = []
+        for earlier in reversed(list(ctx.history)):
+            if earlier.loss_scale:
+                span.insert(0, earlier)
+                if stats.step - earlier.step >= window:
+                    break
         skipped = 0.0
         for before, after in itertools.pairwise(span):
             if after.loss_scale and before.loss_scale and after.loss_scale < before.loss_scale:
                 skipped += math.log2(before.loss_scale / after.loss_scale)
         steps = span[-1].step - span[0].step if len(span) > 1 else 0
-        share = skipped / steps if steps > 0 else 0.0
-        if scale >= self.t("min_loss_scale") and (steps <= 0 or share <= self.t("skip_share")):
+        # Judged over at least `skip_window` steps: a scaler calibrating at the start
+        # skips a burst of steps (log2 of its initial over its working scale) and stops.
+        share = skipped / steps if steps >= window else 0.0
+        if scale >= self.t("min_loss_scale") and share <= self.t("skip_share"):
             return None
         collapsed = scale < self.t("min_loss_scale")
         what = (
