@@ -13,8 +13,9 @@ should measure *now*, while that step's gradients still exist:
 
 It trips on a non-finite value (NaN/Inf gradient sample or loss) or on a surge: the
 gradient sample above ``surge`` times its median over the last ``window`` steps and above
-their maximum, or the loss far above its recent level. The numbers are computed on the gradients' device; on
-CUDA they are copied without blocking and judged one step later (the GPU never waits).
+their maximum, or the loss far above its recent level. The numbers are computed on the
+gradients' device; on CUDA they are copied without blocking and judged one step later
+(the GPU never waits).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def test_fp16_loss_scaler_calibration_is_not_a_nan_error():
 
 def test_a_model_that_produces_nan_under_the_scaler_is_still_an_error():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    watcher, scales, _ = _fp16_run(mlp(6, nn.ReLU, init="kaiming"), scaler, poison=True)
+    watcher, _, _ = _fp16_run(mlp(6, nn.ReLU, init="kaiming"), scaler, poison=True)
     errors = _alarms(watcher, "GW103")
     assert errors and errors[0].severity == "error" and errors[0].step == 0
     assert "loss" in errors[0].message
@@ -86,7 +86,7 @@ def test_a_collapsing_loss_scale_is_an_error_even_without_the_loss():
     x, y = digits()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     watcher = gradwatch.watch(model, reporters=[], every_n_steps=5, scaler=scaler)
-    for step in range(30):
+    for _ in range(30):
         with torch.autocast("cpu", dtype=torch.float16):
             out = model(x[:32]) * torch.log(torch.zeros(()))
             loss = nn.functional.cross_entropy(out.float(), y[:32])
@@ -138,7 +138,7 @@ def test_an_ema_copy_running_forward_never_reaches_the_watcher():
     teacher = copy.deepcopy(model)
     x, y = digits()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(8):
+    for _ in range(8):
         out = model(x[:32])
         target = teacher(x[:32]).detach()  # the copy's forward, with gradients enabled
         loss = nn.functional.cross_entropy(out, y[:32]) + (out - target).pow(2).mean()
@@ -176,7 +176,7 @@ def test_a_float64_model_is_measured():
     assert watcher.disabled == {}
     first = watcher.latest.layers["0"]
     assert first.grad_norm is not None and first.grad_norm > 0  # float64 keeps it above 0
-    finding = [f for f in watcher.findings if f.code == "GW101"][0]
+    finding = next(f for f in watcher.findings if f.code == "GW101")
     assert finding.layers[0] == "0"
 
 
@@ -320,7 +320,7 @@ class CheckpointedSigmoid(nn.Module):
     def __init__(self, depth=30, reentrant=True):
         super().__init__()
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(64 if i == 0 else 64, 64), nn.Sigmoid())
+            nn.Sequential(nn.Linear(64, 64), nn.Sigmoid())
             for i in range(depth - 1)
         )
         self.out = nn.Linear(64, 10)
@@ -342,7 +342,7 @@ def test_activation_checkpointing_keeps_the_forward_order(reentrant):
     watcher.close()
     order = [s.name for s in watcher.latest.by_depth(with_gradient=True)]
     assert order[:3] == ["blocks.0.0", "blocks.1.0", "blocks.2.0"] and order[-1] == "out"
-    finding = [f for f in watcher.findings if f.code == "GW101"][0]
+    finding = next(f for f in watcher.findings if f.code == "GW101")
     assert finding.layers[0] == "blocks.0.0"
     sigmoid = watcher.latest.layers["blocks.3.1"]
     assert sigmoid.calls == 1  # recomputation is not counted twice
