@@ -15,6 +15,9 @@ Configurations:
                     run.log({"loss": ...}) call that commits it each step
   lightning         lightning.pytorch.utilities.grad_norm(model, norm_type=2) each step
 
+Models: mlp, cnn, transformer (nn.TransformerEncoder), gpt2 (a GPT-2-shaped causal LM with
+scaled_dot_product_attention; not in the default --models).
+
 Run:  python benchmarks/overhead.py            (about 6 minutes on 2 CPU cores)
       python benchmarks/overhead.py --rounds 4 --models mlp
 """
@@ -111,7 +114,48 @@ def transformer_case():
     return Encoder(), lambda: (x, y)
 
 
-CASES = {"mlp": mlp_case, "cnn": cnn_case, "transformer": transformer_case}
+class _GPTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        qkv = self.c_attn(self.ln_1(x)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2-shaped causal LM: token + position embeddings, pre-LN blocks with causal
+    scaled_dot_product_attention and a 4x GELU MLP, final LayerNorm, tied output head."""
+
+    def __init__(
+        self, vocab: int = 2048, dim: int = 256, heads: int = 4, layers: int = 4, length: int = 128
+    ) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        self.h = nn.ModuleList(_GPTBlock(dim, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
+        for block in self.h:
+            x = block(x)
+        return (self.ln_f(x) @ self.wte.weight.T).flatten(0, 1)
+
+
+def gpt2_case():
+    tokens = torch.randint(0, 2048, (4, 129))
+    return GPT(), lambda: (tokens[:, :-1], tokens[:, 1:].flatten())
+
+
+CASES = {"mlp": mlp_case, "cnn": cnn_case, "transformer": transformer_case, "gpt2": gpt2_case}
 
 
 # -- configurations -------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from .attention_growth import AttentionLogitGrowth
 from .base import Condition, ModelFacts, Rule, RuleContext
 from .dead_units import DeadUnits
 from .engine import RuleEngine, SummaryRow
@@ -24,6 +25,7 @@ BUILTIN_RULES: tuple[type[Rule], ...] = (
     NoGradient,
     DeadUnits,
     SaturatedActivation,
+    AttentionLogitGrowth,
 )
 
 
@@ -111,6 +113,7 @@ def resolve_rules(
 
 __all__ = [
     "BUILTIN_RULES",
+    "AttentionLogitGrowth",
     "Condition",
     "DeadUnits",
     "ExplodingGradient",

@@ -6,6 +6,8 @@ import itertools
 import math
 
 from .base import Condition, Rule, RuleContext, format_layers
+from .masked_rows import attention_origin
+from .masked_rows import describe as describe_attention
 
 
 class NonFiniteGradient(Rule):
@@ -75,6 +77,7 @@ already NaN, restart from a checkpoint."""
         if bad and all(s.grad_nonfinite == 0 for s in bad):
             return self._overflow(stats, bad)
         outputs = [s.name for s in ordered if s.output_nonfinite]
+        attention = None
         forward_seen = any(s.output_nonfinite is not None for s in ordered)
         names = [s.name for s in bad]
         counts = [s.grad_nonfinite for s in bad if s.grad_nonfinite is not None]
@@ -104,7 +107,13 @@ already NaN, restart from a checkpoint."""
         elif outputs:
             origin = outputs[0]
             evidence["first_nonfinite_output"] = origin
-            if evidence.get("input_nonfinite"):
+            attention = attention_origin(stats, origin)
+            if attention is not None and not evidence.get("input_nonfinite"):
+                # A softmax with NaN rows (fully masked rows, most often) is where it began.
+                where, hint, more = describe_attention(attention)
+                evidence.update(more)
+                origin = attention.name
+            elif evidence.get("input_nonfinite"):
                 hint = "The input batch itself holds NaN/Inf: clean the data (torch.isfinite)."
             else:
                 hint = (
@@ -144,7 +153,10 @@ already NaN, restart from a checkpoint."""
                 "where the loss divides or takes a log, or use loss scaling with fp16."
             )
         evidence["origin"] = origin
-        layers = ([origin] if origin else []) + [n for n in names if n != origin]
+        first = [origin] if origin else []
+        if attention is not None and attention.softmax:
+            first.append(attention.softmax)
+        layers = first + [n for n in names if n not in first]
         if bad:
             message = f"NaN/Inf gradient in {len(bad)} layer(s)"
             if counts:
@@ -155,6 +167,8 @@ already NaN, restart from a checkpoint."""
             message += "; the loss is NaN/Inf"
         if weights:
             message += f"; first appears in the weights of {origin}"
+        elif attention is not None:
+            message += f"; first appears in {where}"
         elif outputs:
             message += f"; first appears in the forward output of {origin}"
         elif not forward_seen and names:
