@@ -3,11 +3,14 @@
 Attention is written many ways: an ``nn.Softmax`` module, ``torch.softmax`` /
 ``F.softmax`` / ``Tensor.softmax`` inside a custom module, or
 ``F.scaled_dot_product_attention`` (``nn.MultiheadAttention``, Hugging Face's "sdpa",
-most modern code). One mechanism sees all of them: while a monitored forward pass of the
-watched model runs, and only then, a ``TorchFunctionMode`` is on the stack. It is pushed
-by a global pre-hook when the outermost module of the model starts and popped by the
-matching post-hook (which runs even when the forward raises), so unmonitored steps, the
-backward pass, the optimizer and the rest of the program never pass through it.
+most modern code). One mechanism sees all of them: a ``TorchFunctionMode``, on the stack
+only during monitored forward passes of the watched model. Global module hooks (armed
+only ahead of monitored steps, like the other probes) keep a stack of the model's
+modules that are running and push the mode: over the whole forward pass on discovery
+passes (the first monitored step, then detail steps), otherwise only while a module
+that computed attention in the last discovery pass runs (never, in a model without
+attention). The post-hook that pops it runs even when the forward raises; the backward
+pass, the optimizer and the rest of the program never pass through the mode.
 
 What counts as attention:
 
@@ -19,12 +22,11 @@ What counts as attention:
   ``k`` with the call's own scale, mask, causal flag and grouped-query layout.
 
 Each call is attributed to the innermost module running it (an ``nn.Softmax`` module is
-named along with the module that called it). Statistics come from a fixed, bounded
-sample of rows (at most 16 batch/head slices x 256 rows) spread over heads and query
-positions; they stay on the device as one small vector per call until the watcher packs
-them with the rest of the step (one host transfer). On detail steps, three full-tensor
-counts are added: rows whose probabilities are NaN/Inf, rows whose logits already were,
-and rows whose every key is masked.
+named along with the module that called it), and keeps a fixed sample of its logit rows
+on the device (see :mod:`gradwatch.attention_sample`); the statistics of all calls are
+computed together when the step is measured and travel in the step's one transfer. On
+detail steps, three full-tensor counts are added per call: rows whose probabilities are
+NaN/Inf, rows whose logits already were, and rows whose every key is masked.
 
 Not measured: compiled models or compiled parts of a model, calls under ``no_grad``
 (validation), activation-checkpointing recomputation, and fused kernels whose
@@ -578,7 +580,7 @@ class AttentionCapture:
             return
         record, (module, softmax) = found
         logits = x.detach()
-        plan = sample_plan(tuple(x.shape[:-2]), x.shape[-2], x.device)
+        plan = sample_plan(tuple(x.shape[:-2]), x.shape[-2], x.device, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
             sample = gather_rows(logits, plan)
             detail = None
@@ -604,6 +606,7 @@ class AttentionCapture:
             rows=x.numel() // max(1, x.shape[-1]),
             depth=self._depth(record),
             sample=sample,
+            detail=detail is not None,
             detail_values=detail,
             scale=scale,
             head_dim=head_dim,
@@ -636,7 +639,7 @@ class AttentionCapture:
         scale = bound.get("scale")
         factor = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
         lead, queries = tuple(q.shape[:-2]), int(q.shape[-2])
-        plan = sample_plan(lead, queries, q.device)
+        plan = sample_plan(lead, queries, q.device, int(k.shape[-2]))
         with torch.autocast(q.device.type, enabled=False):
             q, k = q.detach(), k.detach()
             mask = mask.detach() if isinstance(mask, torch.Tensor) else None
@@ -668,6 +671,7 @@ class AttentionCapture:
             rows=math.prod(lead) * queries,
             depth=self._depth(record),
             sample=sample,
+            detail=detail is not None,
             detail_values=detail,
             scale=factor,
             head_dim=head_dim,

@@ -23,6 +23,10 @@ _F32 = torch.float32
 #: Batch x head slices and rows per call in the sample (rows spread over the slices).
 SAMPLE_SLICES = 16
 SAMPLE_ROWS = 256
+#: Logits a call's sample may hold (512 KB in float32; it lives until the step is
+#: measured): rows with many keys are sampled more sparsely, down to MIN_SAMPLE_ROWS.
+SAMPLE_VALUES = 1 << 17
+MIN_SAMPLE_ROWS = 32
 #: Per-call values: rows judged, saturated rows, sampled rows with every key masked,
 #: sampled rows, sum of normalised entropies (all summed across ranks); on detail steps
 #: also NaN/Inf probability rows, NaN/+Inf logit rows, rows with every key masked (full
@@ -41,8 +45,10 @@ class AttentionCall:
     keys: int
     rows: int  # rows of the whole call (batch x heads x queries)
     depth: float | None  # position among the watched modules in forward order (detail)
-    sample: torch.Tensor  # (sampled rows, keys) float32 logits
-    detail_values: torch.Tensor | None = None  # DETAIL_VALUES float32 (detail steps)
+    #: (sampled rows, keys) float32 logits; released once the step is packed
+    sample: torch.Tensor | None
+    detail: bool = False  # full-tensor counts were taken (detail step)
+    detail_values: torch.Tensor | None = None  # DETAIL_VALUES float32; released when packed
     scale: float | None = None  # factor applied to q.k (when seen)
     head_dim: int | None = None
     confirmed: bool = False  # its probabilities weighted a matrix product
@@ -79,17 +85,19 @@ def _cached(key: tuple, make: Any) -> Any:
     return found
 
 
-def sample_plan(lead: tuple[int, ...], queries: int, device: torch.device) -> Plan:
+def sample_plan(lead: tuple[int, ...], queries: int, device: torch.device, keys: int = 0) -> Plan:
     """Which (batch, head) slices and query rows to measure: at most SAMPLE_SLICES slices,
     taken with a stride coprime with their number (so that the sample walks across heads
-    and batch entries alike), and SAMPLE_ROWS rows in all, evenly spread over the query
-    positions, the last one included (in a causal model it sees every key).
+    and batch entries alike), and SAMPLE_ROWS rows in all (fewer when ``keys`` is large:
+    SAMPLE_VALUES logits at most, but MIN_SAMPLE_ROWS rows at least), evenly spread over
+    the query positions, the last one included (in a causal model it sees every key).
 
     >>> plan = sample_plan((2, 4), 6, torch.device("cpu"))
     >>> plan.size, plan.lead
     (48, ((0, 0, 0, 0, 1, 1, 1, 1), (0, 1, 2, 3, 0, 1, 2, 3)))
     """
-    key = (lead, queries, str(device))
+    budget = max(MIN_SAMPLE_ROWS, min(SAMPLE_ROWS, SAMPLE_VALUES // max(1, keys)))
+    key = (lead, queries, device, budget)
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -104,7 +112,7 @@ def sample_plan(lead: tuple[int, ...], queries: int, device: torch.device) -> Pl
         for axis in range(len(lead) - 1, -1, -1):
             index, here = divmod(index, lead[axis])
             per_axis[axis].append(here)
-    count = max(1, min(queries, SAMPLE_ROWS // len(flat)))
+    count = max(1, min(queries, budget // len(flat)))
     if count == 1:
         rows = [queries - 1]
     else:
@@ -249,13 +257,13 @@ def pack(calls: list[AttentionCall]) -> tuple[list[torch.Tensor], list[torch.Ten
     detail = [call.detail_values for call in ordered if call.detail_values is not None]
     if detail:
         sums.append(torch.cat(detail))
+    for call in ordered:  # statistics in flight (deferred on CUDA) hold no samples
+        call.sample = call.detail_values = None
     return sums, maxima, ordered
 
 
 def summed_length(calls: list[AttentionCall]) -> int:
-    return BASE_VALUES * len(calls) + DETAIL_VALUES * sum(
-        1 for call in calls if call.detail_values is not None
-    )
+    return BASE_VALUES * len(calls) + DETAIL_VALUES * sum(1 for call in calls if call.detail)
 
 
 def read_back(
@@ -287,7 +295,7 @@ def read_back(
             stats.head_dim = call.head_dim
         if call.depth is not None and stats.depth is None:
             stats.depth = call.depth
-        if call.detail_values is not None:
+        if call.detail:
             nonfinite, bad_logits, masked = sums[detail_pos : detail_pos + DETAIL_VALUES]
             detail_pos += DETAIL_VALUES
             stats.nonfinite_rows = (stats.nonfinite_rows or 0) + int(nonfinite)

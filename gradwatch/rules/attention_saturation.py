@@ -33,8 +33,8 @@ DOCS = {
     "(a one-hot row needs a lead of about ln(100 x keys), 5 to 15)",
     "attention_start": "steps from the start of training within which a collapse counts as "
     "built in (scale or initialisation): training cannot have sharpened attention yet",
-    "scale_ratio": "the factor on q.k over the usual 1/sqrt(head size) from which a collapse is "
-    "blamed on the scale",
+    "scale_ratio": "the factor on q.k over the usual 1/sqrt(head size) from which a collapse at "
+    "the start is blamed on the scale",
 }
 #: The largest |logit| grew by at least this factor since the first measurement: the
 #: collapse came with training (learning rate, warmup), not with the model.
@@ -53,8 +53,10 @@ class AttentionSaturation:
         self.first: dict[str, tuple[int, float | None, float | None]] = {}
         #: module -> first step (within `attention_start` of the start) it was collapsed
         self.collapsed_early: dict[str, int] = {}
+        self.scale_ratio = DEFAULTS["scale_ratio"]
 
     def check(self, ctx: RuleContext, t: Mapping[str, float]) -> list[Condition] | None:
+        self.scale_ratio = t["scale_ratio"]
         modules = [a for a in ctx.stats.attention.values() if a.entropy is not None]
         if not modules:
             return None
@@ -79,19 +81,21 @@ class AttentionSaturation:
         """Why a collapsed module is a fault, or None (not collapsed, or sharp the way a
         trained model may legitimately be):
 
-        - "scale": the factor on q.k is known and `scale_ratio` times the usual one;
-        - "built": collapsed within `attention_start` steps of the start, before training
-          could sharpen it (not when the scale is known to be the usual one: a pretrained
-          model fine-tuned from step 0 is sharp because it learned to be);
+        - "scale": collapsed within `attention_start` steps of the start, before training
+          could sharpen it, and the factor on q.k is `scale_ratio` times the usual one;
+        - "built": the same with the factor not seen (q or k may carry it); not when it is
+          known to be the usual one: a pretrained model fine-tuned from step 0 is sharp
+          because it learned to be;
         - "grown": logits far beyond what a sharp row needs, grown since first measured;
         - "large": the same, already so when first measured.
         """
         if a.entropy is None or a.entropy >= t["attention_entropy"]:
             return None
         ratio = a.scale_ratio
-        if ratio is not None and ratio >= t["scale_ratio"]:
+        early = a.name in self.collapsed_early
+        if early and ratio is not None and ratio >= t["scale_ratio"]:
             return "scale"
-        if ratio is None and a.name in self.collapsed_early:
+        if early and ratio is None:
             return "built"
         if a.max_logit is not None and a.max_logit >= t["attention_logit"]:
             first_logit = self.first.get(a.name, (0, None, None))[2]
@@ -185,7 +189,9 @@ class AttentionSaturation:
                 what = "The logits are far larger than sharp attention needs (largest "
             what += f"{largest:.3g})"
             steps = [f"{what}: {lr}.", bound, "Weight decay on the q/k projections helps."]
-            if scale:
+            if scale and (a.scale_ratio or 0.0) >= self.scale_ratio:
+                steps.append(f"Check the scale too: {scale}.")
+            elif scale:
                 steps.append(f"The scale is the usual one ({scale}).")
         return " ".join(steps)
 

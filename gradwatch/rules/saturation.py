@@ -55,11 +55,13 @@ not count), the share of rows whose largest probability is above 0.99 (every
 derivative of such a row is below 0.01), and the largest |logit|. An attention module
 is reported, naming the module and its softmax, when its entropy is below
 `attention_entropy` for `window` monitored steps and either it was already so within
-`attention_start` steps of the start of training (before training could sharpen it:
-with the usual scale, attention starts close to uniform; not when the scale is known to
-be the usual one, as in a pretrained model) or its largest logit is at least
-`attention_logit`, far more than a sharp row needs. Heads that a trained model
-sharpened on purpose (a previous-token head) are left alone.
+`attention_start` steps of the start of training, before training could sharpen it
+(with the usual scale, attention starts close to uniform), with a factor on q.k at
+least `scale_ratio` times the usual 1/sqrt(head size) or a factor that was not seen
+(when it is known to be the usual one, as in a pretrained model fine-tuned from step
+0, the sharpness was learned); or its largest logit is at least `attention_logit`, far
+more than a sharp row needs. Heads that a trained model sharpened on purpose (a
+previous-token head) are left alone.
 
 Why it matters: a collapsed softmax passes almost no gradient to the queries and keys,
 so attention stops learning and the loss plateaus (attention entropy collapse; the
