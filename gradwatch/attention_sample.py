@@ -64,6 +64,9 @@ class Plan:
     row_list: tuple[int, ...]
     size: int  # sampled rows in all
     device: torch.device
+    #: every (batch, head) slice is in the sample: only rows are picked, and the keys of
+    #: scaled_dot_product_attention are used in place, not copied
+    every_slice: bool = False
 
 
 _PLANS: dict[tuple, Plan] = {}
@@ -126,6 +129,7 @@ def sample_plan(lead: tuple[int, ...], queries: int, device: torch.device, keys:
         row_list=tuple(rows),
         size=len(flat) * len(rows),
         device=device,
+        every_slice=len(flat) == n,
     )
     if len(_PLANS) > 64:
         _PLANS.clear()
@@ -136,7 +140,7 @@ def sample_plan(lead: tuple[int, ...], queries: int, device: torch.device, keys:
 def gather_rows(t: torch.Tensor, plan: Plan) -> torch.Tensor:
     """The sampled rows of a (..., queries, last) tensor as (rows, last), in float32 (one
     indexing op; nothing else is copied)."""
-    picked = t[plan.index] if len(plan.index) > 1 else t.index_select(-2, plan.rows)
+    picked = t.index_select(-2, plan.rows) if plan.every_slice else t[plan.index]
     return picked.reshape(-1, t.shape[-1]).to(_F32)
 
 
@@ -153,6 +157,11 @@ def sdpa_logits(
     added, keys after the query at -inf when ``causal`` (top-left aligned, as SDPA)."""
     lead_shape = q.shape[:-2]
     keys = k.shape[-2]
+    if plan.every_slice:
+        z = _every_slice_logits(q.index_select(-2, plan.rows), k)
+        if z is not None:
+            z = z.mul_(scale).reshape(-1, len(plan.row_list), keys)  # (slices, rows, keys)
+            return _masked(z, q, mask, causal, plan, keys)
     qs = q[plan.index] if len(plan.index) > 1 else q.index_select(-2, plan.rows).unsqueeze(0)
     if lead_shape:
         # grouped-query attention (fewer key heads) and broadcast axes map each sampled
@@ -173,6 +182,33 @@ def sdpa_logits(
     else:
         ks = k.unsqueeze(0)
     z = torch.matmul(qs.to(_F32), ks.to(_F32).transpose(-1, -2)).mul_(scale)
+    return _masked(z, q, mask, causal, plan, keys)
+
+
+def _every_slice_logits(qs: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q.k for the sampled rows of every slice, with k used in place: equal leading
+    shapes, or grouped-query heads (axis -3 of q a multiple of k's). None otherwise."""
+    qs, k = qs.to(_F32), k.to(_F32)
+    if qs.shape[:-2] == k.shape[:-2]:
+        return torch.matmul(qs, k.transpose(-1, -2))
+    if qs.dim() >= 3 and qs.shape[:-3] == k.shape[:-3] and qs.shape[-3] % k.shape[-3] == 0:
+        groups = qs.shape[-3] // k.shape[-3]
+        grouped = qs.unflatten(-3, (k.shape[-3], groups))  # query head h -> key head h // g
+        z = torch.matmul(grouped, k.unsqueeze(-3).transpose(-1, -2))
+        return z.flatten(-4, -3)
+    return None
+
+
+def _masked(
+    z: torch.Tensor,
+    q: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    plan: Plan,
+    keys: int,
+) -> torch.Tensor:
+    """(rows, keys) logits with the call's mask applied to (slices, rows, keys) ``z``."""
+    lead_shape = q.shape[:-2]
     if isinstance(mask, torch.Tensor):
         m = mask
         while m.dim() < q.dim():

@@ -23,18 +23,18 @@ keys of a fixed sample of rows, at each monitored step. It fires when, over the 
 those steps, and reached `min_logit`, for `window` monitored steps.
 
 Why it matters: the logits of attention grow when the norms of q and k grow (a high
-learning rate, no warmup, no normalisation of q and k). Once a row's largest logit leads
-the others by more than about ln(100 x keys) (5 to 15), its softmax is one-hot: the
-derivative vanishes, q and k stop learning and the loss plateaus or diverges (the
-instability reported for large vision and language transformers). Sharp attention that
-a model learns needs logits of that order and then stops growing; logits that keep
-growing past `min_logit` are not learning, they are drifting. GW202 reports the
-collapse once it has happened; this comes before.
+learning rate, no warmup, no normalisation of q and k). Once a row's largest logit
+leads the others by more than about ln(100 x keys) (5 to 15), its softmax is one-
+hot: the derivative vanishes, q and k stop learning and the loss plateaus or
+diverges (the instability reported for large vision and language transformers).
+Sharp attention that a model learns needs logits of that order and then stops
+growing; logits that keep growing past `min_logit` are not learning, they are
+drifting. GW202 reports the collapse once it has happened; this comes before.
 
 How to fix it: warm up the learning rate (or lower it); normalise q and k (QK-norm:
-LayerNorm/RMSNorm on q and k before the product), or soft-cap the logits
-(cap * tanh(logits / cap)); weight decay on the q/k projections; check the scale
-(q.k / sqrt(head size))."""
+LayerNorm/RMSNorm on q and k before the product), or soft-cap the logits (cap *
+tanh(logits / cap)); weight decay on the q/k projections; check the scale (q.k /
+sqrt(head size))."""
     defaults = {"growth": 2.0, "steps": 6, "min_logit": 30.0}
     threshold_docs = {
         "growth": "factor by which the largest |logit| grew over the last `steps` monitored steps",

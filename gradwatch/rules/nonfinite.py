@@ -25,10 +25,12 @@ and watches the next forward passes (the first module whose output is non-finite
 finding names where it first appears, in forward order: poisoned weights, else the first
 non-finite forward output, else (weights still finite) this step's batch or computation
 and the first layer it reached. It fires at once (no window): one NaN update poisons the
-weights for good. When it first appears in attention probabilities, the finding names
-the attention module (and its softmax) and counts the rows whose every key is masked:
-softmax of a row of -inf is 0/0 (left padding under a causal mask, or a key-padding
-mask that covers every key a query may see).
+weights for good.
+
+When it first appears in attention probabilities, the finding names the attention
+module (and its softmax) and counts the rows whose every key is masked: the softmax of
+a row of -inf is 0/0 (left padding under a causal mask, or a key-padding mask that
+covers every key a query may see).
 
 With fp16 and a loss scaler (watch(model, scaler=scaler), or step(scaler=...); the
 Lightning and Transformers callbacks pass theirs): Inf gradients at a step the scaler

@@ -1,4 +1,5 @@
-"""GW202 saturated-activation: most sigmoid/tanh outputs sit where the derivative is ~0."""
+"""GW202 saturated-activation: most sigmoid/tanh outputs sit where the derivative is ~0,
+or an attention softmax has collapsed onto few keys (see attention_saturation.py)."""
 
 from __future__ import annotations
 
@@ -45,33 +46,33 @@ When a skip path carries the gradient past the saturated layers (a residual netw
 the early layers still get at least `bypass_ratio` of the late layers' gradient RMS) and
 the saturation is not at the input, the finding is only info.
 
-Attention softmax (an nn.Softmax module, torch.softmax/F.softmax/Tensor.softmax whose
-probabilities weight the values, or F.scaled_dot_product_attention, as used by
+Attention softmax (an nn.Softmax module, torch.softmax/F.softmax/Tensor.softmax
+whose probabilities weight the values, or F.scaled_dot_product_attention, as used by
 nn.MultiheadAttention and Hugging Face models): at each monitored step, on a fixed
 sample of rows spread over batch entries, heads and query positions, the mean row
-entropy as a share of its maximum (the log of the number of keys the row sees; masked
-keys and rows with fewer than 2 keys, such as the first token of a causal sequence, do
-not count), the share of rows whose largest probability is above 0.99 (every
-derivative of such a row is below 0.01), and the largest |logit|. An attention module
-is reported, naming the module and its softmax, when its entropy is below
-`attention_entropy` for `window` monitored steps and either it was already so within
-`attention_start` steps of the start of training, before training could sharpen it
-(with the usual scale, attention starts close to uniform), with a factor on q.k at
-least `scale_ratio` times the usual 1/sqrt(head size) or a factor that was not seen
-(when it is known to be the usual one, as in a pretrained model fine-tuned from step
-0, the sharpness was learned); or its largest logit is at least `attention_logit`, far
-more than a sharp row needs. Heads that a trained model sharpened on purpose (a
-previous-token head) are left alone.
+entropy as a share of its maximum (the log of the number of keys the row sees;
+masked keys and rows with fewer than 2 keys, such as the first token of a causal
+sequence, do not count), the share of rows whose largest probability is above 0.99
+(every derivative of such a row is below 0.01), and the largest |logit|. An
+attention module is reported, naming the module and its softmax, when its entropy is
+below `attention_entropy` for `window` monitored steps and either it was already so
+within `attention_start` steps of the start of training, before training could
+sharpen it (with the usual scale, attention starts close to uniform), with a factor
+on q.k at least `scale_ratio` times the usual 1/sqrt(head size) or a factor that was
+not seen (when it is known to be the usual one, as in a pretrained model fine-tuned
+from step 0, the sharpness was learned); or its largest logit is at least
+`attention_logit`, far more than a sharp row needs. Heads that a trained model
+sharpened on purpose (a previous-token head) are left alone.
 
-Why it matters: a collapsed softmax passes almost no gradient to the queries and keys,
-so attention stops learning and the loss plateaus (attention entropy collapse; the
-attention-logit growth of large transformer runs).
+Why it matters: a collapsed softmax passes almost no gradient to the queries and
+keys, so attention stops learning and the loss plateaus (attention entropy collapse;
+the attention-logit growth of large transformer runs).
 
 How to fix it, in the order the evidence supports: the scale (q.k divided by
 sqrt(head size), not multiplied: the factor is shown when it was seen), the
-initialisation of the q/k projections, a learning rate that is too high or not warmed
-up, and QK normalisation (LayerNorm/RMSNorm on q and k) or logit soft-capping, which
-bound the logits."""
+initialisation of the q/k projections, a learning rate that is too high or not
+warmed up, and QK normalisation (LayerNorm/RMSNorm on q and k) or logit soft-
+capping, which bound the logits."""
     defaults = {"fraction": 0.5, "bypass_ratio": 0.1, **ATTENTION_DEFAULTS}
     threshold_docs = {
         "fraction": "share of saturated outputs above which a layer fires",
