@@ -184,7 +184,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean vector into bytes (float values 0..255, exact), bit i = element i."""
     weights = _BIT_WEIGHTS.get(mask.device)
     if weights is None:
-        weights = torch.tensor([1 << i for i in range(8)], dtype=_F32, device=mask.device)
+        weights = torch.tensor([1 << i for i in range(8)], dtype=_F32)
+        weights = weights.to(mask.device, non_blocking=True)
         _BIT_WEIGHTS[mask.device] = weights
     pad = (-mask.numel()) % 8
     if pad:
@@ -329,8 +330,9 @@ class Collector:
                 for k, slot in enumerate(slots):
                     if not slot.sharded:
                         scale[block * len(slots) + k] = 1.0 / world
-            summed = summed * torch.tensor(scale, dtype=_F64, device=home)
-        count_vec = torch.tensor(counts, dtype=_F64, device=home)
+            summed = summed * torch.tensor(scale, dtype=_F64).to(home, non_blocking=True)
+        # built on the host and sent without blocking: a plain copy to the GPU would wait
+        count_vec = torch.tensor(counts, dtype=_F64).to(home, non_blocking=True)
         mask_vec = _cat(masks, home) if masks else torch.zeros(0, device=home)
         max_parts = [maxima.to(_F64)] if maxima is not None else []
         max_parts += [e.detach().reshape(1).to(device=home, dtype=_F64) for e in extras or []]
@@ -373,8 +375,10 @@ class Collector:
         key = (rows, str(device))
         cached = self._segment_cache.get(key)
         if cached is None:
-            counts = torch.tensor(rows, device=device)
-            cached = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+            counts = torch.tensor(rows).to(device, non_blocking=True)
+            cached = torch.repeat_interleave(
+                torch.arange(len(rows), device=device), counts, output_size=sum(rows)
+            )
             if len(self._segment_cache) > 16:
                 self._segment_cache.clear()
             self._segment_cache[key] = cached

@@ -226,8 +226,8 @@ class Watcher:
             self._scaler = ScalerView(scaler)
         findings: list[Finding] = []
         if self._flush_next:  # a sentinel measurement still in flight (deferred mode)
-            self._flush_next = False
-            findings.extend(self._guard.call("statistics", self._read_pending, default=[]))
+            findings.extend(self._guard.call("statistics", self._read_ready, default=[]))
+            self._flush_next = self._transfer.has_pending
         trip = None
         if self._sentinel is not None and not self._guard.is_disabled("statistics"):
             trips = self._guard.call(
@@ -395,6 +395,12 @@ class Watcher:
             if fresh and not self._transfer.deferred:  # the gradients are still there
                 nonfinite = self._collector.inspect_nonfinite(layout.slots)
         return self._process(layout, context, values, nonfinite)
+
+    def _read_ready(self) -> list[Finding]:
+        findings = []
+        for (layout, context), values in self._transfer.poll():
+            findings.extend(self._read(layout, context, values, fresh=False))
+        return findings
 
     def _read_pending(self) -> list[Finding]:
         findings = []
