@@ -38,7 +38,7 @@ def test_a_torchscript_model_is_refused_with_the_reason_and_stays_free():
         with pytest.raises(ValueError, match="TorchScript") as error:
             gradwatch.watch(scripted, reporters=[])
         assert "script it afterwards" in str(error.value)
-    traced = torch.jit.trace(mlp(3), torch.randn(2, 64))
+    traced = torch.jit.trace(nn.Linear(4, 2), torch.randn(2, 4), check_trace=False)
     with pytest.raises(ValueError, match="TorchScript"):
         gradwatch.watch(traced, reporters=[])
     watcher = gradwatch.watch(eager, every_n_steps=1, reporters=[])  # the eager model: fine
