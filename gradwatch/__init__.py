@@ -22,7 +22,7 @@ from .reporters import (
 )
 from .rules import Condition, Rule, RuleContext, builtin_rules
 from .stats import LayerStats, OptimizerInfo, StepStats, UnitMask
-from .watcher import Watcher, watch
+from .watcher import Watcher, release, watch
 
 __all__ = [
     "SEVERITIES",
@@ -45,5 +45,6 @@ __all__ = [
     "__version__",
     "builtin_rules",
     "read_record",
+    "release",
     "watch",
 ]

@@ -105,11 +105,53 @@ def test_jsonl_reader_tolerates_a_truncated_last_line(sick_run, tmp_path):
     assert len(record.steps) == 4
 
 
-def test_jsonl_reader_rejects_corruption_in_the_middle(tmp_path):
+def test_jsonl_reader_skips_and_counts_a_damaged_line_in_the_middle(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"type": "run"}\nnot json\n{"type": "summary", "rows": []}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        read_record(bad)
+    bad.write_text(
+        '{"type": "run", "meta": {"m": 1}}\nnot json\n{"type": "step", "step": "x"}\n'
+        '{"type": "summary", "rows": []}\n'
+    )
+    record = read_record(bad)
+    assert (record.meta, record.skipped_lines, record.truncated) == ({"m": 1}, 2, False)
+    other = tmp_path / "other.txt"
+    other.write_text("hello\nworld\n")
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):  # not a record at all
+        read_record(other)
+
+
+def _recorded_run(path, steps, meta):
+    model = mlp(3)
+    watcher = gradwatch.watch(
+        model, every_n_steps=1, reporters=[JsonlRecorder(path, meta=meta)]
+    )
+    train(model, watcher, steps=steps)
+    return watcher
+
+
+def test_a_run_appended_after_a_crash_starts_on_a_fresh_line(tmp_path):
+    path = tmp_path / "run.jsonl"
+    crashed = _recorded_run(path, 4, {"attempt": 1})  # never closed: the process died
+    text = path.read_text()
+    path.write_text(text[: len(text) - 30])  # ... in the middle of writing its last line
+    _recorded_run(path, 3, {"attempt": 2}).close()  # the resumed run, same file
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[5])["meta"] == {"attempt": 2}  # below the cut line, not on it
+    record = read_record(path)
+    assert record.skipped_lines == 1 and not record.truncated
+    assert [s.step for s in record.steps] == [0, 1, 2, 0, 1, 2]  # 3 + 3: only the cut one lost
+    assert record.meta == {"attempt": 2}
+    assert record.summary == []  # the resumed run closed cleanly, with no findings
+    crashed.close()
+
+
+def test_a_line_a_resumed_run_wrote_straight_after_a_cut_one_is_recovered(tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text(
+        '{"type": "run", "meta": {"attempt": 1}}\n{"type": "step", "st'
+        '{"type": "run", "meta": {"attempt": 2}}\n{"type": "summary", "rows": []}\n'
+    )
+    record = read_record(path)
+    assert record.meta == {"attempt": 2} and record.skipped_lines == 1
 
 
 def test_jsonl_lines_are_flushed_as_they_are_written(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..layers import SATURATING_KINDS, UNIT_ROW_KINDS
-from .base import Condition, Rule, RuleContext, format_layers
+from .base import RATIO, SHARE, Condition, Rule, RuleContext, format_layers
 from .profile import gradient_profile
 
 # Beyond |x| ~ 4.6 the sigmoid's derivative is under 1% of its maximum (tanh: |x| ~ 3).
@@ -41,6 +41,7 @@ the saturation is not at the input, the finding is only info."""
         "bypass_ratio": "early/late gradient RMS ratio at which a skip path is taken to carry "
         "the gradient past a saturated layer (the finding is then info)",
     }
+    threshold_specs = {"fraction": SHARE, "bypass_ratio": RATIO}
     window = 3
     worse_by = 0.2
 

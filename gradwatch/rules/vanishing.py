@@ -7,7 +7,7 @@ import math
 
 from ..layers import SATURATING_KINDS, SIGMOID, TANH
 from ..units import mostly_dead, recent_blockers
-from .base import Condition, Rule, RuleContext, format_layers
+from .base import RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
 from .profile import (
     FLOAT32_RESOLUTION,
     HE_GAIN,
@@ -54,6 +54,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
         "ratio": "early/late ratio of (median) gradient RMS below which it fires",
         "min_layers": "fewest weight layers for a depth comparison",
     }
+    threshold_specs = {"ratio": RATIO, "min_layers": whole_at_least(2)}
     window = 3
     worse_by = 2.0  # two more orders of magnitude
 
