@@ -169,7 +169,11 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.how, self.ste = how, ste
         self.encoder = nn.Sequential(
-            nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, code),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, code),
             nn.Tanh(),
         )
         self.decoder = nn.Sequential(
@@ -224,3 +228,24 @@ class TopOneMoE(nn.Module):
                 continue  # no samples for this expert: it does not run, gets no gradient
             mixed = mixed.index_add(0, rows, expert(h[rows]) * gate[rows, None])
         return self.out(h + mixed)
+
+
+class QuantisedStack(nn.Module):
+    """Residual-free blocks in a ModuleList whose output after block ``cut`` is quantised."""
+
+    def __init__(self, blocks: int = 5, cut: int = 1, how: str = "round"):
+        super().__init__()
+        self.inp = nn.Linear(64, 64)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(blocks)
+        )
+        self.out = nn.Linear(64, 10)
+        self.cut, self.how = cut, how
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == self.cut:
+                h = quantise(h, self.how)
+        return self.out(h)
