@@ -14,6 +14,7 @@ from .profile import (
     TANH_GAIN,
     Profile,
     activation_names,
+    find_cuts,
     gradient_profile,
     has_relu,
     init_gain,
@@ -36,6 +37,13 @@ rms / (rms + eps): Adam rescales every gradient, so only one that sinks towards 
 stops a layer. It fires when the early/late ratio stays below `ratio` for `window`
 monitored steps, and is an error when the early updates are below float32 resolution
 (w - lr*g == w) or exactly zero.
+
+Vanishing fades: each layer gets a fraction of what the next one gets, so the layers
+next to an exactly-zero gradient are starved too (a 30-layer sigmoid stack has ~1e-21
+of the late gradient there). Where the gradient instead drops from normal to exactly
+zero at once, an operation blocks it (rounding, argmax, detach): those layers are
+reported as a blocked gradient under GW104, and only the layers after the cut are
+compared here.
 
 Why it matters: backpropagation multiplies one local derivative per layer. The
 sigmoid's derivative is at most 0.25, so 30 sigmoid layers scale the gradient by at
@@ -62,7 +70,10 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
         stats = ctx.stats
         if not all(s.grad_finite for s in stats):
             return None  # GW103's business
-        profile = gradient_profile(stats, int(self.t("min_layers")))
+        # Layers behind a cut get no gradient because an operation blocks it, not because
+        # it fades: that is GW104's finding; the layers after the cut are judged here.
+        cut_off = {name for cut in find_cuts(stats, ctx.recent(16)) for name in cut.blocked}
+        profile = gradient_profile(stats, int(self.t("min_layers")), skip=cut_off)
         if profile is None:
             return []
         if profile.late <= 0:
