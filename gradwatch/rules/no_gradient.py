@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..stats import LayerStats, StepStats
-from .base import Condition, Rule, RuleContext, format_layers
+from .base import RATIO, Condition, Rule, RuleContext, format_layers
 from .profile import Cut, find_cuts, forward_order_known, gets_gradient
 
 #: Module classes that can hold alternatives (experts, heads, branches) a router picks from.
@@ -107,6 +107,7 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
         "miss_chance": "accepted chance that a module used at min_use of the steps shows "
         "no gradient over the whole wait",
     }
+    threshold_specs = {"min_use": RATIO, "miss_chance": RATIO}
     window = 3
 
     def __init__(self, **thresholds: float) -> None:
