@@ -167,6 +167,14 @@ def test_experts_that_skip_steps_are_silent():
     assert _alarms(watcher) == []
 
 
+def test_experts_run_on_zero_samples_are_not_dead_units():
+    # Some MoE code calls every expert, also with an empty batch: an empty call shows no
+    # activity, which is not the same as units that never activate.
+    model = zoo.TopOneMoE(8, call_empty=True)
+    watcher, _ = _moe_run(model, steps=150)
+    assert _alarms(watcher) == []
+
+
 def test_an_expert_the_router_never_picks_is_found_with_a_routing_hint():
     # The wait is counted in monitored steps (44 by default): measure every 5 steps so
     # that the run stays short.

@@ -200,8 +200,9 @@ class TopOneMoE(nn.Module):
     entry makes an expert that the router never picks).
     """
 
-    def __init__(self, experts: int = 4, width: int = 32, router_bias=None):
+    def __init__(self, experts: int = 4, width: int = 32, router_bias=None, call_empty=False):
         super().__init__()
+        self.call_empty = call_empty  # run experts on zero samples too, as some MoE code does
         self.inp = nn.Linear(64, width)
         self.router = nn.Linear(width, experts)
         self.experts = nn.ModuleList(
@@ -224,7 +225,7 @@ class TopOneMoE(nn.Module):
         mixed = torch.zeros_like(h)
         for e, expert in enumerate(self.experts):
             rows = (choice == e).nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
+            if rows.numel() == 0 and not self.call_empty:
                 continue  # no samples for this expert: it does not run, gets no gradient
             mixed = mixed.index_add(0, rows, expert(h[rows]) * gate[rows, None])
         return self.out(h + mixed)
