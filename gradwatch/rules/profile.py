@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layers import RELU
+from ..kinds import RELU
 from ..stats import LayerStats, OptimizerInfo, StepStats
 from .base import RuleContext, edge_size, matrix_layers, median
 
