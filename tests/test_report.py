@@ -62,7 +62,7 @@ def test_report_shows_each_findings_fix(recorded, capsys):
     assert " ".join(finding.hint.split()) in " ".join(out.replace("\n  ", " ").split())
 
 
-@pytest.mark.parametrize("width", [60, 80, 120])
+@pytest.mark.parametrize("width", [80, 100, 140])
 def test_report_lines_fit_the_console_width(recorded, width):
     for terminal in (False, True):
         console = Console(file=io.StringIO(), width=width, force_terminal=terminal)

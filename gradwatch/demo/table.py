@@ -29,10 +29,12 @@ def print_table(
     right: Sequence[str] = (),
     caption: str | None = None,
     keep_whole: Sequence[str] = (),
+    fit_plain: bool = True,
 ) -> None:
-    """Print a table no wider than the console; ``right`` names the columns to
-    right-align (numbers), ``keep_whole`` the columns never wrapped or shortened (names
-    to copy). Other text columns wrap, in a terminal and in plain text alike."""
+    """Print a table; ``right`` names the columns to right-align (numbers), ``keep_whole``
+    the columns never wrapped or shortened (names to copy). In a terminal the other
+    columns wrap to its width; in plain text too unless ``fit_plain`` is False (a table
+    whose lines logs should keep whole)."""
     if console.is_terminal:
         table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
         for index, column in enumerate(columns):
@@ -49,9 +51,8 @@ def print_table(
         console.print(table)
         return
     wrap = [c for c in columns if c not in right and c not in keep_whole]
-    text = plain_table(
-        title, columns, rows, right=right, caption=caption, width=console.width, wrap=wrap
-    )
+    width = console.width if fit_plain else None
+    text = plain_table(title, columns, rows, right=right, caption=caption, width=width, wrap=wrap)
     console.print(
         text,
         markup=False,
@@ -77,8 +78,8 @@ def plain_table(
     """The table as text: a title, a header, a rule and one line per row.
 
     With ``width``, the ``wrap`` columns (the widest first) are narrowed until the table
-    fits, their cells wrapped onto continuation lines; a line still too wide is cut
-    with "…". The title and caption wrap at words.
+    fits, their cells wrapped onto continuation lines; the title and caption wrap at
+    words. Numbers and names are never cut: if they alone are wider, so is the table.
 
     >>> print(plain_table("t", ["a", "n"], [["x", "1"], ["yy", "10"]], right=["n"]))
     t
@@ -103,10 +104,7 @@ def plain_table(
         parts = [
             v.rjust(w) if col in right else v.ljust(w) for v, w, col in zip(values, widths, columns)
         ]
-        text = "  ".join(parts).rstrip()
-        if width is not None and len(text) > width:
-            text = text[: width - 1] + "…"
-        return text
+        return "  ".join(parts).rstrip()
 
     out = _wrapped(title, width)
     out += [line(columns), line(["-" * w for w in widths])]
@@ -223,4 +221,5 @@ def print_results(console: Console, runs: Sequence[NetRun]) -> None:
         right=RESULT_RIGHT,
         keep_whole=("model",),
         caption=RESULT_CAPTION,
+        fit_plain=False,  # logs keep one line per network, as the README shows it
     )
