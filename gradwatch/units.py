@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layers import RELU, SATURATING_KINDS, UNIT_ROW_KINDS
+from .kinds import RELU, SATURATING_KINDS, UNIT_ROW_KINDS
 from .stats import LayerStats, StepStats, UnitMask
 
 

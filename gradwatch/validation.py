@@ -5,10 +5,10 @@ accepts, raised when the watcher or callback is built, never later during traini
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # this module is also used where torch is not imported (the CLI)
+    from torch import nn
 
 
 def whole_number(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -135,6 +135,8 @@ def scripted_parts(root: nn.Module) -> list[str]:
     ``root`` (``""``: the root itself). Their layers run inside the TorchScript
     interpreter: no Python hook sees them, and they no longer say what kind of layer
     they are (every one is a ``RecursiveScriptModule``)."""
+    import torch
+
     found: list[str] = []
     for name, module in root.named_modules():
         if isinstance(module, torch.jit.ScriptModule) and not any(

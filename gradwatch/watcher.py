@@ -26,7 +26,7 @@ from .history import History
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
 from .probes import ProbeRecord, Probes
-from .reporters.base import Reporter, default_reporters
+from .reporters import Reporter, default_reporters
 from .reporters.timing import ReportingClock, slow_reporter_notice
 from .rules import resolve_rules
 from .rules.base import ModelFacts, Rule, RuleContext

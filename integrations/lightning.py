@@ -48,7 +48,7 @@ from lightning.pytorch.callbacks import Callback
 import gradwatch
 from gradwatch.findings import SEVERITIES, Finding, severity_rank
 from gradwatch.guard import GradwatchWarning, Guard
-from gradwatch.reporters.base import Reporter, default_reporters
+from gradwatch.reporters import Reporter, default_reporters
 from gradwatch.reporters.metrics import (
     DEFAULT_STATS,
     LAYER_STATS,

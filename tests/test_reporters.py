@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import math
 import sys
 
 import pytest
@@ -51,7 +52,7 @@ def test_plain_terminal_output_has_code_layers_evidence_fix_and_chart(sick_run):
     _, text, _, _ = sick_run
     assert "gradwatch ERROR GW101 vanishing-gradient at step 20" in text
     assert "layers: 0, 2, 4" in text
-    assert "evidence: ratio=0" in text
+    assert "evidence: ratio=" in text
     assert "fix: " in text
     assert "gradient flow at step 20" in text
     # the chart marks starved layers and draws the last layer's bar full
@@ -240,3 +241,102 @@ def test_min_severity_hides_lesser_findings():
     assert out.getvalue() == ""
     with pytest.raises(ValueError, match="severity"):
         TerminalReporter(min_severity="loud")
+
+
+def _chart_rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("gradient flow at step"))
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.startswith((" !", "  ")) or len(line.split()) != 3:
+            break
+        rows.append(line.lstrip(" !").split())
+    return rows
+
+
+def test_a_deep_network_panel_shows_the_telling_rows_of_its_chart(sick_run):
+    watcher, text, _, _ = sick_run
+    rows = _chart_rows(text)
+    assert 4 <= len(rows) <= 8, rows  # not one line per layer of the 30
+    assert "8 of 30 layers" in text
+    full = next(s for s in watcher.history if s.step == 20)  # the finding's step
+    depth = [s.name for s in full.by_depth(with_gradient=True) if s.grad_rms is not None]
+    names = [row[0] for row in rows]
+    assert names[0] == depth[0] and names[-1] == depth[-1]  # the first and the last
+    # The cliff: both sides of the steepest drop between neighbouring layers are shown.
+    rms = {s.name: s.grad_rms for s in full.by_depth(with_gradient=True)}
+
+    def log(value):
+        return math.log10(value) if value > 0 else -400.0
+
+    steepest = max(
+        range(1, len(depth)), key=lambda i: abs(log(rms[depth[i]]) - log(rms[depth[i - 1]]))
+    )
+    assert depth[steepest - 1] in names and depth[steepest] in names
+    assert names == sorted(names, key=depth.index)  # input side first
+
+
+def test_chart_rows_none_draws_every_layer():
+    model = mlp(30, nn.Sigmoid)
+    out = io.StringIO()
+    watcher = gradwatch.watch(
+        model, every_n_steps=10, reporters=[TerminalReporter(file=out, chart_rows=None)]
+    )
+    train(model, watcher, steps=21, lr=0.1)
+    watcher.close()
+    assert len(_chart_rows(out.getvalue())) == 30
+    with pytest.raises(ValueError, match="chart_rows"):
+        TerminalReporter(chart_rows=1)
+
+
+def test_the_rich_panel_is_as_short_as_the_plain_one():
+    from rich.console import Console
+
+    from gradwatch.reporters.terminal import finding_panel
+
+    model = mlp(30, nn.Sigmoid)
+    watcher = gradwatch.watch(model, every_n_steps=10, reporters=[])
+    train(model, watcher, steps=21, lr=0.1)
+    watcher.close()
+    finding = next(f for f in watcher.findings if f.code == "GW101")
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(finding_panel(finding, watcher.latest))
+    panel = console.file.getvalue().splitlines()
+    assert len(panel) < 30  # was ~45 with a row per layer
+    assert sum("█" in line or "····" in line for line in panel) <= 8
+
+
+def test_default_reporters_are_exported_and_adding_one_keeps_them(tmp_path):
+    reporters = [*gradwatch.default_reporters(), JsonlRecorder(tmp_path / "r.jsonl")]
+    assert [type(r) for r in reporters] == [TerminalReporter, LoggingReporter, JsonlRecorder]
+    watcher = gradwatch.watch(nn.Linear(2, 2))  # reporters=None: the defaults
+    assert [type(r) for r in watcher.reporters] == [TerminalReporter, LoggingReporter]
+    watcher.close()
+
+
+def test_reporter_modules_import_one_way():
+    """No import cycle among the reporter modules (function-level imports included):
+    the protocol does not know the reporters that implement it."""
+    import ast
+    from pathlib import Path
+
+    package = Path(gradwatch.__file__).parent / "reporters"
+    graph = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {
+            (node.module or "").split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+        } - {""}
+    graph["__init__"] = set()  # the package's face: it may import everything
+
+    def reaches(start, goal, seen=()):
+        return any(
+            n == goal or (n not in seen and reaches(n, goal, (*seen, n)))
+            for n in graph.get(start, ())
+        )
+
+    cycles = [name for name in graph if reaches(name, name)]
+    assert not cycles, {name: graph[name] for name in cycles}
+    assert not graph["base"] & {"terminal", "logging", "jsonl", "defaults"}

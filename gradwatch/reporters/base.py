@@ -31,10 +31,3 @@ class Reporter:
     def close(self, summary: Sequence[SummaryRow]) -> None:
         """Called once by ``Watcher.close()`` with one row per announced problem."""
 
-
-def default_reporters() -> list[Reporter]:
-    """The terminal (rich) reporter and the ``logging`` reporter."""
-    from .logging import LoggingReporter
-    from .terminal import TerminalReporter
-
-    return [TerminalReporter(), LoggingReporter()]

@@ -34,12 +34,15 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..findings import Severity, severity_rank
 from ..history import History
-from ..layers import MATRIX_KINDS, NORM, LayerInfo
+from ..kinds import MATRIX_KINDS, NORM
 from ..stats import LayerStats, StepStats
+
+if TYPE_CHECKING:  # layers needs torch; rule metadata must not
+    from ..layers import LayerInfo
 
 
 @dataclass(frozen=True)

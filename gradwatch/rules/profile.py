@@ -8,7 +8,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from ..layers import MATRIX_KINDS, RELU, SATURATING_KINDS
+from ..kinds import MATRIX_KINDS, RELU, SATURATING_KINDS
 from ..stats import LayerStats, OptimizerInfo, StepStats
 from ..units import UnitGroup, recent_blockers
 from .base import RuleContext, edge_size, matrix_layers, median

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..layers import SATURATING_KINDS, UNIT_ROW_KINDS
+from ..kinds import SATURATING_KINDS, UNIT_ROW_KINDS
 from .base import RATIO, SHARE, Condition, Rule, RuleContext, format_layers
 from .profile import gradient_profile
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from ..layers import SATURATING_KINDS, SIGMOID, TANH
+from ..kinds import SATURATING_KINDS, SIGMOID, TANH
 from ..units import mostly_dead, recent_blockers
 from .base import RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
 from .profile import (
