@@ -354,6 +354,15 @@ class GradWatchCallback(TrainerCallback, ExportableState):
                 "wandb alerts", _wandb_reporters, args, default=[]
             )
             reporters = self.options.main_reporters(extras)
+        overrides: dict[str, Any] = {}
+        if getattr(args, "torch_compile", False):
+            # The Trainer compiles the model it wraps: forward hooks added now would force
+            # recompiles. Gradient statistics (and dead units from weight-gradient rows) stay.
+            overrides["activations"] = False
+            logger.info(
+                "gradwatch: the Trainer compiles the model (torch_compile=True); activation "
+                "statistics are off, gradient statistics continue."
+            )
         if self.options.log_stats:
             # On every rank, so that trainer.state.log_history is the same everywhere.
             self._metrics = MetricsBuffer(
@@ -362,7 +371,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
                 counts=lambda: finding_counts(self._watcher),
             )
             reporters.append(self._metrics)
-        return self.options.watch(model, reporters=reporters)
+        return self.options.watch(model, reporters=reporters, **overrides)
 
     def _end_of_backward(self, model: torch.nn.Module, optimizer: Any) -> _EndOfBackward | None:
         scaler = self._scaler
@@ -475,7 +484,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         # Trainer.log has appended a copy of the row to log_history just before on_log.
         history = state.log_history
         if history and history[-1].get("step") == state.global_step and all(
-            history[-1].get(k) == v for k, v in logs.items() if k not in metrics
+            _same(history[-1].get(k), v) for k, v in logs.items() if k not in metrics
         ):
             history[-1].update(metrics)
 
@@ -664,6 +673,10 @@ def _wandb_reporters(args: TrainingArguments) -> list[Reporter]:
     # run=None: the W&B run the Trainer's WandbCallback starts (wandb.run), found when the
     # first statistics arrive.
     return [WandbReporter(run=None, metrics=False)]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or a == b  # ``is``: a NaN loss is the same object in both rows
 
 
 def _plain(options: Mapping[str, Any]) -> dict[str, Any]:
