@@ -15,10 +15,10 @@ What it does during ``trainer.train()``:
 - which gradients: the final ones of the step, before the Trainer clips them. gradwatch
   reads them at the end of the backward pass that completes an accumulation window
   (``gradient_accumulation_steps``), after DDP has averaged them (or FSDP2 has
-  reduce-scattered them) and before ``max_grad_norm`` clipping, so
-  ``gradwatch/global_grad_norm`` equals the Trainer's own ``grad_norm`` in the same log
-  row, and a NaN is traced to the layer it starts in (clipping would spread it to every
-  layer). The earlier micro-batches' backward passes are not measured. With fp16 mixed
+  reduce-scattered them) and before ``max_grad_norm`` clipping: the gradients the
+  Trainer's own ``grad_norm`` in the same log row describes, and a NaN is traced to the
+  layer it starts in (clipping would spread it to every layer). The earlier
+  micro-batches' backward passes are not measured. With fp16 mixed
   precision the statistics are of unscaled gradients where the installed gradwatch can
   unscale them itself; otherwise gradwatch measures in ``on_pre_optimizer_step``, after
   the Trainer has unscaled and clipped them, and says so once. bf16 has no scaling.
