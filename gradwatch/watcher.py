@@ -415,7 +415,12 @@ class Watcher:
             self._forget_removed(layout)
         if layout.order:
             self._update_depth(layout.order)
-        self._transfer.deferred = self._use_deferred(packed)
+        # A step measured for a framework's logging (``also_measure``) is read at once:
+        # the framework reads its own values there anyway, and its row should carry
+        # this step's statistics, not those of an earlier step.
+        self._transfer.deferred = self._use_deferred(packed) and not (
+            label % self.every_n_steps and self.also_measure is not None
+        )
         context = _StepContext(info, _loss_value(loss) if not packed.is_cuda else None, trip)
         findings: list[Finding] = []
         for (ready_layout, ready_context), values in self._transfer.submit(

@@ -38,7 +38,7 @@ def fit_with_wandb(tmp_path, module, name):
     wandb_logger = WandbLogger(
         offline=True, mode="offline", save_dir=str(tmp_path), project="gradwatch-tests", name=name
     )
-    callback = GradWatchCallback()  # every_n_steps: the trainer's log_every_n_steps
+    callback = GradWatchCallback()  # every 15 steps, and at the steps Lightning logs
     trainer = quiet_trainer(
         max_steps=STEPS, callbacks=[callback], logger=wandb_logger, log_every_n_steps=EVERY
     )
@@ -58,10 +58,10 @@ def test_deep_tanh_module_alerts_through_the_wandb_logger(tmp_path):
     assert f"Step: {new[0].step}" in log.alerts[0].text
     assert "net.0" in log.alerts[0].text
 
-    # Per-layer keys at each monitored step, sent once, through the WandbLogger: in a row
-    # stamped with that step's trainer/global_step, like every Lightning metric.
+    # Per-layer keys in the rows Lightning logs (every EVERY steps), through the WandbLogger:
+    # stamped with that step's trainer/global_step and holding that step's numbers.
     rows = log.rows_with("gradwatch/grad_rms/net.0")
-    assert [row["trainer/global_step"] for row in rows] == list(range(0, STEPS, EVERY))
+    assert [row["trainer/global_step"] for row in rows] == list(range(EVERY - 1, STEPS, EVERY))
     stats = {s.step: s for s in callback.watcher.history}
     for row in rows:
         step = row["trainer/global_step"]
@@ -91,7 +91,7 @@ def test_healthy_module_gets_no_alert_through_the_wandb_logger(tmp_path):
     assert callback.findings == []
     assert log.alerts == []
     rows = log.rows_with("gradwatch/grad_rms/net.0")
-    assert [row["trainer/global_step"] for row in rows] == list(range(0, STEPS, EVERY))
+    assert [row["trainer/global_step"] for row in rows] == list(range(EVERY - 1, STEPS, EVERY))
     assert log.summary["gradwatch/problems"] == 0
 
 
