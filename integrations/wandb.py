@@ -697,14 +697,11 @@ def _first_to_last_ratio(stats: StepStats) -> float | None:
 
 
 def _import_wandb() -> Any:
-    try:
-        import wandb
-    except ImportError as error:
-        raise ImportError(
-            "WandbReporter needs the wandb package: pip install 'gradwatch[wandb]' "
-            "(or pip install wandb)"
-        ) from error
-    return wandb
+    # Imported when a reporter is made, not with this module: importing wandb takes a
+    # second, and the Lightning callback imports this module only for a WandbLogger.
+    from ._requires import require
+
+    return require("wandb", extra="wandb", integration="gradwatch.integrations.wandb")
 
 
 __all__ = ["ALERT_LEVELS", "DEFAULT_STATS", "LAYER_STATS", "WandbReporter", "alert_text"]

@@ -440,6 +440,19 @@ def test_without_the_framework_the_import_says_how_to_install_it(
     assert raised.value.__suppress_context__  # one line, no chained "No module named ..."
 
 
+def test_without_wandb_the_reporter_says_how_to_install_it(monkeypatch):
+    from gradwatch.integrations.wandb import WandbReporter
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(ModuleNotFoundError) as raised:
+        WandbReporter()
+    assert str(raised.value) == (
+        "gradwatch.integrations.wandb needs wandb, which is not installed: "
+        "pip install 'gradwatch[wandb]'"
+    )
+    assert raised.value.__suppress_context__
+
+
 def test_terminal_output_goes_above_the_rich_progress_bar():
     import rich
     from lightning.pytorch.callbacks import RichProgressBar
