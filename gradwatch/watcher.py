@@ -26,7 +26,7 @@ from .history import History
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
 from .probes import ProbeRecord, Probes
-from .reporters import Reporter, default_reporters
+from .reporters import LoggingReporter, Reporter, default_reporters
 from .reporters.timing import ReportingClock, slow_reporter_notice
 from .rules import resolve_rules
 from .rules.base import ModelFacts, Rule, RuleContext
@@ -501,7 +501,8 @@ class Watcher:
         self._sentinel = self._make_sentinel()
         if change:
             text = f"gradwatch: the watched layers changed at step {label} ({change.describe()})"
-            logger.info(text)
+            if not any(isinstance(r, LoggingReporter) for r in self.reporters):
+                logger.info(text)
             for reporter in self.reporters:
                 notice = getattr(reporter, "notice", None)
                 if callable(notice):

@@ -254,6 +254,9 @@ class TerminalReporter(Reporter):
             panel = finding_panel(finding, stats, chart=with_chart, chart_rows=self.chart_rows)
             self._emit(panel, text)
 
+    def notice(self, text: str) -> None:
+        self._emit(Text(text, style="dim"), text)
+
     def close(self, summary: Sequence[SummaryRow]) -> None:
         if not self.summary:
             return
