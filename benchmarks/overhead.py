@@ -10,6 +10,7 @@ median over rounds, and the ratio is to the bare loop measured in the same round
 Configurations:
   bare              forward, backward, optimizer step
   gradwatch         gradwatch.watch(model) with default settings (every 15 steps)
+  gradwatch+loss    the same with watcher.step(loss=loss): the sentinel also reads the loss
   gradwatch/1       gradwatch.watch(model, every_n_steps=1)
   wandb.watch       wandb.watch(model, log="gradients", log_freq=1), offline, plus the
                     run.log({"loss": ...}) call that commits it each step
@@ -181,11 +182,14 @@ def make_configs(model: nn.Module, batch: Callable, wanted: list[str]) -> list[C
     for name in wanted:
         config = Config(name, copy.deepcopy(model), batch)
         if name.startswith("gradwatch"):
-            options = {"every_n_steps": 1} if name == "gradwatch/1" else {}
+            options = {"every_n_steps": 1} if name.startswith("gradwatch/1") else {}
             watcher = gradwatch.watch(
                 config.model, reporters=[], optimizer=config.opt, **options
             )
-            config.before_step = lambda loss, w=watcher: w.step()
+            if name.endswith("+loss"):
+                config.before_step = lambda loss, w=watcher: w.step(loss=loss)
+            else:
+                config.before_step = lambda loss, w=watcher: w.step()
             config.close = watcher.close
         elif name == "wandb.watch":
             import wandb
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="mlp,cnn,transformer,gpt2")
     parser.add_argument(
-        "--configs", default="bare,gradwatch,gradwatch/1,wandb.watch,lightning"
+        "--configs", default="bare,gradwatch,gradwatch+loss,gradwatch/1,wandb.watch,lightning"
     )
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="steps per block (15 divides it)")

@@ -64,7 +64,7 @@ def train(title: str, model: nn.Module, epochs: int = 2) -> list[gradwatch.Findi
                 loss = nn.functional.cross_entropy(model(x), y)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # the last micro-batch of the window
-                    watcher.step(step, optimizer=optimizer)  # final, not yet clipped
+                    watcher.step(step, optimizer=optimizer, loss=loss)  # final, not clipped
                     accelerator.clip_grad_norm_(model.parameters(), 1.0)
                     step += 1
                 optimizer.step()
