@@ -10,16 +10,18 @@ median over rounds, and the ratio is to the bare loop measured in the same round
 Configurations:
   bare              forward, backward, optimizer step
   gradwatch         gradwatch.watch(model) with default settings (every 15 steps)
+  gradwatch+loss    the same with watcher.step(loss=loss): the sentinel also reads the loss
   gradwatch/1       gradwatch.watch(model, every_n_steps=1)
   wandb.watch       wandb.watch(model, log="gradients", log_freq=1), offline, plus the
                     run.log({"loss": ...}) call that commits it each step
   lightning         lightning.pytorch.utilities.grad_norm(model, norm_type=2) each step
 
-Models: mlp, cnn, transformer (nn.TransformerEncoder), gpt2 (a GPT-2-shaped causal LM with
-scaled_dot_product_attention; not in the default --models).
+Models: a 25-layer ReLU MLP, a residual CNN, a 4-layer transformer encoder, and a
+GPT-2-small-shaped language model (12 blocks, built from a transformers config; needs
+``pip install 'gradwatch[transformers]'``).
 
-Run:  python benchmarks/overhead.py            (about 6 minutes on 2 CPU cores)
-      python benchmarks/overhead.py --rounds 4 --models mlp
+Run:  python benchmarks/overhead.py            (about 9 minutes on 2 CPU cores)
+      python benchmarks/overhead.py --rounds 4 --models mlp,gpt2
 """
 
 from __future__ import annotations
@@ -114,48 +116,39 @@ def transformer_case():
     return Encoder(), lambda: (x, y)
 
 
-class _GPTBlock(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+class GPT2Small(nn.Module):
+    """GPT-2-small-shaped, from ``transformers.GPT2Config``: 12 blocks like GPT-2 small, but
+    width 128 (4 heads), a 2,048-token vocabulary and 64 positions, so that a step (batch
+    of 4 x 32 tokens) takes tens of milliseconds on a CPU. Returns next-token logits
+    flattened for cross-entropy."""
+
+    def __init__(self) -> None:
         super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        qkv = self.c_attn(self.ln_1(x)).view(b, t, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.c_proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT(nn.Module):
-    """GPT-2-shaped causal LM: token + position embeddings, pre-LN blocks with causal
-    scaled_dot_product_attention and a 4x GELU MLP, final LayerNorm, tied output head."""
-
-    def __init__(
-        self, vocab: int = 2048, dim: int = 256, heads: int = 4, layers: int = 4, length: int = 128
-    ) -> None:
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
-        self.h = nn.ModuleList(_GPTBlock(dim, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(dim)
+        config = GPT2Config(
+            n_layer=12, n_embd=128, n_head=4, vocab_size=2048, n_positions=64,
+            bos_token_id=0, eos_token_id=0,
+        )
+        self.lm = GPT2LMHeadModel(config)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1]))
-        for block in self.h:
-            x = block(x)
-        return (self.ln_f(x) @ self.wte.weight.T).flatten(0, 1)
+        logits = self.lm(input_ids=tokens).logits
+        return logits.reshape(-1, logits.shape[-1])
 
 
 def gpt2_case():
-    tokens = torch.randint(0, 2048, (4, 129))
-    return GPT(), lambda: (tokens[:, :-1], tokens[:, 1:].flatten())
+    tokens = torch.randint(0, 2048, (4, 33))
+    x, y = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+    return GPT2Small(), lambda: (x, y)
 
 
-CASES = {"mlp": mlp_case, "cnn": cnn_case, "transformer": transformer_case, "gpt2": gpt2_case}
+CASES = {
+    "mlp": mlp_case,
+    "cnn": cnn_case,
+    "transformer": transformer_case,
+    "gpt2": gpt2_case,
+}
 
 
 # -- configurations -------------------------------------------------------------------
@@ -189,11 +182,14 @@ def make_configs(model: nn.Module, batch: Callable, wanted: list[str]) -> list[C
     for name in wanted:
         config = Config(name, copy.deepcopy(model), batch)
         if name.startswith("gradwatch"):
-            options = {"every_n_steps": 1} if name == "gradwatch/1" else {}
+            options = {"every_n_steps": 1} if name.startswith("gradwatch/1") else {}
             watcher = gradwatch.watch(
                 config.model, reporters=[], optimizer=config.opt, **options
             )
-            config.before_step = lambda loss, w=watcher: w.step()
+            if name.endswith("+loss"):
+                config.before_step = lambda loss, w=watcher: w.step(loss=loss)
+            else:
+                config.before_step = lambda loss, w=watcher: w.step()
             config.close = watcher.close
         elif name == "wandb.watch":
             import wandb
@@ -241,9 +237,9 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="mlp,cnn,transformer")
+    parser.add_argument("--models", default="mlp,cnn,transformer,gpt2")
     parser.add_argument(
-        "--configs", default="bare,gradwatch,gradwatch/1,wandb.watch,lightning"
+        "--configs", default="bare,gradwatch,gradwatch+loss,gradwatch/1,wandb.watch,lightning"
     )
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="steps per block (15 divides it)")
@@ -258,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="gradwatch-bench-"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from configs
     names = args.configs.split(",")
     if "bare" not in names:
         names.insert(0, "bare")

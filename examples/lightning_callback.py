@@ -7,8 +7,9 @@ Trains two small digit classifiers on CPU (scikit-learn's bundled digits, no dow
    the numbers and a fix, above Lightning's progress bar;
 2. the fix it suggests, a ReLU MLP with kaiming (He) initialisation: no findings.
 
-Per-layer gradient statistics go to every attached logger under ``gradwatch/`` keys; here
-a CSVLogger, whose metrics.csv the script reads back.
+gradwatch measures every 15 optimizer steps (and at each step Lightning logs), and adds
+per-layer gradient statistics under ``gradwatch/`` keys to the rows Lightning logs, next to
+your own metrics; here a CSVLogger, whose metrics.csv the script reads back.
 
 Run: python examples/lightning_callback.py   (about 10 seconds on a laptop CPU)
 """
@@ -71,9 +72,9 @@ def digits() -> DataLoader:
 
 def train(title: str, model: L.LightningModule, log_dir: Path) -> GradWatchCallback:
     print(f"\n=== {title} ===")
-    watch = GradWatchCallback()  # every_n_steps defaults to the trainer's log_every_n_steps
+    watch = GradWatchCallback()  # measures every 15 steps, and when Lightning logs
     trainer = L.Trainer(
-        max_steps=120,
+        max_epochs=4,  # 29 batches each
         log_every_n_steps=10,
         accelerator="cpu",
         callbacks=[watch],
@@ -86,9 +87,10 @@ def train(title: str, model: L.LightningModule, log_dir: Path) -> GradWatchCallb
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("gradwatch/global_grad_norm")]
     first, last = "gradwatch/grad_rms/net.0", f"gradwatch/grad_rms/net.{len(model.net) - 1}"
-    step = rows[-1]["step"]
-    print(f"metrics.csv: {len(rows)} rows of gradwatch statistics, e.g. at step {step}:")
-    print(f"  {first} = {float(rows[-1][first]):.2e}   {last} = {float(rows[-1][last]):.2e}")
+    row = rows[-1]
+    print(f"metrics.csv: {len(rows)} rows with gradwatch statistics; the last one:")
+    print(f"  step {row['step']}, epoch {row['epoch']}, train_loss {float(row['train_loss']):.3f}")
+    print(f"  {first} = {float(row[first]):.2e}   {last} = {float(row[last]):.2e}")
     announced = [f for f in watch.findings if f.status == "new"]
     print("findings:", ", ".join(f"{f.title} at step {f.step}" for f in announced) or "none")
     return watch

@@ -63,7 +63,7 @@ def train(model: nn.Module, steps: int = 100, lr: float = 0.05) -> list[gradwatc
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad()
             loss.backward()
-            watcher.step()  # (2) after backward(), before optimizer.step()
+            watcher.step(loss=loss)  # (2) after backward(), before optimizer.step()
             optimizer.step()
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).float().mean().item()

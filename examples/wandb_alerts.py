@@ -21,6 +21,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.integrations.wandb import WandbReporter
+from gradwatch.reporters import default_reporters
 
 STEPS = 150
 
@@ -51,9 +52,9 @@ def main() -> None:
     model = deep_tanh_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     reporter = WandbReporter(run, alert_on_resolved=True)
-    # The terminal reporter shows the same findings here; the W&B reporter sends alerts.
+    # The default reporters show the same findings in the terminal; W&B gets the alerts.
     watcher = gradwatch.watch(
-        model, every_n_steps=10, reporters=[gradwatch.TerminalReporter(), reporter]
+        model, every_n_steps=10, reporters=[*default_reporters(), reporter]
     )
 
     for _ in range(STEPS):
@@ -63,9 +64,10 @@ def main() -> None:
         loss.backward()
         watcher.step(optimizer=optimizer)  # after backward, before optimizer.step()
         optimizer.step()
-        run.log({"loss": loss.item()})  # your own logging: gradwatch's values join this row
+        # Your own logging: gradwatch's values join this row; it never adds rows of its own.
+        run.log({"loss": loss.item()})
 
-    watcher.close()  # writes the findings table and the run summary; before run.finish()
+    watcher.close()  # the findings table and run summary (run.finish() commits the last row)
     for finding in watcher.findings:
         print(f"finding: {finding.title} [{finding.severity}] at step {finding.step}")
     print(f"W&B alerts sent: {reporter.alerts_sent}")

@@ -1,4 +1,8 @@
-"""The ``gradwatch`` command: ``rules``, ``explain``, ``demo``, ``report``."""
+"""The ``gradwatch`` command: ``rules``, ``explain``, ``demo``, ``report``.
+
+Only ``demo`` (which trains) imports torch: ``--help``, ``rules``, ``explain`` and
+``report`` answer without it, in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ._version import __version__
+from .demo.options import add_arguments as add_demo_arguments
+from .report import add_arguments as add_report_arguments
 from .rules import BUILTIN_RULES, find_rule
 
 
@@ -75,23 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(func=_explain)
 
     demo = sub.add_parser(
-        "demo", help="train the seed document's networks on digits and show the findings"
+        "demo",
+        help="train deep sigmoid, ReLU and residual networks on digits and show the findings",
+        description="The classic deep sigmoid vs ReLU vs residual experiment: trains six "
+        "small networks on scikit-learn's bundled digits (nothing is downloaded) and shows "
+        "what gradwatch finds in each. Needs the 'demo' extra (scikit-learn).",
     )
-    try:
-        from .demo import add_arguments as add_demo_arguments
-    except ImportError:  # pragma: no cover - the demo ships with the package
-        add_demo_arguments = None
-    if add_demo_arguments is not None:
-        add_demo_arguments(demo)
+    add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
     report = sub.add_parser("report", help="summarise a recorded run (a JSONL file)")
-    try:
-        from .report import add_arguments as add_report_arguments
-    except ImportError:  # pragma: no cover
-        add_report_arguments = None
-    if add_report_arguments is not None:
-        add_report_arguments(report)
+    add_report_arguments(report)
     report.set_defaults(func=_report)
     return parser
 

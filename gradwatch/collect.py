@@ -188,7 +188,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean vector into bytes (float values 0..255, exact), bit i = element i."""
     weights = _BIT_WEIGHTS.get(mask.device)
     if weights is None:
-        weights = torch.tensor([1 << i for i in range(8)], dtype=_F32, device=mask.device)
+        weights = torch.tensor([1 << i for i in range(8)], dtype=_F32)
+        weights = weights.to(mask.device, non_blocking=True)
         _BIT_WEIGHTS[mask.device] = weights
     pad = (-mask.numel()) % 8
     if pad:
@@ -202,6 +203,36 @@ def unpack_bits(values: list[float]) -> int:
 
 def _row_norms(grad: torch.Tensor) -> torch.Tensor:
     return _norm(grad.flatten(1), dim=1)
+
+
+#: Tensors up to this many values are read together with others of their kind: for them
+#: the cost of an operation is its overhead, not the data.
+_SMALL = 1 << 14
+
+
+def _row_norms_of(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Row norms of each weight gradient, in order. Runs of small matrices with the same
+    row length and dtype are concatenated and read in one operation."""
+    out: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+
+    def close_run() -> None:
+        if len(run) > 1:
+            out.append(_norm(torch.cat([g.flatten(1) for g in run]), dim=1))
+        elif run:
+            out.append(_row_norms(run[0]))
+        run.clear()
+
+    for grad in grads:
+        if grad.numel() > _SMALL or grad.dim() < 2:
+            close_run()
+            out.append(_row_norms(grad))
+            continue
+        if run and (run[0].dtype != grad.dtype or run[0].shape[1:] != grad.shape[1:]):
+            close_run()
+        run.append(grad)
+    close_run()
+    return out
 
 
 #: Zero shares of larger gradients are estimated from this many evenly strided entries
@@ -283,14 +314,14 @@ class Collector:
         row_slots = [s for s in slots if s.rows]
         other = [s for s in slots if not s.rows]
         if row_slots:
-            row_norms = _cat([_row_norms(s.grad) for s in row_slots], home).to(_F64)
+            row_norms = _cat(_row_norms_of([s.grad for s in row_slots]), home).to(_F64)
             energy = row_norms * row_norms  # squared in float64: tiny norms do not underflow
             segments = self._segments(tuple(s.rows for s in row_slots), home)
             per_tensor = torch.zeros(len(row_slots), dtype=energy.dtype, device=home)
             sums.append(per_tensor.index_add_(0, segments, energy))
             masks.append(energy)
         if other:
-            sums.append(_stack(_norms([s.grad for s in other]), home).to(_F64).square())
+            sums.append(self._squared_norms([s.grad for s in other], home))
 
         maxima = None
         with_values = [s for s in slots if s.has_values] if detail else []
@@ -337,8 +368,9 @@ class Collector:
                 for k, slot in enumerate(slots):
                     if not slot.sharded:
                         scale[block * len(slots) + k] = 1.0 / world
-            summed = summed * torch.tensor(scale, dtype=_F64, device=home)
-        count_vec = torch.tensor(counts, dtype=_F64, device=home)
+            summed = summed * torch.tensor(scale, dtype=_F64).to(home, non_blocking=True)
+        # built on the host and sent without blocking: a plain copy to the GPU would wait
+        count_vec = torch.tensor(counts, dtype=_F64).to(home, non_blocking=True)
         mask_vec = _cat(masks, home) if masks else torch.zeros(0, device=home)
         max_parts = [maxima.to(_F64)] if maxima is not None else []
         max_parts += [e.detach().reshape(1).to(device=home, dtype=_F64) for e in extras or []]
@@ -371,6 +403,37 @@ class Collector:
         )
         return packed, layout
 
+    def _squared_norms(self, grads: list[torch.Tensor], home: torch.device) -> torch.Tensor:
+        """Squared norm of each tensor, float64. Small 1-D tensors of one dtype (biases,
+        norm scales: hundreds in a deep model) are summed in one pass over their
+        concatenation: one operation instead of one per tensor."""
+        small = [
+            k
+            for k, g in enumerate(grads)
+            if g.dim() == 1 and 0 < g.numel() <= _SMALL and g.dtype == grads[0].dtype
+        ]
+        if len(small) < 8:
+            return _stack(_norms(grads), home).to(_F64).square()
+        out = torch.zeros(len(grads), dtype=_F64, device=home)
+        values = torch.cat([grads[k] for k in small]).to(_F64)
+        segments = self._segments(tuple(grads[k].numel() for k in small), home)
+        index = self._index(tuple(small), home)
+        out.index_add_(0, index[segments], values * values)
+        chosen = set(small)
+        rest = [k for k in range(len(grads)) if k not in chosen]
+        if rest:
+            norms = _stack(_norms([grads[k] for k in rest]), home).to(_F64)
+            out.index_copy_(0, self._index(tuple(rest), home), norms * norms)
+        return out
+
+    def _index(self, positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = ("index", positions, str(device))
+        cached = self._segment_cache.get(key)
+        if cached is None:
+            cached = torch.tensor(positions).to(device, non_blocking=True)
+            self._segment_cache[key] = cached
+        return cached
+
     def _alias_slots(self, slots: list[Slot]) -> list[tuple[int, int]]:
         if not self.aliases:
             return []
@@ -380,12 +443,14 @@ class Collector:
         ]
 
     def _segments(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        key = (rows, str(device))
+        key = ("segments", rows, str(device))
         cached = self._segment_cache.get(key)
         if cached is None:
-            counts = torch.tensor(rows, device=device)
-            cached = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
-            if len(self._segment_cache) > 16:
+            counts = torch.tensor(rows).to(device, non_blocking=True)
+            cached = torch.repeat_interleave(
+                torch.arange(len(rows), device=device), counts, output_size=sum(rows)
+            )
+            if len(self._segment_cache) > 32:
                 self._segment_cache.clear()
             self._segment_cache[key] = cached
         return cached
@@ -404,14 +469,13 @@ class Collector:
         return [int(v) for v in values[: len(slots)]], values[len(slots) :]
 
 
-def _add(acc: dict[int, list[float]], index: int, values: list[float]) -> None:
+def _add(a: list[float], values: list[float]) -> None:
     """Add one parameter's numbers to its module's: sums, except the maximum (NaN wins)."""
-    a = acc.get(index)
-    if a is None:
-        acc[index] = list(values)
-        return
-    for j in (0, 1, 2, 3, 5):
-        a[j] += values[j]
+    a[0] += values[0]
+    a[1] += values[1]
+    a[2] += values[2]
+    a[3] += values[3]
+    a[5] += values[5]
     m = values[4]
     a[4] = m if (m != m or a[4] != a[4]) else max(a[4], m)
 
@@ -472,7 +536,7 @@ def read(
     maxes = take(layout.n_max)
     extras = take(layout.n_extra)
     attention_max = take(len(layout.attention))
-    bits = unpack_bits(values[pos:])
+    packed_masks = bytes(map(int, values[pos:]))
     bit_pos = 0
     if layout.layers is not None:
         layers = layout.layers
@@ -491,9 +555,13 @@ def read(
         grad_sq = [v / (signal_div * signal_div) for v in grad_sq]
 
     def take_mask(size: int) -> int:
-        """The next ``size`` bits of the packed masks, as an int (bit i = unit i)."""
+        """The next ``size`` bits of the packed masks, as an int (bit i = unit i). Only
+        the bytes that hold them are read: shifting one int of all masks instead would
+        cost time quadratic in the number of layers."""
         nonlocal bit_pos
-        mask = (bits >> bit_pos) & ((1 << size) - 1)
+        start = bit_pos >> 3
+        chunk = int.from_bytes(packed_masks[start : (bit_pos + size + 7) >> 3], "little")
+        mask = (chunk >> (bit_pos & 7)) & ((1 << size) - 1)
         bit_pos += size
         return mask
 
@@ -509,31 +577,39 @@ def read(
     acc: dict[int, list[float]] = {}  # sumsq, numel, nonzero, param sumsq, max, nonfinite
     per_slot: list[list[float]] = []
     max_pos = 0
-    total_sumsq = 0.0
-    total_psq = 0.0
+    detailed = nonzero is not None and param_sumsq is not None
+    checked = nonfinite_counts is not None and checked_param_sumsq is not None
     for k, slot in enumerate(slots):
         a = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
-        if nonzero is not None and param_sumsq is not None:
-            a[2] = nonzero[k]
-            a[3] = param_sumsq[k]
+        if detailed:
+            a[2] = nonzero[k]  # type: ignore[index]
+            a[3] = param_sumsq[k]  # type: ignore[index]
             if slot.has_values:
                 a[4] = maxes[max_pos]
                 max_pos += 1
-        if nonfinite_counts is not None and checked_param_sumsq is not None:
-            a[5] = nonfinite_counts[k]
-            a[3] += checked_param_sumsq[k]
+        if checked:
+            a[5] = nonfinite_counts[k]  # type: ignore[index]
+            a[3] += checked_param_sumsq[k]  # type: ignore[index]
         per_slot.append(a)
-        total_sumsq += a[0]
-        total_psq += a[3]
-        _add(acc, slot.layer, a)
+        mine = acc.get(slot.layer)
+        if mine is None:
+            acc[slot.layer] = list(a)
+        else:
+            _add(mine, a)
         if slot.rows:
             ls = stats[slot.layer]
             ls.units = slot.rows
             ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
+    total_sumsq = sum(a[0] for a in per_slot)
+    total_psq = sum(a[3] for a in per_slot)
     # A tied parameter shows in every module that owns it, counted once in the totals.
     for index, k in layout.aliases:
         if index in stats:
-            _add(acc, index, per_slot[k])
+            mine = acc.get(index)
+            if mine is None:
+                acc[index] = list(per_slot[k])
+            else:
+                _add(mine, per_slot[k])
 
     previous_layers = previous.layers if previous is not None else {}
     for index, (s2, numel, nz, psq, mx, nf) in acc.items():

@@ -9,23 +9,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Kinds decide which statistics a module gets and how the rules read them.
-LINEAR = "linear"
-CONV = "conv"
-EMBEDDING = "embedding"
-NORM = "norm"
-ATTENTION = "attention"
-RELU = "relu"  # hard-gated: zero derivative where inactive, so units can die
-SIGMOID = "sigmoid"
-TANH = "tanh"
-ACTIVATION = "activation"  # LeakyReLU, GELU, SiLU, ...: the gradient always flows
-OTHER = "other"
-
-#: Kinds whose weight rows are output units (a zero row means a unit got no gradient).
-UNIT_ROW_KINDS = (LINEAR, CONV)
-#: Kinds whose weight gradients carry the depth profile (dense, input-independent layout).
-MATRIX_KINDS = (LINEAR, CONV, ATTENTION)
-SATURATING_KINDS = (SIGMOID, TANH)
+# The kinds are torch-free strings (gradwatch.kinds); re-exported here, where they began.
+from .kinds import (  # noqa: F401
+    ACTIVATION,
+    ATTENTION,
+    CONV,
+    EMBEDDING,
+    LINEAR,
+    MATRIX_KINDS,
+    NORM,
+    OTHER,
+    RELU,
+    SATURATING_KINDS,
+    SIGMOID,
+    TANH,
+    UNIT_ROW_KINDS,
+)
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .stats import OptimizerInfo
 
 # Optimizers that divide each gradient by a running estimate of its own scale: the size
@@ -44,7 +46,11 @@ def describe(optimizer: Any) -> OptimizerInfo | None:
     group = groups[0]
     name = type(optimizer).__name__
     lr = group.get("lr", 0.0)
-    lr = float(lr.item() if hasattr(lr, "item") else lr)
+    if isinstance(lr, torch.Tensor):
+        if lr.is_cuda:
+            return None  # a learning rate kept on the GPU: reading it would make it wait
+        lr = lr.item()
+    lr = float(lr)
     eps = group.get("eps")
     if isinstance(eps, (tuple, list)):  # Adafactor keeps (eps1, eps2)
         eps = eps[0]

@@ -332,8 +332,8 @@ class Probes:
                 if not _grad_enabled() or (recomputing and index in record.calls):
                     return None  # no gradient will flow, or already measured this step
                 tensor = first_tensor(output)
-                if tensor is None:
-                    return None
+                if tensor is None or tensor.numel() == 0:
+                    return None  # an empty call (an expert routed no tokens) says nothing
                 if not record.input_seen and not recomputing:
                     self._note_input(args)
                 if len(record.out_norms) < _MAX_ENTRIES:
@@ -378,8 +378,8 @@ class Probes:
                 if tensor is None:
                     return None
                 ndim = tensor.dim()
-                if ndim == 0:
-                    return None
+                if ndim == 0 or tensor.numel() == 0:
+                    return None  # an empty call (an expert routed no tokens) says nothing
                 record.calls[index] = record.calls.get(index, 0) + 1
                 values = tensor.detach()
                 if kind == RELU:

@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,21 @@ from rich.console import Console
 from rich.text import Text
 
 from .demo.extras import MissingExtra, figure_class
-from .demo.figure import check_image_path, save_figure
+from .demo.figure import check_image_path, save_figure, write_error
 from .demo.table import Cell, print_table
 from .findings import Finding
 from .reporters.jsonl import Record, read_record
-from .reporters.terminal import SEVERITY_STYLE
+from .reporters.terminal import SEVERITY_STYLE, finding_panel, finding_text
 from .rules.engine import SummaryRow
 
-#: Steps shown as columns of the text table (evenly spaced, first and last included).
+#: Steps shown as columns of the text table at most (evenly spaced, first and last
+#: included); fewer when the console is narrow.
 TEXT_COLUMNS = 8
+#: Characters of the "over time" sparkline at most (monitored steps evenly sampled).
+SPARK_WIDTH = 24
 _SPARK = "▁▂▃▄▅▆▇█"
-_SPARK_PLAIN = ".:-=+*#@"
+#: Plain-text levels, low to high; "-" is kept for "not measured", " " for exactly 0.
+_SPARK_PLAIN = ".:=+*#%@"
 
 
 class ReportError(Exception):
@@ -55,7 +60,9 @@ def load(path: str | os.PathLike[str]) -> Record:
     except OSError as error:
         raise ReportError(f"{file}: cannot read it ({error.strerror or error})") from None
     except ValueError as error:  # a line that is not JSON, before the last one
-        raise ReportError(f"{file} is not a valid gradwatch record: {error}") from None
+        # read_record's message begins with the file's name: say it once.
+        reason = str(error).removeprefix(f"{file}: ").removeprefix(f"{path}: ")
+        raise ReportError(f"{file} is not a valid gradwatch record: {reason}") from None
     except Exception as error:
         raise ReportError(
             f"{file} is not a gradwatch record ({type(error).__name__}: {error}); "
@@ -137,16 +144,35 @@ def value_text(value: float | None) -> str:
     return f"{value:.1e}"
 
 
-def sparkline(values: Sequence[float | None], *, plain: bool = False) -> str:
-    """The values on a log scale between their own smallest and largest non-zero value;
-    0 is a space, unmeasured is "-", NaN/Inf is "!".
+def log_range(rows: Sequence[Sequence[float | None]]) -> tuple[float, float]:
+    """The smallest and largest log10 of the positive, finite values in ``rows``: one
+    scale for all of them (0.0, 0.0 when there are none).
+
+    >>> log_range([[1e-3, 0.0, None], [1e-1]])
+    (-3.0, -1.0)
+    """
+    logs = [
+        math.log10(v) for row in rows for v in row if v is not None and v > 0 and math.isfinite(v)
+    ]
+    return (min(logs), max(logs)) if logs else (0.0, 0.0)
+
+
+def sparkline(
+    values: Sequence[float | None],
+    *,
+    plain: bool = False,
+    scale: tuple[float, float] | None = None,
+) -> str:
+    """The values on a log scale, ``scale`` = (low, high) in log10 (default: the values'
+    own range); exactly 0 is a space, unmeasured "-", NaN/Inf "!".
 
     >>> sparkline([1e-3, 1e-2, 1e-1, 0.0, None], plain=True)
-    '.+@ -'
+    '.*@ -'
+    >>> sparkline([1e-3, 3e-3], plain=True, scale=(-12.0, -1.0))  # a 3x wobble stays flat
+    '%%'
     """
     ramp = _SPARK_PLAIN if plain else _SPARK
-    logs = [math.log10(v) for v in values if v is not None and v > 0 and math.isfinite(v)]
-    low, high = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    low, high = scale if scale is not None else log_range([values])
     out = []
     for value in values:
         if value is None:
@@ -159,7 +185,7 @@ def sparkline(values: Sequence[float | None], *, plain: bool = False) -> str:
             out.append(ramp[-1])
         else:
             position = (math.log10(value) - low) / (high - low)
-            out.append(ramp[min(len(ramp) - 1, int(position * len(ramp)))])
+            out.append(ramp[max(0, min(len(ramp) - 1, int(position * len(ramp))))])
     return "".join(out)
 
 
@@ -184,9 +210,21 @@ def _layers(names: Sequence[str], limit: int = 4) -> str:
 
 
 def _say(console: Console, text: str, style: str | None = None) -> None:
-    console.print(
-        text, style=style, markup=False, highlight=False, soft_wrap=not console.is_terminal
+    """A line of text, no markup, wrapped at words to the console's width (plain text
+    too: a log or a pipe gets lines no wider than the terminal would)."""
+    if console.is_terminal:
+        console.print(text, style=style, markup=False, highlight=False)
+        return
+    indent = " " * (len(text) - len(text.lstrip()) + 2)
+    wrapped = textwrap.wrap(
+        text,
+        console.width,
+        subsequent_indent=indent,
+        break_long_words=False,  # file paths stay whole
+        break_on_hyphens=False,
     )
+    for part in wrapped or [""]:
+        console.print(part, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_report(record: Record, path: str | os.PathLike[str], console: Console) -> None:
@@ -224,28 +262,24 @@ def print_report(record: Record, path: str | os.PathLike[str], console: Console)
 
 
 def _print_findings(console: Console, findings: Sequence[Finding]) -> None:
+    """Each finding as the terminal showed it during the run: what, layers, evidence and
+    fix (without the chart: the table below has every layer over time)."""
     if not findings:
         _say(console, "findings: none", style="green")
         return
-    rows: list[list[Cell]] = [
-        [
-            str(f.step),
-            f.title,
-            _severity(f.severity),
-            f.status,
-            _layers(f.layers),
-            f.message,
-        ]
-        for f in findings
-    ]
-    print_table(
-        console,
-        "findings",
-        ("step", "finding", "severity", "status", "layers", "message"),
-        rows,
-        right=("step",),
-        keep_whole=("finding",),
-    )
+    _say(console, f"findings ({len(findings)})", style="bold")
+    for finding in findings:
+        if finding.status == "resolved":
+            _say(console, f"step {finding.step}: {finding.title} {finding.message}", style="cyan")
+        elif console.is_terminal:
+            console.print(finding_panel(finding, chart=False))
+        else:
+            _say_wrapped(console, finding_text(finding))
+
+
+def _say_wrapped(console: Console, text: str) -> None:
+    for line in text.splitlines():
+        _say(console, line)
 
 
 def _print_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
@@ -271,6 +305,7 @@ def _print_summary(console: Console, rows: Sequence[SummaryRow]) -> None:
         ("finding", "severity", "layers", "first step", "last step", "status"),
         cells,
         right=("first step", "last step"),
+        keep_whole=("finding", "severity"),
     )
 
 
@@ -279,31 +314,44 @@ def _print_gradients(console: Console, record: Record) -> None:
     if not layers:
         _say(console, "gradient RMS: no layer gradients recorded")
         return
-    picks = sample_indices(len(record.steps))
     plain = not console.is_terminal
+    name_width = max(len("(global norm)"), *(len(n or "<root>") for n in layers))
+    spark_steps = sample_indices(len(record.steps), SPARK_WIDTH)
+    spark_width = max(len("over time"), len(spark_steps))
+    # Each step column takes "1.5e-02" and the gap before it; rich adds borders too.
+    room = console.width - name_width - spark_width - (8 if plain else 12)
+    picks = sample_indices(len(record.steps), max(2, min(TEXT_COLUMNS, room // 10)))
     columns = ["layer", *(f"step {record.steps[i].step}" for i in picks), "over time"]
+    per_layer = {name: series(record, name) for name in layers}
+    scale = log_range(per_layer.values())
     rows: list[list[Cell]] = []
-    for name in layers:
-        values = series(record, name)
-        rows.append(
-            [
-                name or "<root>",
-                *(value_text(values[i]) for i in picks),
-                sparkline(values, plain=plain),
-            ]
-        )
-    norms = [s.global_grad_norm for s in record.steps]
+    for name, values in per_layer.items():
+        line = sparkline([values[i] for i in spark_steps], plain=plain, scale=scale)
+        rows.append([name or "<root>", *(value_text(values[i]) for i in picks), line])
+    norms: list[float | None] = [s.global_grad_norm for s in record.steps]
     rows.append(
-        ["(global norm)", *(value_text(norms[i]) for i in picks), sparkline(norms, plain=plain)]
+        [
+            "(global norm)",
+            *(value_text(norms[i]) for i in picks),
+            sparkline([norms[i] for i in spark_steps], plain=plain),
+        ]
     )
+    every = (
+        "every monitored step"
+        if len(spark_steps) == len(record.steps)
+        else f"{len(spark_steps)} of {len(record.steps)} monitored steps, evenly spaced"
+    )
+    low, high = scale
     print_table(
         console,
         "gradient RMS per layer (input side first) over monitored steps",
         columns,
         rows,
         right=columns[1:-1],
-        caption="over time: every monitored step, log scale within each row; "
-        "blank = exactly 0, '-' = not measured",
+        keep_whole=("layer", "over time"),
+        caption=f"over time: {every}, on one log scale for all layers "
+        f"(1e{low:.0f} to 1e{high:.0f}; the global norm on its own); "
+        "blank = exactly 0, '-' = not measured, '!' = NaN/Inf",
     )
 
 
@@ -418,15 +466,16 @@ def main(args: argparse.Namespace) -> int:
     except (ReportError, MissingExtra, ValueError) as error:
         print(f"gradwatch report: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"gradwatch report: {write_error(error)}", file=sys.stderr)
+        return 2
     print_report(record, path, Console())
     if png is not None:
         figure = report_figure(record)
         try:
             save_figure(figure, png)
         except OSError as error:
-            print(
-                f"gradwatch report: cannot write {png}: {error.strerror or error}", file=sys.stderr
-            )
+            print(f"gradwatch report: {write_error(error)}", file=sys.stderr)
             return 2
         print(f"figure: {png}")
     return 0

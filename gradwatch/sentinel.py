@@ -33,7 +33,7 @@ _F32 = torch.float32
 #: Gradient values the sample may hold (about 0.3 MB in float32).
 _BUDGET = 65_536
 #: Tensors in the sample (one fused norm over them).
-_MAX_TENSORS = 32
+_MAX_TENSORS = 24
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,8 @@ class Sentinel:
         deferred: bool | str = "auto",
     ) -> None:
         self.params = sample_parameters(params)
+        self._flat = all(p.dim() == 1 for p in self.params)  # no reshaping needed
+        self._one_dtype = len({p.dtype for p in self.params}) <= 1
         self.window = window
         self.surge = surge
         self.min_history = min_history
@@ -128,51 +130,62 @@ class Sentinel:
         one on the CPU, the previous one on CUDA)."""
         grads = [p.grad for p in self.params]
         grads = [g for g in grads if g is not None and g.layout is torch.strided]
-        parts: list[torch.Tensor] = []
-        device = None
-        if grads:
-            norms = torch._foreach_norm(grads, 2) if len(grads) > 1 else [grads[0].norm()]
-            total = torch.stack([n.to(_F32) for n in norms]).square().sum()
-            device = total.device
-            parts.append(total.reshape(1))
-        else:
-            parts.append(torch.full((1,), -1.0))  # nothing to read this step
+        if not self._flat:
+            grads = [g.reshape(-1) for g in grads]
+        if not grads:
+            norm = None
+        elif len(grads) == 1:
+            norm = _norm(grads[0])
+        else:  # one concatenation and one norm: cheaper than a norm per tensor
+            norm = _norm(torch.cat(grads) if self._one_dtype else _cat32(grads))
+        if norm is not None and norm.is_cuda:
+            return self._observe_on_device(step, norm, loss, scale)
+        loss_value = _host_float(loss)
+        scale_value = _host_float(scale)
+        values = [
+            float(norm) if norm is not None else -1.0,
+            loss_value if loss_value is not None else math.nan,
+            scale_value if scale_value is not None else 1.0,
+            1.0 if loss_value is not None else 0.0,
+        ]
+        trips = self.flush()  # a sample left in flight by an earlier CUDA step
+        trip = self._judge(step, values)
+        return [*trips, trip] if trip is not None else trips
+
+    def _observe_on_device(
+        self, step: int, norm: torch.Tensor, loss: Any, scale: torch.Tensor | None
+    ) -> list[Trip]:
+        """CUDA: pack the four numbers on the device and copy them without blocking;
+        they are judged at the next step, when the copy has long finished."""
+        device = norm.device
+        parts = [norm.reshape(1).to(_F32)]
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            parts.append(loss.detach().reshape(1).to(_F32))
-        elif isinstance(loss, (int, float)):
-            parts.append(torch.tensor([float(loss)], dtype=_F32))
+            parts.append(loss.detach().reshape(1).to(device=device, dtype=_F32))
         else:
-            parts.append(torch.full((1,), math.nan))
-        parts.append(
-            scale.detach().reshape(1).to(_F32) if scale is not None else torch.ones(1)
-        )
-        parts.append(torch.ones(1) if loss is not None else torch.zeros(1))
-        device = device or parts[1].device
-        packed = torch.cat([p.to(device) for p in parts])
-        if self._deferred_setting == "auto":
-            self._transfer.deferred = packed.is_cuda
+            value = float(loss) if isinstance(loss, (int, float)) else math.nan
+            parts.append(torch.full((1,), value, device=device))
+        if scale is not None:
+            parts.append(scale.detach().reshape(1).to(device=device, dtype=_F32))
         else:
-            self._transfer.deferred = bool(self._deferred_setting)
+            parts.append(torch.ones(1, device=device))
+        parts.append(torch.full((1,), 1.0 if loss is not None else 0.0, device=device))
+        self._transfer.deferred = self._deferred_setting is not False
         trips = []
-        for judged, values in self._transfer.submit(packed, step):
+        for judged, values in self._transfer.submit(torch.cat(parts), step):
             trip = self._judge(judged, values)
             if trip is not None:
                 trips.append(trip)
         return trips
 
     def _judge(self, step: int, values: list[float]) -> Trip | None:
-        sumsq, loss, scale, has_loss = values
-        if sumsq < 0:
+        norm, loss, scale, has_loss = values
+        if norm < 0:
             return None
-        value = math.sqrt(sumsq) / (scale if scale > 0 and math.isfinite(scale) else 1.0)
-        baseline = _median(self._grads) if len(self._grads) >= self.min_history else None
+        value = norm / (scale if scale > 0 and math.isfinite(scale) else 1.0)
         loss_value = loss if has_loss > 0 else None
-        loss_base = _median(self._losses) if len(self._losses) >= self.min_history else None
+        grads, losses = self._grads, self._losses
         reason = None
-        nonfinite = not math.isfinite(value) or (
-            loss_value is not None and not math.isfinite(loss_value)
-        )
-        if nonfinite:
+        if not math.isfinite(value) or (loss_value is not None and not math.isfinite(loss_value)):
             if not self._in_nonfinite:
                 # Under a loss scaler an Inf gradient with a finite loss is a skipped
                 # step: the watcher judges it with the scale at hand.
@@ -182,29 +195,37 @@ class Sentinel:
             self._in_nonfinite = False
             # A surge is far above the recent typical level *and* above everything in the
             # window: a run whose gradient fell by orders of magnitude has batches far
-            # above its new median, but not above where it came from.
-            if (
-                baseline is not None
-                and baseline > 0
-                and value > self.surge * baseline
-                and value > max(self._grads)
-            ):
+            # above its new median, but not above where it came from. (The maximum is
+            # checked first: it is cheap, and most steps are not a new high.)
+            enough = len(grads) >= self.min_history
+            if enough and value > max(grads) and value > self.surge * _median(grads) > 0:
                 if self._surge_level is None or value > 2.0 * self._surge_level:
                     reason = "surge"
                     self._surge_level = value
             else:
                 self._surge_level = None
-                if loss_value is not None and loss_base is not None and self._loss_surge(
-                    loss_value
+                if (
+                    loss_value is not None
+                    and len(losses) >= self.min_history
+                    and loss_value > max(losses)
+                    and self._loss_surge(loss_value)
                 ):
                     reason = "loss-surge"
+        trip = None
+        if reason is not None:
+            trip = Trip(
+                step,
+                reason,
+                value,
+                _median(grads) if grads else None,
+                loss_value,
+                _median(losses) if losses else None,
+            )
         if math.isfinite(value):
-            self._grads.append(value)
+            grads.append(value)
         if loss_value is not None and math.isfinite(loss_value):
-            self._losses.append(loss_value)
-        if reason is None:
-            return None
-        return Trip(step, reason, value, baseline, loss_value, loss_base)
+            losses.append(loss_value)
+        return trip
 
     def _loss_surge(self, loss: float) -> bool:
         """The loss far above its recent level: more than 6 median absolute deviations
@@ -226,6 +247,30 @@ class Sentinel:
 
     def state(self) -> dict[str, Any]:
         return {"grads": list(self._grads), "losses": list(self._losses)}
+
+
+def _norm(values: torch.Tensor) -> torch.Tensor:
+    if values.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(values)
+    return torch.linalg.vector_norm(values, dtype=_F32)
+
+
+def _cat32(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.to(_F32) for t in tensors])
+
+
+def _host_float(value: Any) -> float | None:
+    """A number on the host, or None; a CUDA tensor is never read here (that would sync)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_cuda:
+            return None
+        return float(value.detach())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _median(values: Any) -> float:

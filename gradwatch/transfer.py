@@ -8,12 +8,15 @@ host, and findings arrive one monitored step late.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
 
 M = TypeVar("M")
+#: copies kept in flight at most before the oldest is waited for
+_MAX_PENDING = 8
 
 
 @dataclass
@@ -37,13 +40,17 @@ class HostTransfer(Generic[M]):
 
     def __init__(self, deferred: bool = False) -> None:
         self.deferred = deferred
-        self._pending: _Pending[M] | None = None
+        self._pending: deque[_Pending[M]] = deque()
 
     def submit(self, packed: torch.Tensor, meta: M) -> list[tuple[M, list[float]]]:
-        """Hand over this step's vector; return whatever is ready to read now."""
+        """Hand over this step's vector; return whatever is ready to read now.
+
+        Deferred: copies that have finished are returned oldest first; one the GPU has
+        not reached yet stays queued (asking the event does not wait), so the host
+        never waits for the device."""
         if not self.deferred:
-            return [(meta, packed.tolist())]
-        ready = self.flush()
+            return [*self.flush(), (meta, packed.tolist())]
+        ready = self._ready()
         if packed.is_cuda:
             buffer = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             buffer.copy_(packed, non_blocking=True)
@@ -51,18 +58,36 @@ class HostTransfer(Generic[M]):
             event.record()
         else:  # nothing to overlap on the CPU; keeping the tensor is enough
             buffer, event = packed, None
-        self._pending = _Pending(buffer, event, meta)
+        self._pending.append(_Pending(buffer, event, meta))
+        if len(self._pending) > _MAX_PENDING:  # a device that never catches up
+            ready.extend(self._take(self._pending.popleft(), wait=True))
         return ready
 
-    def flush(self) -> list[tuple[M, list[float]]]:
-        """Read the copy still in flight, if any (at close, or before a synchronous read)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return []
-        if pending.event is not None:
+    def poll(self) -> list[tuple[M, list[float]]]:
+        """The copies that have finished by now, oldest first (never waits)."""
+        return self._ready()
+
+    def _ready(self) -> list[tuple[M, list[float]]]:
+        out: list[tuple[M, list[float]]] = []
+        while self._pending and (
+            self._pending[0].event is None or self._pending[0].event.query()
+        ):
+            out.extend(self._take(self._pending.popleft(), wait=False))
+        return out
+
+    @staticmethod
+    def _take(pending: _Pending[M], wait: bool) -> list[tuple[M, list[float]]]:
+        if wait and pending.event is not None:
             pending.event.synchronize()
         return [(pending.meta, pending.buffer.tolist())]
 
+    def flush(self) -> list[tuple[M, list[float]]]:
+        """Read every copy still in flight, waiting for them (at close)."""
+        out: list[tuple[M, list[float]]] = []
+        while self._pending:
+            out.extend(self._take(self._pending.popleft(), wait=True))
+        return out
+
     @property
     def has_pending(self) -> bool:
-        return self._pending is not None
+        return bool(self._pending)

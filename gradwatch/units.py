@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layers import RELU, SATURATING_KINDS, UNIT_ROW_KINDS
+from .kinds import RELU, SATURATING_KINDS, UNIT_ROW_KINDS
 from .stats import LayerStats, StepStats, UnitMask
 
 
@@ -59,17 +59,21 @@ def _pair(stats: StepStats) -> list[UnitGroup]:
             claimed.add(producer)
         groups.append(UnitGroup(producer, layer.name, layer.depth or 0.0))
     weights = [s.name for s in ordered if s.kind in UNIT_ROW_KINDS]
-    output_layer = weights[-1] if weights else None
+    if weights:
+        claimed.add(weights[-1])  # the output layer's rows are the model's outputs
     for layer in ordered:
-        # the output layer's rows are the model's outputs, not hidden units
-        if layer.kind in UNIT_ROW_KINDS and layer.name not in claimed | {output_layer}:
+        if layer.kind in UNIT_ROW_KINDS and layer.name not in claimed:
             groups.append(UnitGroup(layer.name, None, layer.depth or 0.0))
     return sorted(groups, key=lambda g: g.depth)
 
 
+_ACTIVATIONS = (RELU, *SATURATING_KINDS)
+
+
 def _next_activation(ordered: list[LayerStats], position: int) -> LayerStats | None:
-    for layer in ordered[position + 1 :]:
-        if layer.kind in (RELU, *SATURATING_KINDS):
+    for later in range(position + 1, len(ordered)):  # no slice: that copies the tail
+        layer = ordered[later]
+        if layer.kind in _ACTIVATIONS:
             return layer
         if layer.kind in UNIT_ROW_KINDS:
             return None
@@ -85,9 +89,14 @@ def alive_units(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | No
     units blocks every gradient, which is why the rows show nothing).
     """
     memo = stats.__dict__.setdefault("_alive_units", {})
-    if group not in memo:
-        memo[group] = _alive(group, stats)
-    return memo[group]
+    key = (group.producer, group.activation)  # cheaper to hash than the dataclass
+    found = memo.get(key, _UNSEEN)
+    if found is _UNSEEN:
+        found = memo[key] = _alive(group, stats)
+    return found
+
+
+_UNSEEN = object()
 
 
 def _alive(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | None:

@@ -1,8 +1,14 @@
-"""Argument checks shared by the public constructors: clear ValueErrors."""
+"""Argument checks shared by the public constructors (``watch()``, the framework
+callbacks): each wrong value is a ``ValueError`` that names the option and says what it
+accepts, raised when the watcher or callback is built, never later during training."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # this module is also used where torch is not imported (the CLI)
+    from torch import nn
 
 
 def whole_number(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -23,3 +29,127 @@ def whole_number(name: str, value: Any, *, allow_none: bool = False) -> None:
 def deferred_option(value: Any) -> None:
     if value not in (True, False, "auto"):
         raise ValueError(f"deferred must be True, False or 'auto', got {value!r}")
+
+
+def flag(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is True or False (or None when allowed)."""
+    if isinstance(value, bool) or (value is None and allow_none):
+        return
+    extra = ", False or None" if allow_none else " or False"
+    raise ValueError(f"{name} must be True{extra}, got {value!r}")
+
+
+def string_list(name: str, value: Any, *, what: str) -> list[str] | None:
+    """``None``, or the strings of ``value`` as a list; a single string is one item.
+
+    ``what`` says what one item is, for the error message. Used for ``select``,
+    ``ignore`` (rule codes, code prefixes or slugs) and ``layers``, ``exclude`` (module
+    name patterns).
+
+    >>> string_list("select", "GW101", what="a rule code, code prefix or slug")
+    ['GW101']
+    >>> string_list("select", ["GW1", 3], what="a rule code, code prefix or slug")
+    Traceback (most recent call last):
+    ...
+    ValueError: select must be a rule code, code prefix or slug, or a list of them; item 1 is 3
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+        items = list(value)
+    else:
+        raise ValueError(f"{name} must be {what}, or a list of them; got {value!r}")
+    for position, item in enumerate(items):
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(
+                f"{name} must be {what}, or a list of them; item {position} is {item!r}"
+            )
+    return items
+
+
+def reporter_list(value: Any, *, name: str = "reporters") -> list[Any] | None:
+    """``None``, or ``value`` as a list of reporters (objects with a ``report`` method);
+    a single reporter is one item.
+
+    >>> reporter_list(object())
+    Traceback (most recent call last):
+    ...
+    ValueError: reporters must be a list of gradwatch.Reporter objects ([] for none), got an object
+    """
+    if value is None:
+        return None
+    if _is_reporter(value):
+        return [value]
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"{name} must be a list of gradwatch.Reporter objects ([] for none), "
+            f"got {_a(value)}"
+        )
+    items = list(value)
+    for position, item in enumerate(items):
+        if not _is_reporter(item):
+            raise ValueError(
+                f"{name}[{position}] ({_a(item)}) has no report(stats, findings) method; "
+                "subclass gradwatch.Reporter"
+            )
+    return items
+
+
+def threshold_table(value: Any) -> dict[str, dict[str, Any]]:
+    """``thresholds=`` as ``{rule code or slug (lower case): {name: value}}``.
+
+    >>> threshold_table({"GW101": {"ratio": 1e-3}})
+    {'gw101': {'ratio': 0.001}}
+    >>> threshold_table({"GW101": 0.5})
+    Traceback (most recent call last):
+    ...
+    ValueError: thresholds['GW101'] must map threshold names to values ({'ratio': 0.001}); got 0.5
+    """
+    if value is None:
+        return {}
+    example = "e.g. {'GW101': {'ratio': 0.001}}"
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"thresholds must be a dict of rule codes or slugs to dicts of threshold "
+            f"values, {example}; got {value!r}"
+        )
+    table: dict[str, dict[str, Any]] = {}
+    for rule, overrides in value.items():
+        if not isinstance(rule, str) or not rule.strip():
+            raise ValueError(
+                f"thresholds keys must be rule codes or slugs ({example}); got {rule!r}"
+            )
+        if not isinstance(overrides, Mapping) or not all(isinstance(k, str) for k in overrides):
+            raise ValueError(
+                f"thresholds[{rule!r}] must map threshold names to values "
+                f"({{'ratio': 0.001}}); got {overrides!r}"
+            )
+        table.setdefault(rule.strip().lower(), {}).update(overrides)
+    return table
+
+
+def scripted_parts(root: nn.Module) -> list[str]:
+    """Names of the outermost TorchScript modules (``torch.jit.script``/``trace``) in
+    ``root`` (``""``: the root itself). Their layers run inside the TorchScript
+    interpreter: no Python hook sees them, and they no longer say what kind of layer
+    they are (every one is a ``RecursiveScriptModule``)."""
+    import torch
+
+    found: list[str] = []
+    for name, module in root.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) and not any(
+            name == part or name.startswith(part + ".") or part == "" for part in found
+        ):
+            found.append(name)
+    return found
+
+
+def _is_reporter(value: Any) -> bool:
+    return not isinstance(value, type) and callable(getattr(value, "report", None))
+
+
+def _a(value: Any) -> str:
+    kind = type(value).__name__
+    return f"an {kind}" if kind[:1].lower() in "aeiou" else f"a {kind}"

@@ -3,13 +3,16 @@ and hands findings to the reporters."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import math
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec
 
 import torch
 from torch import nn
@@ -18,12 +21,13 @@ from .amp import ScalerView, check_scaler
 from .collect import Collector, Layout, read
 from .distributed import Reducer
 from .findings import Finding
-from .guard import Guard, logger
+from .guard import Guard, logger, warn_user
 from .history import History
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
 from .probes import ProbeRecord, Probes
-from .reporters.base import Reporter, default_reporters
+from .reporters import LoggingReporter, Reporter, default_reporters
+from .reporters.timing import ReportingClock, slow_reporter_notice
 from .rules import resolve_rules
 from .rules.base import ModelFacts, Rule, RuleContext
 from .rules.engine import RuleEngine, SummaryRow
@@ -32,14 +36,45 @@ from .stats import OptimizerInfo, StepStats
 from .structure import WatchedSet
 from .transfer import HostTransfer
 from .units import alive_units, dead_fraction, unit_groups
-from .validation import deferred_option, whole_number
+from .validation import (
+    deferred_option,
+    flag,
+    reporter_list,
+    scripted_parts,
+    string_list,
+    whole_number,
+)
 
-# Models being watched, so that a second watch() on the same modules fails clearly.
-_WATCHED: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
+# Models being watched, so that a second watch() on the same modules fails clearly. The
+# watchers are held weakly: one dropped without close() (a re-run notebook cell) is
+# collected, its hooks go with it, and the model can be watched again.
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watcher]] = (
+    weakref.WeakKeyDictionary()
+)
+_P = ParamSpec("_P")
 
 MAX_FINDINGS = 10_000
 #: A layer with at least this share of dead units keeps its ReLU hooked at every step.
 _AT_RISK = 0.25
+
+
+def _undone_on_failure(init: Callable[_P, None]) -> Callable[_P, None]:
+    """A watcher that fails to start leaves the model as it found it: no hook left
+    behind, and the model free to be watched again."""
+
+    @functools.wraps(init)
+    def start(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        watcher: Watcher = args[0]  # type: ignore[assignment]
+        try:
+            init(*args, **kwargs)
+        except BaseException:
+            watcher._abandon()
+            raise
+        # Collected without close(): its hooks go too (this holds no reference to it).
+        watcher._finalizer = weakref.finalize(watcher, watcher._hook_remover())
+        watcher._finalizer.atexit = False
+
+    return start
 
 
 class Watcher:
@@ -57,8 +92,9 @@ class Watcher:
       monitored steps, so the steps in between cost nothing.
     - ``rules``, ``select``, ``ignore``, ``thresholds``: which rules run, by code, code
       prefix or slug (``select=["GW1"]``, ``ignore=["dead-units"]``), and threshold
-      overrides (``thresholds={"GW101": {"ratio": 1e-3}}``); ``rules=`` replaces the
-      built-in set (e.g. to add a custom :class:`~gradwatch.rules.Rule`).
+      overrides (``thresholds={"GW101": {"ratio": 1e-3}}``, each checked against the
+      values the rule accepts); ``rules=`` replaces the built-in set (e.g. to add a
+      custom :class:`~gradwatch.rules.Rule`).
     - ``reporters``: where findings go (default: terminal and ``logging``; ``[]``: none).
     - ``layers``, ``exclude``: glob patterns of module names to watch / skip.
     - ``optimizer``: lets the rules weigh gradients as the optimizer will (Adam rescales
@@ -75,6 +111,12 @@ class Watcher:
     - ``deferred``: read the statistics one monitored step late so the GPU never waits
       for the host (default ``"auto"``: on CUDA).
 
+    Every option is checked here: a wrong value is a ``ValueError`` that names it. A model
+    is watched by one watcher at a time: :meth:`close` (or :func:`gradwatch.release`)
+    frees it; a watcher dropped without ``close()`` is replaced by the next one. A
+    TorchScript model (``torch.jit.script``/``trace``) cannot be watched (its layers run
+    where no Python hook reaches them): watch the eager model, script it afterwards.
+
     >>> import torch, gradwatch
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     >>> with gradwatch.watch(model, every_n_steps=1, reporters=[]) as watcher:
@@ -84,18 +126,19 @@ class Watcher:
     True
     """
 
+    @_undone_on_failure
     def __init__(
         self,
         module: nn.Module,
         *,
         every_n_steps: int = 15,
         rules: Sequence[Rule] | None = None,
-        select: Iterable[str] | None = None,
-        ignore: Iterable[str] | None = None,
+        select: str | Iterable[str] | None = None,
+        ignore: str | Iterable[str] | None = None,
         thresholds: Mapping[str, Mapping[str, float]] | None = None,
         reporters: Sequence[Reporter] | None = None,
-        layers: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
+        layers: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
         optimizer: Any = None,
         history: int = 256,
         detail_every: int = 200,
@@ -111,11 +154,19 @@ class Watcher:
             )
         whole_number("every_n_steps", every_n_steps)
         whole_number("detail_every", detail_every)
+        whole_number("history", history)
         deferred_option(deferred)
         check_scaler(scaler)
+        flag("activations", activations)
+        flag("sentinel", sentinel)
+        flag("sync", sync, allow_none=True)
+        layers = string_list("layers", layers, what="a module name or glob pattern")
+        exclude = string_list("exclude", exclude, what="a module name or glob pattern")
+        reporters = reporter_list(reporters)
 
         self._outer = module
         self.module = unwrap(module)
+        exclude = self._leave_out_torchscript(exclude)
         if next(iter(self.module.parameters()), None) is None:
             raise ValueError(
                 f"{type(self.module).__name__} has no parameters: there is no gradient to "
@@ -126,29 +177,19 @@ class Watcher:
                 f"every parameter of {type(self.module).__name__} has requires_grad=False: "
                 "nothing is trained, so there is no gradient to watch."
             )
+        self.rules = resolve_rules(rules, select=select, ignore=ignore, thresholds=thresholds)
+        self.reporters: list[Reporter] = (
+            list(default_reporters()) if reporters is None else reporters
+        )
         self._claim(self.module)
 
-        try:
-            self.layers: list[LayerInfo] = discover(self.module, include=layers, exclude=exclude)
-            if not any(layer.params for layer in self.layers):
-                raise ValueError(
-                    f"layers={list(layers or [])} exclude={list(exclude or [])} leave no module "
-                    "with trainable parameters; module names look like "
-                    f"{[n for n, _ in self.module.named_modules()][1:4]}"
-                )
-            self.rules = resolve_rules(rules, select=select, ignore=ignore, thresholds=thresholds)
-            self.reporters: list[Reporter] = (
-                list(default_reporters()) if reporters is None else list(reporters)
+        self.layers: list[LayerInfo] = discover(self.module, include=layers, exclude=exclude)
+        if not any(layer.params for layer in self.layers):
+            raise ValueError(
+                f"layers={list(layers or [])} exclude={list(exclude or [])} leave no module "
+                "with trainable parameters; module names look like "
+                f"{[n for n, _ in self.module.named_modules()][1:4]}"
             )
-            for reporter in self.reporters:
-                if not callable(getattr(reporter, "report", None)):
-                    raise ValueError(
-                        f"reporter {reporter!r} has no report(stats, findings) method; "
-                        "subclass gradwatch.Reporter"
-                    )
-        except Exception:
-            self._release()
-            raise
 
         self._watched = WatchedSet(self.module, layers, exclude, layers=self.layers)
         self.every_n_steps = every_n_steps
@@ -181,6 +222,7 @@ class Watcher:
         self._facts = ModelFacts.from_layers(self.layers, all_classes, compiled=self._compiled)
         self._history = History(history)
         self._findings: deque[Finding] = deque(maxlen=MAX_FINDINGS)
+        self._reporting = ReportingClock()
         self._optimizer = optimizer
         self._scaler = ScalerView(scaler) if scaler is not None else None
         self._params = [p for layer in self.layers for _, p in layer.params]
@@ -228,8 +270,8 @@ class Watcher:
             self._scaler = ScalerView(scaler)
         findings: list[Finding] = []
         if self._flush_next:  # a sentinel measurement still in flight (deferred mode)
-            self._flush_next = False
-            findings.extend(self._guard.call("statistics", self._read_pending, default=[]))
+            findings.extend(self._guard.call("statistics", self._read_ready, default=[]))
+            self._flush_next = self._transfer.has_pending
         trip = None
         if self._sentinel is not None and not self._guard.is_disabled("statistics"):
             trips = self._guard.call(
@@ -375,7 +417,12 @@ class Watcher:
             self._forget_removed(layout)
         if layout.order:
             self._update_depth(layout.order)
-        self._transfer.deferred = self._use_deferred(packed)
+        # A step measured for a framework's logging (``also_measure``) is read at once:
+        # the framework reads its own values there anyway, and its row should carry
+        # this step's statistics, not those of an earlier step.
+        self._transfer.deferred = self._use_deferred(packed) and not (
+            label % self.every_n_steps and self.also_measure is not None
+        )
         context = _StepContext(info, _loss_value(loss) if not packed.is_cuda else None, trip)
         findings: list[Finding] = []
         for (ready_layout, ready_context), values in self._transfer.submit(
@@ -397,6 +444,12 @@ class Watcher:
             if fresh and not self._transfer.deferred:  # the gradients are still there
                 nonfinite = self._collector.inspect_nonfinite(layout.slots)
         return self._process(layout, context, values, nonfinite)
+
+    def _read_ready(self) -> list[Finding]:
+        findings = []
+        for (layout, context), values in self._transfer.poll():
+            findings.extend(self._read(layout, context, values, fresh=False))
+        return findings
 
     def _read_pending(self) -> list[Finding]:
         findings = []
@@ -435,6 +488,7 @@ class Watcher:
         if self._probes is not None:
             self._probes.disarm()
             self._probes = Probes(self.layers, self._guard, root=self.module)
+            self._hook_remover()  # the finaliser now removes the new probes' hooks
         self._collector = Collector(self.layers, self._reducer)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
         self._facts = ModelFacts.from_layers(self.layers, all_classes, compiled=self._compiled)
@@ -449,7 +503,8 @@ class Watcher:
         self._sentinel = self._make_sentinel()
         if change:
             text = f"gradwatch: the watched layers changed at step {label} ({change.describe()})"
-            logger.info(text)
+            if not any(isinstance(r, LoggingReporter) for r in self.reporters):
+                logger.info(text)
             for reporter in self.reporters:
                 notice = getattr(reporter, "notice", None)
                 if callable(notice):
@@ -469,9 +524,11 @@ class Watcher:
             }
 
     def _claim_new(self, layers: list[LayerInfo]) -> None:
+        mine = weakref.ref(self)
         for layer in layers:
-            if _WATCHED.get(layer.module) is None:
-                _WATCHED[layer.module] = self
+            ref = _WATCHED.get(layer.module)
+            if ref is None or ref() is None:
+                _WATCHED[layer.module] = mine
 
     def _process(
         self,
@@ -505,9 +562,17 @@ class Watcher:
             # After the rules: they have worked out which units are alive (memoised).
             self._probes.set_skip(self._rows_cover_relus(stats))
         self._findings.extend(new)
+        clock = self._reporting
+        clock.begin(stats.step, judge=not self._closed)
         for reporter in self.reporters:
-            part = f"reporter {_name(reporter)}"
-            self._guard.call(part, reporter.report, stats, new, default=None)
+            name = _name(reporter)
+            started = time.perf_counter()
+            self._guard.call(f"reporter {name}", reporter.report, stats, new, default=None)
+            clock.add(name, time.perf_counter() - started)
+        slow = clock.slowest()
+        if slow is not None:
+            notice = slow_reporter_notice(*slow, every_n_steps=self.every_n_steps)
+            self._guard.say_once("slow reporter", notice, level=logging.WARNING)
         return new
 
     def _rows_cover_relus(self, stats: StepStats) -> set[int]:
@@ -613,21 +678,125 @@ class Watcher:
             level=logging.INFO,
         )
 
+    def _leave_out_torchscript(self, exclude: list[str] | None) -> list[str] | None:
+        """Refuse a TorchScript model; leave TorchScript parts of an eager model out."""
+        scripted = scripted_parts(self.module)
+        if "" in scripted:
+            name = getattr(self.module, "original_name", type(self.module).__name__)
+            raise ValueError(
+                f"the model ({name}) is a TorchScript module (torch.jit.script or "
+                "torch.jit.trace): its layers run inside the TorchScript interpreter, where "
+                "no Python hook reaches them and they no longer say what kind of layer they "
+                "are. Watch the eager model while it trains and script it afterwards for "
+                "export (a torch.compile'd model can be watched)."
+            )
+        if not scripted:
+            return exclude
+        warn_user(
+            f"gradwatch: {', '.join(map(repr, scripted))} of {type(self.module).__name__} "
+            "is TorchScript (torch.jit.script or trace): no hook can reach inside it, so it "
+            "is not watched; the rest of the model is. Watch before scripting to include it.",
+            stacklevel=6,
+        )
+        return [*(exclude or []), *scripted]
+
     def _claim(self, root: nn.Module) -> None:
+        if _owner(root) is not None:
+            gc.collect()  # a dropped watcher caught in a reference cycle goes now
+        owner = _owner(root)
+        if owner is not None:
+            raise ValueError(
+                f"{type(root).__name__} (or a module inside it) is already watched by "
+                f"{owner!r}. Use that watcher, or free the model first: call that watcher's "
+                "close(), or gradwatch.release(model) to close whichever watcher holds it."
+            )
+        if any(module in _WATCHED for module in root.modules()):
+            # Left by a watcher that was collected without close() (its hooks went with it).
+            warn_user(
+                f"gradwatch: the previous watcher of {type(root).__name__} was dropped "
+                "without close(); this watcher replaces it.",
+                stacklevel=6,
+            )
+        mine = weakref.ref(self)
         for module in root.modules():
-            owner = _WATCHED.get(module)
-            if owner is not None and not owner._closed:
-                raise ValueError(
-                    f"{type(root).__name__} (or a module inside it) is already watched by "
-                    f"{owner!r}. Use that watcher, or call its close() before watching again."
-                )
-        for module in root.modules():
-            _WATCHED[module] = self
+            _WATCHED[module] = mine
 
     def _release(self) -> None:
+        finalizer = self.__dict__.get("_finalizer")
+        if finalizer is not None:
+            finalizer.detach()
         for module in self.module.modules():
-            if _WATCHED.get(module) is self:
+            ref = _WATCHED.get(module)
+            if ref is not None and ref() in (self, None):
                 del _WATCHED[module]
+
+    def _hook_remover(self) -> Callable[[], None]:
+        """What removes this watcher's hooks, holding no reference to the watcher (run
+        when a watcher is collected without close())."""
+        teardown = self.__dict__.get("_teardown")
+        if teardown is None:
+            teardown = self.__dict__["_teardown"] = _Teardown()
+        teardown.probes = self.__dict__.get("_probes")
+        teardown.watched = self.__dict__.get("_watched")
+        return teardown
+
+    def _abandon(self) -> None:
+        """Undo a watcher that failed to start: remove any hook placed, free the model."""
+        self._hook_remover()()
+        if "module" in self.__dict__:
+            self._release()
+
+
+def _owner(root: nn.Module) -> Watcher | None:
+    """The open watcher that holds ``root`` or a module inside it, if any."""
+    for module in root.modules():
+        ref = _WATCHED.get(module)
+        owner = ref() if ref is not None else None
+        if owner is not None and not owner.closed:
+            return owner
+    return None
+
+
+class _Teardown:
+    """Removes a watcher's process-wide hooks (the armed module hooks and the registration
+    hooks that follow the model's changes) without holding the watcher itself."""
+
+    def __init__(self) -> None:
+        self.probes: Probes | None = None
+        self.watched: WatchedSet | None = None
+
+    def __call__(self) -> None:
+        if self.probes is not None:
+            self.probes.disarm()
+        if self.watched is not None:
+            self.watched.close()
+
+
+def release(module: nn.Module) -> bool:
+    """Close the watcher that holds ``module`` or a module inside it, so that the model
+    can be watched again; True if there was one. For a notebook cell that is run again::
+
+        gradwatch.release(model)
+        watcher = gradwatch.watch(model)
+
+    Closing prints the watcher's summary, as :meth:`Watcher.close` does.
+
+    >>> import torch, gradwatch
+    >>> model = torch.nn.Linear(3, 1)
+    >>> _ = gradwatch.watch(model, reporters=[])
+    >>> gradwatch.release(model), gradwatch.release(model)
+    (True, False)
+    """
+    closed = False
+    root = unwrap(module)
+    while (owner := _owner(root)) is not None:
+        owner.close()
+        closed = True
+    for part in root.modules():  # what collected watchers left behind
+        ref = _WATCHED.get(part)
+        if ref is not None and ref() is None:
+            del _WATCHED[part]
+    return closed
 
 
 @dataclass(frozen=True)
@@ -670,4 +839,4 @@ def watch(module: nn.Module, **options: Any) -> Watcher:
     return Watcher(module, **options)
 
 
-__all__ = ["Watcher", "logger", "watch"]
+__all__ = ["Watcher", "logger", "release", "watch"]

@@ -8,11 +8,18 @@
 What it does during ``trainer.fit``:
 
 - measures in ``on_before_optimizer_step``: gradients are final there (accumulated over
-  ``accumulate_grad_batches``, unscaled by AMP) and not yet clipped. Validation, test and
+  ``accumulate_grad_batches``, unscaled by AMP) and not yet clipped. It measures every
+  ``every_n_steps`` optimizer steps (15 by default, as :func:`gradwatch.watch`), so a
+  problem present from the start is announced within 45 steps, and also at every step
+  after which Lightning writes its logs (``log_every_n_steps``). Validation, test and
   predict loops are never measured (they run without gradients);
-- sends per-layer statistics, the global gradient norm and finding counts to every
-  attached Lightning logger (CSV, TensorBoard, W&B, ...) under ``gradwatch/`` keys, at
-  the steps it measures, never to the progress bar;
+- adds per-layer statistics, the global gradient norm and finding counts under
+  ``gradwatch/`` keys to the rows Lightning logs (``self.log`` from the callback, never to
+  the progress bar), so they share the step and epoch of your own metrics in every
+  attached logger (CSV, TensorBoard, W&B, ...). Each row holds the statistics of the step
+  it is written at (with ``deferred=True``, the default on CUDA, of the newest step read
+  by then: at most ``every_n_steps`` earlier). With ``log_every_n_steps=1`` every step is
+  measured: to keep the overhead low, log less often or pass ``log_stats=False``;
 - announces findings on global rank 0 only: in the terminal (above the progress bar),
   on the ``logging`` logger "gradwatch", and as W&B alerts when a ``WandbLogger`` is
   attached; every rank keeps them in :attr:`GradWatchCallback.findings`;
@@ -38,43 +45,41 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from ._requires import require
 
-import gradwatch
-from gradwatch.findings import SEVERITIES, Finding, severity_rank
-from gradwatch.guard import GradwatchWarning, Guard
-from gradwatch.reporters.base import Reporter, default_reporters
-from gradwatch.reporters.metrics import (
-    DEFAULT_STATS,
-    LAYER_STATS,
-    LayerSelection,
-    check_stats,
-    global_metrics,
+require("lightning", extra="lightning", integration="gradwatch.integrations.lightning")
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+import gradwatch  # noqa: E402
+from gradwatch.findings import Finding  # noqa: E402
+from gradwatch.guard import GradwatchWarning, Guard  # noqa: E402
+from gradwatch.reporters.base import Reporter  # noqa: E402
+from gradwatch.rules import Rule  # noqa: E402
+
+from ._callback import (  # noqa: E402
+    DEFAULT_LOG_STATS,
+    LOGGABLE_STATS,
+    CallbackOptions,
+    MetricsBuffer,
+    StopCondition,
+    finding_counts,
+    step_watcher,
 )
-from gradwatch.rules import Rule, resolve_rules, rule_matches
-from gradwatch.stats import StepStats
-from gradwatch.validation import deferred_option, whole_number
 
 logger = logging.getLogger("gradwatch")
-
-#: Per-layer statistics that ``log_stats=`` may name (fields of :class:`LayerStats`, plus
-#: ``active_fraction``: the share of a ReLU layer's units active in the step's batch).
-LOGGABLE_STATS = LAYER_STATS
-DEFAULT_LOG_STATS = DEFAULT_STATS
-_ACTIVE = ("new", "worse", "reminder")  # statuses that announce a problem (not "resolved")
 
 
 class GradWatchCallback(Callback):
     """Watch the LightningModule's gradients while it trains; report and log what goes wrong.
 
     Args:
-        every_n_steps: measure every n-th optimizer step (``trainer.global_step % n == 0``).
-            Default: the trainer's ``log_every_n_steps``.
+        every_n_steps: measure every n-th optimizer step (``trainer.global_step % n == 0``);
+            default 15. Steps after which Lightning logs are measured as well.
         rules, select, ignore, thresholds: choose and tune the rules, as in
             :func:`gradwatch.watch` (``select=["GW1"]``, ``ignore=["dead-units"]``,
             ``thresholds={"vanishing-gradient": {"ratio": 1e-4}}``).
@@ -82,7 +87,7 @@ class GradWatchCallback(Callback):
         stop_on: stop training when a finding matches: a severity (``"error"``: that
             severity or worse), rule codes, code prefixes or slugs (``["GW103"]``), or a
             list mixing them. ``None`` (default) never stops.
-        log_stats: per-layer statistics sent to the loggers (names from
+        log_stats: per-layer statistics added to Lightning's log rows (names from
             :data:`LOGGABLE_STATS`); ``True`` sends the gradient norm and RMS, and the
             active/saturated share of ReLU and sigmoid/tanh layers; ``False`` sends
             nothing to the loggers (findings are still reported).
@@ -92,9 +97,7 @@ class GradWatchCallback(Callback):
             logger "gradwatch", and W&B alerts when a ``WandbLogger`` is attached.
             ``[]`` silences them (``callback.findings`` still fills).
         history, detail_every, activations, deferred: passed to :func:`gradwatch.watch`
-            (its defaults when not given). With ``deferred`` (on CUDA by default) each
-            monitored step's statistics are read at the next one; they are still logged
-            at the step they belong to.
+            (its defaults when not given).
 
     Example (runs in a few seconds on a CPU):
 
@@ -139,50 +142,33 @@ class GradWatchCallback(Callback):
         deferred: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
-        if every_n_steps is not None:
-            whole_number("every_n_steps", every_n_steps)
-        for name, value in (("detail_every", detail_every), ("history", history)):
-            if value is not None:
-                whole_number(name, value)
-        if log_layers is not None:
-            whole_number("log_layers", log_layers)
-        deferred_option(deferred)
-        select = list(select) if select is not None else None
-        ignore = list(ignore) if ignore is not None else None
-        chosen = resolve_rules(rules, select=select, ignore=ignore, thresholds=thresholds)
-        if reporters is not None:
-            reporters = list(reporters)
-            for reporter in reporters:
-                if not callable(getattr(reporter, "report", None)):
-                    raise ValueError(
-                        f"reporter {reporter!r} has no report(stats, findings) method; "
-                        "subclass gradwatch.Reporter"
-                    )
-        self.every_n_steps = every_n_steps
-        self.stop_on = StopCondition.parse(stop_on, chosen)
-        self.log_stats = _parse_log_stats(log_stats)
-        self.log_layers = log_layers
-        self.reporters = reporters
-        self._watch_options: dict[str, Any] = {
-            "rules": rules,
-            "select": select,
-            "ignore": ignore,
-            "thresholds": thresholds,
-            "layers": layers,
-            "exclude": exclude,
-            "activations": activations,
-            "deferred": deferred,
-        }
-        # Left out when not given: the watcher's own defaults apply.
-        if history is not None:
-            self._watch_options["history"] = history
-        if detail_every is not None:
-            self._watch_options["detail_every"] = detail_every
+        self.options = CallbackOptions(
+            every_n_steps=every_n_steps,
+            rules=rules,
+            select=select,
+            ignore=ignore,
+            thresholds=thresholds,
+            layers=layers,
+            exclude=exclude,
+            stop_on=stop_on,
+            log_stats=log_stats,
+            log_layers=log_layers,
+            reporters=reporters,
+            history=history,
+            detail_every=detail_every,
+            activations=activations,
+            deferred=deferred,
+        )
+        self.stop_on: StopCondition | None = self.options.stop_on
         self._watcher: gradwatch.Watcher | None = None
+        self._metrics: MetricsBuffer | None = None
+        self._trainer: pl.Trainer | None = None
         self._pending_state: Mapping[str, Any] | None = None
         self._guard = Guard()
-        self._logger_steps: dict[int, int] = {}
         self._unchecked: list[Finding] = []  # new findings not yet judged by stop_on
+        self._now: int | None = None  # the optimizer step being measured, while it is
+        self._offset = 0  # trainer.global_step minus Lightning's logging step
+        self._loss: Any = None  # the loss of the step's last backward
         #: Why this callback stopped training (``None`` while it has not).
         self.stop_reason: str | None = None
 
@@ -234,7 +220,8 @@ class GradWatchCallback(Callback):
                     "checkpoint", lambda: {"watcher": previous.state_dict()}, default=None
                 )
         self._watcher = None
-        self._logger_steps.clear()
+        self._metrics = None
+        self._trainer = trainer
         self._unchecked.clear()
         self.stop_reason = None
         watcher: gradwatch.Watcher | None = None
@@ -252,8 +239,19 @@ class GradWatchCallback(Callback):
             watcher = None
             logger.error("gradwatch: the watcher failed on another rank; watching is off.")
         self._watcher = watcher
-        if watcher is not None and self._pending_state is not None:
+        if watcher is None:
+            return
+        if self.options.log_stats and trainer.loggers:
+            # Rows to fill: measure the steps they are written at too. Decided alike on
+            # every rank (loggers exist on each), so every rank measures the same steps.
+            watcher.also_measure = self._lightning_logs_at
+        if self._pending_state is not None:
             self._apply_pending_state()
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any
+    ) -> None:
+        self._loss = loss
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -262,18 +260,29 @@ class GradWatchCallback(Callback):
         if watcher is None or watcher.closed:
             return
         label = int(trainer.global_step)
-        monitored = label % watcher.every_n_steps == 0
-        if monitored:
-            self._note_logger_step(label, trainer)
-        # Never raises; makes the same collectives on every rank.
-        new = watcher.step(step=label, optimizer=optimizer)
+        self._offset = label - _logging_step(trainer, label)
+        self._now = label
+        try:
+            monitored = watcher.is_monitored(label)
+            # Never raises; makes the same collectives on every rank.
+            new = step_watcher(
+                watcher,
+                label,
+                optimizer=optimizer,
+                scaler=getattr(trainer.precision_plugin, "scaler", None),
+                loss=self._loss,
+            )
+        finally:
+            self._now = None
+            self._loss = None
         if self.stop_on is not None:
             self._unchecked.extend(new)
             if monitored:
                 self._decide_stop(trainer, label)
+        if self._metrics is not None and _logs_now(trainer):
+            self._log_metrics(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before the loggers are finalized, so that statistics still in flight get logged.
         self._close()
 
     def on_exception(
@@ -289,13 +298,12 @@ class GradWatchCallback(Callback):
     def _create_watcher(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> gradwatch.Watcher:
-        every = self.every_n_steps or trainer.log_every_n_steps or 50
-        options = dict(self._watch_options)
+        overrides: dict[str, Any] = {}
         if getattr(pl_module, "_compiler_ctx", None):
             # Lightning compiled forward/training_step in place (trainer.fit(torch.compile(m))).
             # Forward hooks added now would be ignored or force recompiles: keep gradient
             # statistics only (dead units still show in weight-gradient rows).
-            options["activations"] = False
+            overrides["activations"] = False
             logger.info(
                 "gradwatch: the LightningModule is torch.compile'd; activation statistics "
                 "are off, gradient statistics continue."
@@ -303,26 +311,49 @@ class GradWatchCallback(Callback):
         _warn_unsupported_strategy(trainer)
         reporters: list[Reporter] = []
         if trainer.is_global_zero:
-            reporters = self._rank_zero_reporters(trainer)
-        return gradwatch.watch(pl_module, every_n_steps=every, reporters=reporters, **options)
-
-    def _rank_zero_reporters(self, trainer: pl.Trainer) -> list[Reporter]:
-        if self.reporters is not None:
-            chosen = list(self.reporters)
-        else:
-            chosen = list(default_reporters())
-            chosen.extend(self._guard.call("wandb alerts", _wandb_reporters, trainer, default=[]))
-        if self.log_stats:
-            chosen.append(
-                LightningLoggerReporter(
-                    trainer,
-                    stats=self.log_stats,
-                    max_layers=self.log_layers,
-                    step_of=self._logger_step,
-                    counts=self._finding_counts,
-                )
+            extras = lambda: self._guard.call(  # noqa: E731
+                "wandb alerts", _wandb_reporters, trainer, default=[]
             )
-        return chosen
+            reporters = self.options.main_reporters(extras)
+            if self.options.log_stats and trainer.loggers:
+                self._metrics = MetricsBuffer(
+                    stats=self.options.log_stats,
+                    max_layers=self.options.log_layers,
+                    counts=lambda: finding_counts(self._watcher),
+                )
+                reporters.append(self._metrics)
+        return self.options.watch(pl_module, reporters=reporters, **overrides)
+
+    def _lightning_logs_at(self, label: int) -> bool:
+        """Whether Lightning writes its logs after optimizer step ``label`` (the watcher
+        asks this to measure such steps too, and to place its hooks ahead of them)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        if label == self._now:
+            return _logs_now(trainer)
+        every = trainer.log_every_n_steps
+        # Ahead of time: one optimizer step per batch (manual optimization with several
+        # optimizers is decided exactly when the step comes).
+        return bool(every) and (label - self._offset + 1) % every == 0
+
+    def _log_metrics(self, pl_module: pl.LightningModule) -> None:
+        """Add the newest statistics to the row Lightning is about to write."""
+        assert self._metrics is not None
+        metrics = self._guard.call("metrics", self._metrics.take, default={})
+        if not metrics:
+            return
+        self._guard.call(
+            "logging to Lightning",
+            pl_module.log_dict,
+            metrics,
+            on_step=True,
+            on_epoch=False,
+            prog_bar=False,
+            logger=True,
+            rank_zero_only=True,
+            default=None,
+        )
 
     def _apply_pending_state(self) -> None:
         state, self._pending_state = self._pending_state, None
@@ -330,28 +361,6 @@ class GradWatchCallback(Callback):
             return
         load = self._watcher.load_state_dict
         self._guard.call("checkpoint", load, state["watcher"], default=None)
-
-    def _note_logger_step(self, label: int, trainer: pl.Trainer) -> None:
-        """Remember Lightning's logging step for this monitored step: loggers plot against
-        it, and on a GPU the statistics are read one monitored step later."""
-        epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        step = getattr(epoch_loop, "_batches_that_stepped", None)
-        self._logger_steps[label] = int(step if step is not None else label)
-        if len(self._logger_steps) > 8:
-            del self._logger_steps[min(self._logger_steps)]
-
-    def _logger_step(self, label: int) -> int:
-        return self._logger_steps.get(label, label)
-
-    def _finding_counts(self) -> tuple[dict[str, int], int]:
-        watcher = self._watcher
-        if watcher is None:
-            return {}, 0
-        counts = Counter(f.code for f in watcher.findings if f.status in _ACTIVE)
-        codes = {rule.code: counts.get(rule.code, 0) for rule in watcher.rules}
-        codes.update(counts)
-        active = sum(1 for row in watcher.summary() if row.status == "active")
-        return codes, active
 
     def _decide_stop(self, trainer: pl.Trainer, label: int) -> None:
         stop_on = self.stop_on
@@ -369,149 +378,34 @@ class GradWatchCallback(Callback):
         if not stop:
             return
         trainer.should_stop = True
-        if matched is not None:
-            reason = (
-                f"gradwatch stopped training at step {label} (stop_on={stop_on}): "
-                f"{matched.title} [{matched.severity}] {matched.message}"
-            )
-        else:
-            reason = f"gradwatch stopped training at step {label}: stop_on matched on another rank"
+        reason = stop_on.reason(label, matched)
         self.stop_reason = reason
         if trainer.is_global_zero:
             logger.error(reason)
             warnings.warn(reason, GradwatchWarning, stacklevel=2)
 
     def _close(self) -> None:
+        self._trainer = None
         if self._watcher is not None and not self._watcher.closed:
             self._watcher.close()
 
 
-class StopCondition:
-    """Which findings stop training: a minimum severity and/or codes, prefixes or slugs.
-
-    >>> from gradwatch.rules import builtin_rules
-    >>> StopCondition.parse(["error", "GW104"], builtin_rules())
-    StopCondition(severity='error', rules=('GW104',))
-    """
-
-    def __init__(self, severity: str | None, rules: tuple[str, ...]) -> None:
-        self.severity = severity
-        self.rules = rules
-
-    @classmethod
-    def parse(
-        cls, value: str | Iterable[str] | None, rules: Sequence[Rule]
-    ) -> StopCondition | None:
-        if value is None:
-            return None
-        items = [value] if isinstance(value, str) else list(value)
-        if not items or not all(isinstance(item, str) and item.strip() for item in items):
-            raise ValueError(
-                f"stop_on must be a severity ({', '.join(SEVERITIES)}), a rule code or slug, "
-                f"or a list of them; got {value!r}"
-            )
-        severities = [i.strip().lower() for i in items if i.strip().lower() in SEVERITIES]
-        patterns = [i.strip() for i in items if i.strip().lower() not in SEVERITIES]
-        for pattern in patterns:
-            if not any(rule_matches(rule.code, rule.slug, pattern) for rule in rules):
-                known = ", ".join(f"{r.code} {r.slug}" for r in rules)
-                raise ValueError(
-                    f"stop_on={pattern!r} is neither a severity ({', '.join(SEVERITIES)}) nor "
-                    f"a code, code prefix or slug of a watched rule ({known})"
-                )
-        lowest = min(severities, key=severity_rank) if severities else None
-        return cls(lowest, tuple(patterns))
-
-    def matches(self, finding: Finding) -> bool:
-        if finding.status not in _ACTIVE:
-            return False
-        if self.severity is not None and severity_rank(finding.severity) >= severity_rank(
-            self.severity
-        ):
-            return True
-        return any(rule_matches(finding.code, finding.rule, p) for p in self.rules)
-
-    def first_match(self, findings: Sequence[Finding]) -> Finding | None:
-        return next((f for f in findings if self.matches(f)), None)
-
-    def __str__(self) -> str:
-        parts = ([self.severity] if self.severity else []) + list(self.rules)
-        return parts[0] if len(parts) == 1 else repr(parts)
-
-    def __repr__(self) -> str:
-        return f"StopCondition(severity={self.severity!r}, rules={self.rules!r})"
+def _logging_step(trainer: pl.Trainer, default: int) -> int:
+    """Lightning's logging step (batches that stepped the optimizer), ``default`` if unknown."""
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(epoch_loop, "_batches_that_stepped", None)
+    return int(step) if step is not None else default
 
 
-class LightningLoggerReporter(Reporter):
-    """Sends each monitored step's statistics to the trainer's loggers (rank 0 only).
-
-    Keys: ``gradwatch/<stat>/<layer>`` per layer, ``gradwatch/global_grad_norm``,
-    ``gradwatch/global_param_norm``, ``gradwatch/findings/<code>`` (findings announced so
-    far, per rule) and ``gradwatch/active_findings`` (problems not yet resolved).
-    """
-
-    name = "lightning-loggers"
-
-    def __init__(
-        self,
-        trainer: pl.Trainer,
-        *,
-        stats: Sequence[str] = DEFAULT_LOG_STATS,
-        max_layers: int | None = 50,
-        step_of: Callable[[int], int] | None = None,
-        counts: Callable[[], tuple[dict[str, int], int]] | None = None,
-    ) -> None:
-        self.trainer = trainer
-        self.stats = tuple(stats)
-        self.max_layers = max_layers
-        self.step_of = step_of or (lambda label: label)
-        self.counts = counts
-        self._layers = LayerSelection(self.stats, max_layers)
-        self._failed: set[int] = set()  # loggers that raised
-
-    def metrics(self, stats: StepStats) -> dict[str, float]:
-        """The flat ``{key: number}`` dictionary logged for one monitored step."""
-        out = global_metrics(stats, "gradwatch")
-        out.update(self._layers.metrics(stats, "gradwatch"))
-        if self.counts is not None:
-            codes, active = self.counts()
-            for code, count in sorted(codes.items()):
-                out[f"gradwatch/findings/{code}"] = float(count)
-            out["gradwatch/active_findings"] = float(active)
-        return out
-
-    def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
-        loggers = [
-            lg
-            for lg in getattr(self.trainer, "loggers", None) or []
-            if id(lg) not in self._failed
-        ]
-        if not loggers:
-            return
-        metrics = self.metrics(stats)
-        step = self.step_of(stats.step)
-        for lightning_logger in loggers:
-            try:
-                lightning_logger.log_metrics(metrics, step=step)
-            except Exception as error:  # one broken logger must not silence the others
-                self._failed.add(id(lightning_logger))
-                logger.error(
-                    "gradwatch: %s failed to log statistics and gets no more of them (%s: %s)",
-                    type(lightning_logger).__name__, type(error).__name__, error,
-                )
-
-    def close(self, summary: Sequence[Any]) -> None:
-        self.trainer = None  # type: ignore[assignment]
-
-
-def _parse_log_stats(value: bool | Sequence[str]) -> tuple[str, ...]:
-    if value is True:
-        return DEFAULT_LOG_STATS
-    if value is False or value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    return check_stats(tuple(value), "log_stats")
+def _logs_now(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes its log row at the end of the current batch."""
+    connector = getattr(trainer, "_logger_connector", None)
+    try:
+        logs = bool(connector.should_update_logs)  # type: ignore[union-attr]
+    except Exception:  # Lightning moved it: the rule it implements
+        every = trainer.log_every_n_steps
+        logs = bool(every) and (_logging_step(trainer, 0) + 1) % every == 0
+    return logs or bool(trainer.fast_dev_run)
 
 
 def _wandb_reporters(trainer: pl.Trainer) -> list[Reporter]:
@@ -545,6 +439,5 @@ __all__ = [
     "DEFAULT_LOG_STATS",
     "LOGGABLE_STATS",
     "GradWatchCallback",
-    "LightningLoggerReporter",
     "StopCondition",
 ]

@@ -22,10 +22,12 @@ What lands in the run (``gradwatch`` is the ``prefix=``):
 - an alert (``run.alert``) when a finding starts: title ``"GW101 vanishing-gradient"``,
   text with the message, layers, evidence and fix, level ``WARN`` for warnings and
   ``ERROR`` for errors;
-- at ``watcher.close()``: a ``gradwatch/findings_table`` table of every finding and
-  ``run.summary`` entries ``gradwatch/<code>/count``, ``gradwatch/<code>/first_step``,
+- at ``watcher.close()`` (or at ``run.finish()`` if that comes first): a
+  ``gradwatch/findings_table`` table of every finding, the ``gradwatch/stats_table`` of
+  values no row carried (see below; only when there are some), and ``run.summary``
+  entries ``gradwatch/<code>/count``, ``gradwatch/<code>/first_step``,
   ``gradwatch/<code>/status``, ``gradwatch/problems`` and ``gradwatch/active_problems``.
-  Close the watcher before ``run.finish()``; the reporter never finishes your run.
+  The reporter never finishes your run.
 
 Which alerts (W&B sends them by e-mail or Slack, so only changes that need action):
 ``"new"`` findings at or above ``alert_severity``; ``"worse"`` ones only when the severity
@@ -36,33 +38,50 @@ shows it persists); ``"resolved"`` as an ``INFO`` alert titled
 alerted. ``alert_wait_duration`` is passed to W&B, which holds back an alert with the
 same title sent again within that many seconds.
 
-How the values line up with your steps (measured with wandb 0.31; see the tests):
+Your rows and your steps are never touched (measured with wandb 0.31; see
+``wandb_rows.py`` and the tests): gradwatch never commits a W&B row, never passes
+``step=`` and never waits on the run. It adds its values to the row the run is building
+(``run.log(values, commit=False)``), so they land in the next row *you* commit, and that
+row stays at the step you gave it. Whatever the way you log (every step, before or after
+``watcher.step()``, rarely, with ``step=`` per epoch or at any increasing steps, or not at
+all), the run's rows and their ``_step`` are exactly those you would get without
+gradwatch, and no row of yours is dropped. (A row of its own would move the step: your
+later rows would land one step further, and a ``step=`` you log next that is not above
+it would be dropped.)
 
-- ``run.log(..., step=s)`` with gradwatch's step would fight your counter: a larger ``s``
-  moves W&B's step forward, so your next ``run.log()`` lands at ``s``, and a smaller one
-  is dropped with a warning (a user logging twice per step is always ahead of us).
-- ``run.log(..., commit=False)`` adds the values to the row you are building and never
-  moves the step: if you call ``run.log()`` once per step after ``watcher.step()``, the
-  values land in exactly that step's row (``_step`` equals the training step). If you
-  log before ``watcher.step()``, or log each step with ``step=``, they land one row off
-  (the row still open is the previous step's). If you log rarely, or not at all, the
-  next uncommitted write would overwrite the previous one: values would be lost.
+Where gradwatch's values go:
 
-So the reporter writes with ``commit=False`` and, when W&B's step has not moved since its
-previous write (you logged nothing in between, so that write is still uncommitted), it
-first commits that row (``run.log({})``). Nothing is lost, and the step moves only when
-you logged nothing for a whole ``every_n_steps`` interval: then W&B's ``_step`` counts
-gradwatch's rows as well as yours (log with ``step=`` or plot against your own step
-metric if that matters; explicit increasing ``step=`` values are never dropped). Every
-row also carries ``gradwatch/step``, and each ``gradwatch/...`` metric is defined with
-``run.define_metric(key, step_metric="gradwatch/step")``, so the charts plot against the
-training step whichever row a value landed in (on a GPU the statistics are read one
-monitored step later, so they land a row or more late; ``gradwatch/step`` still says
-which step they describe). The keys are defined by name, not with a ``gradwatch/*``
-glob: W&B picks among matching globs in no fixed order, and Lightning's ``WandbLogger``
-defines ``*`` (against ``trainer/global_step``), which would then win at random. Under
-Lightning the training step is ``trainer.global_step``, and the callback's own logging
-of the same keys goes into the same row.
+- each row you commit carries gradwatch's latest values, with ``gradwatch/step``, the
+  training step they describe; every ``gradwatch/...`` metric is defined with
+  ``run.define_metric(key, step_metric="gradwatch/step")``, so its chart plots against the
+  training step whichever row the value landed in (on a GPU the statistics are read one
+  monitored step later: they land a row or more late, ``gradwatch/step`` still says
+  which step they describe). The keys are defined by name, not with a ``gradwatch/*``
+  glob: W&B picks among matching globs in no fixed order, and Lightning's ``WandbLogger``
+  defines ``*`` (against ``trainer/global_step``), which would then win at random;
+- when no row was committed since gradwatch's previous values (you log less often than
+  gradwatch measures, or with ``step=`` that has not moved on yet), the new values take
+  their place in the row being built and the replaced ones go to the table
+  ``gradwatch/stats_table`` (one row per monitored step, same keys, at most 1,000 rows
+  spread over the whole run), written at ``watcher.close()``; gradwatch says so once, as a
+  warning, the first time it happens. Every monitored step's values are therefore in a
+  history row or in that table;
+- the last values, the chart and the closing tables are in the row being built when the
+  watcher closes: your next ``run.log()`` commits them, or ``run.finish()`` does.
+
+``run.finish()`` before ``watcher.close()``: gradwatch writes its closing tables and summary
+from inside ``run.finish()`` (wandb's teardown hook; the summary then counts the findings
+this reporter saw), then sends nothing more: the steps that follow cost what they cost
+without W&B, and nothing raises into training. With a wandb that has no teardown hooks the
+closing data is skipped, with a warning at ``watcher.close()``.
+
+``metrics=False`` (how the Lightning and Transformers integrations use it, next to a
+framework that logs its own rows): the reporter sends alerts, adds the gradient-flow chart
+and, at close, the tables to the row being built, and writes summary entries. It never
+commits a row, never passes ``step=``, never reads the run's step and writes no
+``gradwatch/step``: the framework's next row carries the chart. Under Lightning the
+training step is ``trainer.global_step``, and the callback's own logging of the metrics
+goes through the ``WandbLogger``.
 
 Distributed training: add the reporter on the rank that called ``wandb.init()`` (rank 0);
 the Lightning callback does that itself.
@@ -78,6 +97,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -97,6 +117,14 @@ from gradwatch.rules.engine import SummaryRow
 from gradwatch.stats import LayerStats, StepStats
 from gradwatch.validation import whole_number
 
+from .wandb_rows import (
+    ThinnedRows,
+    building_step,
+    call_at_finish,
+    is_finished_error,
+    run_finished,
+)
+
 logger = logging.getLogger("gradwatch")
 
 
@@ -106,6 +134,8 @@ _TITLE_LIMIT = 63  # W&B: "must be less than 64 characters long"
 _TEXT_LIMIT = 3000
 _SHOWN_LAYERS = 12
 _TABLE_LIMIT = 2000  # findings kept for the closing table
+_RUN_FINISHED = "the W&B run is finished"
+_STATS_TABLE_LIMIT = 1000  # monitored steps kept for gradwatch/stats_table (thinned beyond)
 
 
 class WandbReporter(Reporter):
@@ -132,6 +162,21 @@ class WandbReporter(Reporter):
         metrics: log the per-step metrics; ``False`` leaves them to someone else (the
             Lightning callback sends them through the ``WandbLogger``, in rows stamped with
             ``trainer/global_step``) and keeps the chart, alerts and summary.
+
+    The run's step belongs to you: the reporter never commits a row, never passes
+    ``step=`` and never waits on the run (see the module notes). Its values join the
+    next row you commit; values that no row carried are kept in ``gradwatch/stats_table``.
+
+    With ``metrics=False`` it can sit next to a framework that logs its own rows (the
+    Lightning and Transformers integrations use it so): it sends alerts, adds the
+    gradient-flow chart and, at close, the findings table to the row being built with
+    ``commit=False``, and writes ``run.summary`` entries. It writes no ``gradwatch/step``
+    and never reads the run's step, so the framework's rows and steps stay exactly as
+    they would be without it.
+
+    If ``run.finish()`` comes before ``watcher.close()``, the reporter writes its closing
+    tables and summary from inside ``run.finish()`` and sends nothing afterwards (no
+    call that could wait on the finished run); nothing raises into training.
 
     Example (offline, nothing is sent):
 
@@ -211,8 +256,14 @@ class WandbReporter(Reporter):
         self._closed = False
         self._defined: set[str] = set()
         self._layers = LayerSelection(self.stats, max_layers)
-        self._pending_step: int | None = None  # W&B step of our last uncommitted write
-        self._step_readable = True
+        # Our last step's values and the W&B step of the row they went into: if that row
+        # is still being built at our next write, the next values replace them there.
+        self._written: dict[str, float] | None = None
+        self._written_in: int | None = None
+        self._replaced = ThinnedRows(_STATS_TABLE_LIMIT)  # values no history row carried
+        self._unhook_finish: Any = None
+        self._run_over = False
+        self._wrote_at_finish = False
         self._monitored = 0
         self._charts: list[tuple[int, list[LayerStats]]] = []
         self._charted_step: int | None = None
@@ -221,6 +272,8 @@ class WandbReporter(Reporter):
         self._active: dict[str, int] = {}
         self._alerted: dict[str, str] = {}  # rule code -> highest severity alerted
         self._findings: list[Finding] = []
+        self._started: dict[str, tuple[int, int]] = {}  # code -> (problems, first step)
+        self._rules: dict[str, str] = {}
         self.alerts_sent = 0
 
     # -- public ----------------------------------------------------------------------------
@@ -243,6 +296,9 @@ class WandbReporter(Reporter):
         run = self._resolve_run()
         if run is None:
             return
+        if run_finished(run):  # checked first: a finished run must cost nothing
+            self._stop_after_finish()
+            return
         try:
             self._setup(run)
             if self.disabled is not None:
@@ -250,13 +306,12 @@ class WandbReporter(Reporter):
             for finding in findings:
                 self._maybe_alert(run, finding)
             chart = self._chart_due(findings)
-            if not self.log_metrics and not chart:
-                return
-            data = self.metrics(stats) if self.log_metrics else {f"{self.prefix}/step": stats.step}
+            data = self.metrics(stats) if self.log_metrics else {}
             if chart:
                 data.update(self._chart(stats))
-            self._define(run, data)
-            self._write(run, data)
+            if data:
+                self._define(run, data)
+                self._write(run, data, values=self.log_metrics)
         except Exception as error:  # W&B trouble must not reach training
             self._fail(error)
         finally:
@@ -265,12 +320,27 @@ class WandbReporter(Reporter):
     def close(self, summary: Sequence[SummaryRow]) -> None:
         if self._closed:
             return
-        if self.disabled is None and self._run is not None and self._ready:
-            try:
-                self._finish(self._run, summary)
-            except Exception as error:  # the run may have failed or finished
-                self._fail(error)
         self._closed = True
+        self._release_finish_hook()
+        run = self._run
+        if run is None or not self._ready:
+            return
+        if self._run_over or run_finished(run):
+            self._stop_after_finish()
+            if self.disabled == _RUN_FINISHED and not self._wrote_at_finish:
+                warn_user(
+                    "gradwatch: the W&B run was finished before the watcher was closed, and "
+                    "this wandb version gives no way to write at run.finish(): the findings "
+                    "table and summary were not written. Call watcher.close() before "
+                    "run.finish()."
+                )
+            return
+        if self.disabled is not None:
+            return
+        try:
+            self._write_closing(run, self._summary_entries(_tallies_from_rows(summary)))
+        except Exception as error:  # the run may have failed or finished
+            self._fail(error)
 
     def metrics(self, stats: StepStats) -> dict[str, float]:
         """The numbers logged for one monitored step (without the chart)."""
@@ -322,7 +392,9 @@ class WandbReporter(Reporter):
             self.disabled = "W&B is disabled (WANDB_MODE=disabled or mode='disabled')"
             logger.debug("gradwatch: %s; the W&B reporter does nothing.", self.disabled)
             return
-        run.define_metric(f"{self.prefix}/step")
+        self._unhook_finish = call_at_finish(run, self._at_run_finish)
+        if self.log_metrics:
+            run.define_metric(f"{self.prefix}/step")
 
     def _define(self, run: Any, data: dict[str, Any]) -> None:
         """Plot every gradwatch metric against the training step (see the module notes)."""
@@ -335,49 +407,94 @@ class WandbReporter(Reporter):
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, run: Any, data: dict[str, Any]) -> None:
-        """Add ``data`` to the row being built, committing our previous write first when
-        nobody committed it (see the module notes)."""
-        now = self._wandb_step(run)
-        if now is not None and self._pending_step is not None and now == self._pending_step:
-            run.log({})  # commit the row holding our previous values; moves the step by one
-            now += 1
-        run.log(data, commit=False)
-        self._pending_step = now
+    def _write(self, run: Any, data: dict[str, Any], *, values: bool) -> None:
+        """Add ``data`` to the row the run is building; never commit (module notes).
 
-    def _wandb_step(self, run: Any) -> int | None:
-        if not self._step_readable:
-            return None
-        try:
-            return int(run.step)
-        except Exception:  # mode="shared" runs cannot tell their step
-            self._step_readable = False
-            logger.info(
-                "gradwatch: this W&B run does not report its step; gradwatch writes with "
-                "commit=False only (values logged while you log nothing may be overwritten)."
-            )
-            return None
-
-    def _finish(self, run: Any, summary: Sequence[SummaryRow]) -> None:
-        if getattr(run, "_is_finished", False):
-            text = (
-                "gradwatch: the W&B run was finished before the watcher was closed: the "
-                "findings table and summary were not written. Call watcher.close() before "
-                "run.finish()."
-            )
-            warn_user(text)
+        ``values``: ``data`` holds a monitored step's metrics. If our previous step's
+        metrics are still in the row being built (no row committed since), ``data``
+        replaces them there: keep them in the stats table, and blank the keys that
+        ``data`` lacks so that the row holds one step's values only.
+        """
+        if not values:
+            run.log(data, commit=False)
             return
+        now = building_step(run)
+        previous = self._written
+        if previous is not None and (now is None or now == self._written_in):
+            self._replaced.add(previous)
+            for key in previous.keys() - data.keys():
+                data[key] = None
+            if self._replaced.seen == 1:
+                self._say_replaced(previous, data)
+        run.log(data, commit=False)
+        self._written = {k: v for k, v in data.items() if isinstance(v, (int, float))}
+        self._written_in = now
+
+    def _say_replaced(self, previous: dict[str, Any], data: dict[str, Any]) -> None:
+        step_key = f"{self.prefix}/step"
+        text = (
+            f"gradwatch: no W&B row was committed between monitored steps "
+            f"{previous.get(step_key)} and {data.get(step_key)} (W&B commits a row when you "
+            "call run.log() without step=, or when your step= moves on). gradwatch never "
+            "commits rows itself, as that would move your steps or make W&B drop rows you log "
+            "later: each row you commit carries gradwatch's latest values (gradwatch/step says "
+            "which training step), and values replaced before any row was committed are kept "
+            f"in the table {self.prefix}/stats_table, written at watcher.close()."
+        )
+        warn_user(text, stacklevel=5)
+
+    def _write_closing(self, run: Any, entries: dict[str, Any]) -> None:
+        """The last chart, the tables (into the row being built) and the summary."""
         data: dict[str, Any] = {}
         if self._latest is not None and self._charted_step != self._latest.step:
             data.update(self._chart(self._latest))
         if self.findings_table:
             data[f"{self.prefix}/findings_table"] = self._findings_table()
+        if len(self._replaced):
+            data[f"{self.prefix}/stats_table"] = self._stats_table()
         if data:
-            self._write(run, data)
-        run.summary.update(self._summary_entries(summary))
+            self._write(run, data, values=False)
+        run.summary.update(entries)
+
+    def _at_run_finish(self) -> None:
+        """Inside ``run.finish()`` (wandb's teardown hook): write what close() would have
+        written, then stop. Must never raise: it would raise out of ``run.finish()``."""
+        try:
+            run = self._run
+            if self._closed or self.disabled is not None or run is None:
+                return
+            self._write_closing(run, self._summary_entries(self._tallies_seen()))
+            self._wrote_at_finish = True
+            logger.info(
+                "gradwatch: the W&B run finished before the watcher was closed; gradwatch "
+                "wrote its tables and summary at run.finish() and sends nothing more to W&B."
+            )
+        except Exception as error:
+            logger.error("gradwatch: writing to W&B at run.finish() failed", exc_info=error)
+        finally:
+            # wandb is looping over its hooks right now: forget ours, do not remove it.
+            self._unhook_finish = None
+            self._stop_after_finish()
+
+    def _stop_after_finish(self) -> None:
+        self._run_over = True
+        if self.disabled is None:
+            self.disabled = _RUN_FINISHED
+        self._release_finish_hook()
+
+    def _release_finish_hook(self) -> None:
+        remove, self._unhook_finish = self._unhook_finish, None
+        if remove is not None:
+            try:
+                remove()
+            except Exception:  # the run may be tearing down; the hook checks _closed anyway
+                pass
 
     def _fail(self, error: BaseException) -> None:
         if self.disabled is not None:
+            return
+        if is_finished_error(error) or (self._run is not None and run_finished(self._run)):
+            self._stop_after_finish()  # finished under our feet: not a failure
             return
         self.disabled = f"{type(error).__name__}: {error}"
         text = (
@@ -395,6 +512,9 @@ class WandbReporter(Reporter):
                 self._counts[finding.code] = self._counts.get(finding.code, 0) + 1
             if finding.status == "new":
                 self._active[finding.code] = self._active.get(finding.code, 0) + 1
+                count, first = self._started.get(finding.code, (0, finding.step))
+                self._started[finding.code] = (count + 1, min(first, finding.step))
+                self._rules[finding.code] = finding.rule
             elif finding.status == "resolved" and self._active.get(finding.code):
                 self._active[finding.code] -= 1
             if len(self._findings) < _TABLE_LIMIT:
@@ -501,23 +621,56 @@ class WandbReporter(Reporter):
         ]
         return self._wandb.Table(columns=columns, data=rows)
 
-    def _summary_entries(self, summary: Sequence[SummaryRow]) -> dict[str, Any]:
+    def _stats_table(self) -> Any:
+        """Monitored steps whose values no history row carried, one row each."""
+        columns = self._replaced.columns(first=f"{self.prefix}/step")
+        rows = [[row.get(c) for c in columns] for row in self._replaced.rows]
+        return self._wandb.Table(columns=columns, data=rows)
+
+    def _tallies_seen(self) -> dict[str, ProblemTally]:
+        """Per rule code, the problems this reporter saw start (for ``run.finish()``
+        before ``watcher.close()``, when the watcher's own summary is not at hand)."""
+        out = {}
+        for code, (count, first) in self._started.items():
+            active = self._active.get(code, 0)
+            out[code] = ProblemTally(self._rules[code], count, first, active > 0, active)
+        return out
+
+    def _summary_entries(self, tallies: dict[str, ProblemTally]) -> dict[str, Any]:
         p = self.prefix
         out: dict[str, Any] = {
-            f"{p}/problems": len(summary),
-            f"{p}/active_problems": sum(1 for row in summary if row.status == "active"),
+            f"{p}/problems": sum(t.count for t in tallies.values()),
+            f"{p}/active_problems": sum(t.active_count for t in tallies.values()),
         }
-        by_code: dict[str, list[SummaryRow]] = {}
-        for row in summary:
-            by_code.setdefault(row.code, []).append(row)
-        for code, rows in sorted(by_code.items()):
-            out[f"{p}/{code}/count"] = len(rows)
-            out[f"{p}/{code}/first_step"] = min(row.first_step for row in rows)
-            out[f"{p}/{code}/rule"] = rows[0].rule
-            out[f"{p}/{code}/status"] = (
-                "active" if any(row.status == "active" for row in rows) else "resolved"
-            )
+        for code, tally in sorted(tallies.items()):
+            out[f"{p}/{code}/count"] = tally.count
+            out[f"{p}/{code}/first_step"] = tally.first_step
+            out[f"{p}/{code}/rule"] = tally.rule
+            out[f"{p}/{code}/status"] = "active" if tally.active else "resolved"
         return out
+
+
+@dataclass(frozen=True)
+class ProblemTally:
+    """What the run summary says about one rule code."""
+
+    rule: str
+    count: int  # problems announced (episodes)
+    first_step: int
+    active: bool
+    active_count: int = 0
+
+
+def _tallies_from_rows(summary: Sequence[SummaryRow]) -> dict[str, ProblemTally]:
+    by_code: dict[str, list[SummaryRow]] = {}
+    for row in summary:
+        by_code.setdefault(row.code, []).append(row)
+    out = {}
+    for code, rows in by_code.items():
+        active = sum(1 for row in rows if row.status == "active")
+        first = min(row.first_step for row in rows)
+        out[code] = ProblemTally(rows[0].rule, len(rows), first, active > 0, active)
+    return out
 
 
 def alert_text(finding: Finding) -> str:
@@ -544,14 +697,11 @@ def _first_to_last_ratio(stats: StepStats) -> float | None:
 
 
 def _import_wandb() -> Any:
-    try:
-        import wandb
-    except ImportError as error:
-        raise ImportError(
-            "WandbReporter needs the wandb package: pip install 'gradwatch[wandb]' "
-            "(or pip install wandb)"
-        ) from error
-    return wandb
+    # Imported when a reporter is made, not with this module: importing wandb takes a
+    # second, and the Lightning callback imports this module only for a WandbLogger.
+    from ._requires import require
+
+    return require("wandb", extra="wandb", integration="gradwatch.integrations.wandb")
 
 
 __all__ = ["ALERT_LEVELS", "DEFAULT_STATS", "LAYER_STATS", "WandbReporter", "alert_text"]

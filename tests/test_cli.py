@@ -27,7 +27,7 @@ def test_explain_by_code_or_slug(capsys, name):
     assert main(["explain", name]) == 0
     out = capsys.readouterr().out
     assert "GW101 vanishing-gradient" in out
-    assert "0.25^30" in out and "8.7e-19" in out  # why: the seed's reasoning
+    assert "0.25^30" in out and "8.7e-19" in out  # why: the derivative's bound over 30 layers
     assert "residual" in out and "kaiming" in out  # how to fix
     assert "ratio = 0.01" in out  # the threshold and how to change it
 
@@ -47,3 +47,12 @@ def test_console_script_is_installed():
         [sys.executable, "-m", "gradwatch.cli", "rules"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "GW202" in result.stdout
+
+
+def test_help_names_the_experiment_in_words_a_user_knows(capsys):
+    for argv in (["--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert "sigmoid" in out and "ReLU" in out and "residual" in out
+        assert "seed document" not in out

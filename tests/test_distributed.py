@@ -1,10 +1,11 @@
-"""Distributed training with real processes on the CPU (gloo): DDP through Lightning, FSDP2
-through the plain API and through Lightning's ModelParallelStrategy, and one rank's
-statistics failing while the other's do not.
+"""Distributed training with real processes on the CPU (gloo): DDP through Lightning and
+through the Transformers Trainer (torchrun), a plain Accelerate loop, FSDP2 through the plain
+API and through Lightning's ModelParallelStrategy, and one rank's statistics failing while
+the other's do not.
 
 Each test launches a script from tests/dist_scripts/ in a subprocess (Lightning's DDP
-launcher re-executes its script; FSDP2 uses torch.multiprocessing) with a timeout, so a
-deadlock fails the test instead of hanging the suite.
+launcher re-executes its script; FSDP2 uses torch.multiprocessing; the Trainer runs under
+torchrun) with a timeout, so a deadlock fails the test instead of hanging the suite.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ SCRIPTS = Path(__file__).parent / "dist_scripts"
 TIMEOUT = 240
 
 
-def _launch(script: str, out: Path) -> tuple[list[dict], str]:
-    """Run ``script OUT`` and read each rank's rank<k>.json."""
-    output = _run(script, out)
+def _launch(script: str, out: Path, *, torchrun: bool = False) -> tuple[list[dict], str]:
+    """Run ``script OUT`` (under torchrun with two processes if asked) and read each rank's
+    rank<k>.json."""
+    output = _run(script, out, torchrun=torchrun)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return ranks, output
 
 
-def _run(script: str, out: Path) -> str:
+def _run(script: str, out: Path, *, torchrun: bool = False) -> str:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("MASTER_PORT", None)
     env.pop("LOCAL_RANK", None)
     # A session of its own, so that a hang can be ended with every process it started.
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / script), str(out)],
+        [*launcher, str(SCRIPTS / script), str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,7 +73,7 @@ def test_ddp_two_processes(tmp_path):
     # ... announced once, from rank 0 only (rank 1 has no reporters) ...
     assert output.count("GW101 vanishing-gradient at step") == 1, output[-6000:]
     assert a1["reporters"] == []
-    assert {"terminal", "logging", "lightning-loggers"} <= set(a0["reporters"])
+    assert {"terminal", "logging", "framework-metrics"} <= set(a0["reporters"])
     # ... a reporter failing on rank 0 only is switched off without a hang, and stop_on
     # stops both ranks at the same step (a rank left running would wait forever).
     assert "reporter failing" in a0["disabled"] and a1["disabled"] == {}
@@ -92,6 +97,43 @@ def test_ddp_two_processes(tmp_path):
     for b in (b0, b1):
         for step, norm in b["global_grad_norm"].items():
             assert math.isclose(norm, b["own_grad_norm"][step], rel_tol=1e-5)
+
+
+def test_transformers_trainer_and_accelerate_loop_ddp_two_processes(tmp_path):
+    pytest.importorskip("transformers")
+    ranks, output = _launch("ddp_transformers.py", tmp_path, torchrun=True)
+    a0, a1 = ranks[0]["a"], ranks[1]["a"]
+    assert a0["wrapper"] == "DistributedDataParallel"
+    # The vanishing gradient is found identically on both ranks, announced once by rank 0 ...
+    assert [f["code"] for f in a0["findings"] if f["status"] == "new"] == ["GW101"]
+    assert a0["findings"] == a1["findings"]
+    assert output.count("GW101 vanishing-gradient at step") == 1, output[-6000:]
+    assert {"terminal", "logging"} <= set(a0["reporters"]) and a1["reporters"] == [
+        "framework-metrics"
+    ]
+    # ... a reporter failing on rank 0 is switched off without a hang, and stop_on stops
+    # both ranks at the same step.
+    assert "reporter failing" in a0["disabled"] and a1["disabled"] == {}
+    assert a0["global_step"] == a1["global_step"] < 60
+    assert "GW101" in a0["stop_reason"] and "GW101" in a1["stop_reason"]
+    assert a0["measured"] == a1["measured"] and a0["measured"][0] == 1
+    # Each logged row holds the Trainer's own grad_norm (averaged across ranks, before
+    # clipping at 1e-3) as gradwatch's global norm.
+    assert a0["rows"] and a0["rows"] == a1["rows"]
+    for row in a0["rows"]:
+        assert math.isclose(row["gradwatch/global_grad_norm"], row["grad_norm"], rel_tol=1e-5)
+        assert row["grad_norm"] > 0.1
+
+    # The plain Accelerate loop: the prepared model is DDP; the watcher names its layers
+    # as the model itself does, measures once per optimizer step (accumulation 2), and the
+    # reduced norm is each rank's own (DDP has averaged the gradients).
+    for b in (ranks[0]["b"], ranks[1]["b"]):
+        assert b["wrapper"] == "DistributedDataParallel" and b["steps"] == 8
+        assert b["layers"] == ["net.0", "net.1", "net.10"]
+        assert list(b["measured"]) == ["0", "2", "4", "6"]
+        for step, norm in b["measured"].items():
+            assert math.isclose(norm, b["own"][step], rel_tol=1e-5)
+    assert ranks[0]["b"]["measured"] == ranks[1]["b"]["measured"]
 
 
 def test_fsdp2_norms_from_shards_equal_unsharded(tmp_path):

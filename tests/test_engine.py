@@ -148,3 +148,42 @@ def test_rule_window_option_validation():
     with pytest.raises(ValueError, match="window"):
         Toggle(window=0)
     assert Toggle(window=5).window == 5
+
+
+def test_a_flapping_condition_is_announced_again_once_then_held_until_it_stays_away():
+    # Present every 4th monitored step: new, resolved, back (new), then held active
+    # (reminders only) until it has been away for twice the gap it came back after.
+    engine = RuleEngine([Toggle(window=1, clear_after=2, cooldown=20)])
+    flapping = [2, 0, 0, 0] * 15
+    findings = _feed(engine, flapping + [0] * 9)
+    assert [(f.step, f.status) for f in findings] == [
+        (0, "new"), (2, "resolved"), (4, "new"),
+        (24, "reminder"), (44, "reminder"), (64, "resolved"),
+    ]
+    [row] = engine.summary()
+    assert (row.first_step, row.last_step, row.status, row.episodes) == (0, 56, "resolved", 2)
+
+
+def test_episodes_of_one_problem_share_a_summary_row_and_state_stays_small():
+    engine = RuleEngine([Toggle(window=1, clear_after=2, cooldown=3)])
+    # Each episode: present twice, then away long enough to be resolved and forgotten.
+    _feed(engine, [2, 2, 0, 0, 0, 0, 0, 0] * 50)
+    [row] = engine.summary()
+    assert (row.first_step, row.episodes, row.status, row.resolved_step) == (0, 50, "resolved", 395)
+    state = engine.state_dict()
+    assert len(state["summary"]) == 1 and len(state["tracks"]) <= 1
+    resumed = RuleEngine([Toggle(window=1, clear_after=2, cooldown=3)])
+    resumed.load_state_dict(state)
+    assert resumed.summary() == engine.summary()
+
+
+def test_a_summary_saved_with_one_row_per_episode_is_merged_on_load():
+    row = {"key": "", "code": "T001", "rule": "toggle", "severity": "warning", "layers": ["a"],
+           "last_step": 0, "status": "resolved", "resolved_step": 0}
+    old = {"tick": 9, "tracks": [], "summary": [
+        {**row, "first_step": 1, "last_step": 2}, {**row, "first_step": 6, "last_step": 7},
+    ]}
+    engine = RuleEngine([Toggle()])
+    engine.load_state_dict(old)
+    [merged] = engine.summary()
+    assert (merged.first_step, merged.last_step, merged.episodes) == (1, 7, 2)

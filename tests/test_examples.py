@@ -30,6 +30,8 @@ def run_example(name: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         "PYTHONUNBUFFERED": "1",
         # Tiny models: on a busy 2-core machine extra threads spin-wait (10x slower).
         "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
     }
     proc = subprocess.run(
         [sys.executable, str(script)],
@@ -51,9 +53,17 @@ def test_example_runs_and_reports_a_finding(name, tmp_path):
     assert FINDING_CODE.search(output), f"{name} printed no finding:\n{output[-4000:]}"
 
 
-def test_plain_pytorch_example_finds_the_broken_model_and_not_the_fixed_one(tmp_path):
-    proc = run_example("plain_pytorch.py", tmp_path)
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("plain_pytorch.py", "GW101"),
+        ("accelerate_loop.py", "GW101"),
+        ("transformers_trainer.py", "GW104"),
+    ],
+)
+def test_example_finds_the_broken_model_and_not_the_fixed_one(name, code, tmp_path):
+    proc = run_example(name, tmp_path)
     assert FINDING_CODE.search(proc.stdout + proc.stderr)
     last = proc.stdout.strip().splitlines()[-1]
-    assert re.search(r"broken model: [1-9]\d* finding\(s\) \(.*GW101.*\)", last), last
+    assert re.search(rf"broken model: [1-9]\d* finding\(s\) \(.*{code}.*\)", last), last
     assert last.endswith("fixed model: 0 finding(s)"), last

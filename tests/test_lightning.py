@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import logging
 import math
@@ -51,8 +52,13 @@ def test_deep_tanh_module_gets_vanishing_gradient_finding_and_csv_columns(tmp_pa
     # the logging reporter on the "gradwatch" logger
     assert any("GW101 vanishing-gradient" in r.getMessage() for r in caplog.records)
 
-    rows = _gradwatch_rows(_rows(csv_logger))
-    assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20, 25]
+    # gradwatch's own interval (0, 5, 10, ...) and Lightning's logging steps (4, 9, ...)
+    stats = {s.step: s for s in callback.watcher.history}
+    assert sorted(stats) == [0, 4, 5, 9, 10, 14, 15, 19, 20, 24, 25, 29]
+    rows = _rows(csv_logger)
+    # one row per Lightning logging step, with Lightning's metrics and gradwatch's together
+    assert [int(r["step"]) for r in rows] == [4, 9, 14, 19, 24, 29]
+    assert all(r["train_loss"] and r["epoch"] and r["gradwatch/global_grad_norm"] for r in rows)
     last = rows[-1]
     first_rms = float(last["gradwatch/grad_rms/net.0"])
     last_rms = float(last["gradwatch/grad_rms/net.22"])
@@ -60,17 +66,30 @@ def test_deep_tanh_module_gets_vanishing_gradient_finding_and_csv_columns(tmp_pa
     assert float(last["gradwatch/findings/GW101"]) == 1.0
     assert float(rows[0]["gradwatch/findings/GW101"]) == 0.0
     assert float(last["gradwatch/active_findings"]) == 1.0
-    # the logged numbers are the watcher's
-    stats = {s.step: s for s in callback.watcher.history}
-    assert math.isclose(
-        float(last["gradwatch/grad_norm/net.0"]), stats[25].layers["net.0"].grad_norm,
-        rel_tol=1e-9,
-    )
-    assert math.isclose(float(last["gradwatch/global_grad_norm"]), stats[25].global_grad_norm,
-                        rel_tol=1e-9)
-    # Lightning's own metrics still arrive; nothing of ours in the progress bar
-    assert any(r.get("train_loss") for r in _rows(csv_logger))
+    # each row holds the numbers of the very step it is written at
+    for row in rows:
+        measured = stats[int(row["step"])]
+        assert math.isclose(float(row["gradwatch/grad_norm/net.0"]),
+                            measured.layers["net.0"].grad_norm, rel_tol=1e-6)
+        assert math.isclose(float(row["gradwatch/global_grad_norm"]), measured.global_grad_norm,
+                            rel_tol=1e-6)
+    # nothing of ours in the progress bar
     assert not any(k.startswith("gradwatch") for k in trainer.progress_bar_metrics)
+
+
+def test_own_interval_finds_early_and_logs_on_lightnings_rows(tmp_path):
+    # Lightning's default log_every_n_steps (50) does not slow gradwatch down: it measures
+    # every 15 steps, as in plain PyTorch, and adds the logging steps (49, 99, ...).
+    callback = GradWatchCallback(reporters=[])
+    csv_logger = CSVLogger(str(tmp_path), name="run")
+    trainer = quiet_trainer(max_steps=110, callbacks=[callback], logger=csv_logger)
+    trainer.fit(deep_tanh(), digits_loader())
+    assert [s.step for s in callback.watcher.history] == [0, 15, 30, 45, 49, 60, 75, 90, 99, 105]
+    new = [f for f in callback.findings if f.status == "new"]
+    assert [f.code for f in new] == ["GW101"] and new[0].step <= 45
+    rows = _rows(csv_logger)
+    assert [(r["step"], r["epoch"]) for r in rows] == [("49", "1"), ("99", "3")]
+    assert all(r["train_loss"] and r["gradwatch/grad_rms/net.0"] for r in rows)
 
 
 def test_healthy_module_gets_no_findings():
@@ -89,7 +108,8 @@ def test_every_logger_gets_the_chosen_statistics(tmp_path):
     )
     csv_logger = CSVLogger(str(tmp_path), name="csv")
     tb_logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = quiet_trainer(max_steps=6, callbacks=[callback], logger=[csv_logger, tb_logger])
+    trainer = quiet_trainer(max_steps=6, callbacks=[callback], logger=[csv_logger, tb_logger],
+                            log_every_n_steps=2)
     trainer.fit(healthy(), digits_loader())
 
     # 4 Linear layers and 3 ReLUs in depth order; 3 of them kept: first, middle, last.
@@ -109,7 +129,7 @@ def test_every_logger_gets_the_chosen_statistics(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert expected <= tags and "gradwatch/findings/GW101" in tags
-    assert [e.step for e in events.Scalars("gradwatch/grad_norm/net.0")] == [0, 2, 4]
+    assert [e.step for e in events.Scalars("gradwatch/grad_norm/net.0")] == [1, 3, 5]
 
 
 def test_log_stats_false_sends_nothing_to_the_loggers(tmp_path):
@@ -123,19 +143,23 @@ def test_log_stats_false_sends_nothing_to_the_loggers(tmp_path):
     assert len(callback.watcher.history) == 2
 
 
-def test_deferred_statistics_are_logged_at_the_step_they_belong_to(tmp_path):
-    # deferred=True is what CUDA gets by default: each step's numbers are read one
-    # monitored step later, and the last ones when training ends.
+def test_deferred_statistics_reach_the_next_logged_row(tmp_path):
+    # deferred=True is what CUDA gets by default: each step's numbers are read at the next
+    # monitored step, so a row holds the newest step read by then (never an older one).
     callback = GradWatchCallback(every_n_steps=5, reporters=[], deferred=True)
     csv_logger = CSVLogger(str(tmp_path), name="run")
-    trainer = quiet_trainer(max_steps=30, callbacks=[callback], logger=csv_logger)
+    trainer = quiet_trainer(max_steps=30, callbacks=[callback], logger=csv_logger,
+                            log_every_n_steps=5)
     trainer.fit(deep_tanh(), digits_loader())
-    rows = _gradwatch_rows(_rows(csv_logger))
+    rows = _rows(csv_logger)
     stats = {s.step: s for s in callback.watcher.history}
-    assert [int(r["step"]) for r in rows] == sorted(stats) == [0, 5, 10, 15, 20, 25]
+    assert [int(r["step"]) for r in rows] == [4, 9, 14, 19, 24, 29]
     for row in rows:
-        expected = stats[int(row["step"])].layers["net.0"].grad_norm
-        assert math.isclose(float(row["gradwatch/grad_norm/net.0"]), expected, rel_tol=1e-9)
+        step = int(row["step"])
+        logged = float(row["gradwatch/grad_norm/net.0"])
+        matches = [s for s, st in stats.items()
+                   if math.isclose(logged, st.layers["net.0"].grad_norm, rel_tol=1e-6)]
+        assert len(matches) == 1 and step - 5 <= matches[0] <= step, (step, matches)
     assert [f.code for f in callback.findings if f.status == "new"] == ["GW101"]
 
 
@@ -235,7 +259,7 @@ def test_fast_dev_run():
                         enable_model_summary=False, enable_progress_bar=False)
     trainer.fit(healthy(), digits_loader())
     assert [s.step for s in callback.watcher.history] == [0]
-    assert callback.watcher.every_n_steps == trainer.log_every_n_steps
+    assert callback.watcher.every_n_steps == 15  # gradwatch's own interval
 
 
 def test_torch_compiled_lightning_module():
@@ -342,7 +366,8 @@ def test_wandb_logger_gets_statistics_and_an_alert(tmp_path, monkeypatch):
         project="gradwatch-tests", save_dir=str(tmp_path), offline=True, mode="offline"
     )
     callback = GradWatchCallback(every_n_steps=5)
-    trainer = quiet_trainer(max_steps=30, callbacks=[callback], logger=wandb_logger)
+    trainer = quiet_trainer(max_steps=30, callbacks=[callback], logger=wandb_logger,
+                            log_every_n_steps=10)
     try:
         trainer.fit(deep_tanh(), digits_loader())
         run = wandb_logger.experiment
@@ -353,8 +378,10 @@ def test_wandb_logger_gets_statistics_and_an_alert(tmp_path, monkeypatch):
         wandb.finish()
     log = read_run_log(sync_file)
     assert [a.title for a in log.alerts] == ["GW101 vanishing-gradient"]
-    values = log.series("gradwatch/grad_norm/net.0", x="trainer/global_step")
-    assert [int(step) for step, _ in values] == [0, 5, 10, 15, 20, 25]
+    # in Lightning's own rows, next to its train_loss
+    rows = log.rows_with("gradwatch/grad_norm/net.0")
+    assert [int(row["trainer/global_step"]) for row in rows] == [9, 19, 29]
+    assert all("train_loss" in row for row in rows)
 
 
 @pytest.mark.parametrize(
@@ -384,12 +411,46 @@ def test_stop_on_accepts_severities_codes_and_slugs():
     assert callback.stop_on.rules == ("dead-units", "GW10")
 
 
-def test_importing_gradwatch_does_not_import_lightning():
+def test_importing_gradwatch_does_not_import_the_frameworks():
     code = (
         "import sys, gradwatch, gradwatch.integrations; "
-        "assert 'lightning' not in sys.modules and 'wandb' not in sys.modules"
+        "loaded = {'lightning', 'wandb', 'transformers', 'accelerate'} & set(sys.modules); "
+        "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("integration", "package", "extra"),
+    [("lightning", "lightning", "lightning"), ("transformers", "transformers", "transformers")],
+)
+def test_without_the_framework_the_import_says_how_to_install_it(
+    integration, package, extra, monkeypatch
+):
+    # As if the package were not installed: an import of it fails (None in sys.modules).
+    monkeypatch.setitem(sys.modules, package, None)
+    monkeypatch.delitem(sys.modules, f"gradwatch.integrations.{integration}", raising=False)
+    with pytest.raises(ModuleNotFoundError) as raised:
+        importlib.import_module(f"gradwatch.integrations.{integration}")
+    assert str(raised.value) == (
+        f"gradwatch.integrations.{integration} needs {package}, which is not installed: "
+        f"pip install 'gradwatch[{extra}]'"
+    )
+    assert raised.value.name == package
+    assert raised.value.__suppress_context__  # one line, no chained "No module named ..."
+
+
+def test_without_wandb_the_reporter_says_how_to_install_it(monkeypatch):
+    from gradwatch.integrations.wandb import WandbReporter
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(ModuleNotFoundError) as raised:
+        WandbReporter()
+    assert str(raised.value) == (
+        "gradwatch.integrations.wandb needs wandb, which is not installed: "
+        "pip install 'gradwatch[wandb]'"
+    )
+    assert raised.value.__suppress_context__
 
 
 def test_terminal_output_goes_above_the_rich_progress_bar():

@@ -11,7 +11,7 @@ from rich.console import Console
 
 import gradwatch
 from gradwatch import cli
-from gradwatch.report import load, print_report, sample_indices, sparkline
+from gradwatch.report import load, log_range, print_report, sample_indices, sparkline
 
 pytest.importorskip("sklearn", reason="the recorded run trains on digits (the 'demo' extra)")
 
@@ -41,15 +41,61 @@ def test_report_prints_findings_summary_and_gradients_per_layer(recorded, capsys
     lines = out.splitlines()
     summary = lines[lines.index("summary") + 3]
     assert summary.startswith("GW101 vanishing-gradient") and "active" in summary
-    # The per-layer table: one row per weight layer, the first layer's gradient exactly 0.
+    # The per-layer table: one row per weight layer, the first layer's gradient ~1e-28.
     header = next(line for line in lines if line.startswith("layer "))
     assert "step 0" in header and "step 75" in header
+    shown = header.count("step ")
     rows = {line.split()[0]: line.split() for line in lines if line.startswith("linear")}
     assert len(rows) == 30
-    assert rows["linear1"][1:7] == ["0"] * 6
-    assert all(float(v) > 0 for v in rows["linear30"][1:7])
+    assert all(float(v) < 1e-20 for v in rows["linear1"][1 : 1 + shown])
+    assert all(float(v) > 1e-6 for v in rows["linear30"][1 : 1 + shown])
     # Not a terminal: plain text, no box drawing.
     assert "┃" not in out and "╭" not in out
+
+
+def test_report_shows_each_findings_fix(recorded, capsys):
+    assert cli.main(["report", str(recorded)]) == 0
+    out = capsys.readouterr().out
+    finding = load(recorded).findings[0]
+    assert "fix: " in out
+    # the whole hint, wrapped at the width but word for word
+    assert " ".join(finding.hint.split()) in " ".join(out.replace("\n  ", " ").split())
+
+
+@pytest.mark.parametrize("width", [80, 100, 140])
+def test_report_lines_fit_the_console_width(recorded, width):
+    for terminal in (False, True):
+        console = Console(file=io.StringIO(), width=width, force_terminal=terminal)
+        print_report(load(recorded), recorded, console)
+        lines = console.file.getvalue().splitlines()
+        too_wide = [line for line in lines if len(_ANSI.sub("", line)) > width]
+        assert not too_wide, (terminal, too_wide[:3])
+        assert any("linear30" in line for line in lines)
+
+
+_ANSI = __import__("re").compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_a_long_run_keeps_the_sparkline_short(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "long.jsonl"
+    lines = [{"type": "run", "format": "gradwatch-jsonl/1", "version": "0", "meta": {}}]
+    for step in range(300):
+        layers = {
+            f"block{i}.with.a.long.name": {
+                "name": f"block{i}.with.a.long.name",
+                "kind": "linear",
+                "grad_rms": 10.0 ** (-i) * (1 + step % 3),
+                "grad_norm": 1.0,
+            }
+            for i in range(4)
+        }
+        lines.append({"type": "step", "step": step, "global_grad_norm": 1.0, "layers": layers})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    monkeypatch.setenv("COLUMNS", "100")
+    assert cli.main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    assert "24 of 300 monitored steps" in out
 
 
 def test_report_uses_rich_tables_in_a_terminal(recorded):
@@ -65,8 +111,9 @@ def test_a_truncated_last_line_is_skipped(recorded, tmp_path, capsys):
     cut.write_text(text[: len(text) - 40])  # the summary line, cut mid-way
     assert cli.main(["report", str(cut)]) == 0
     out = capsys.readouterr().out
-    assert "last line was cut off" in out
-    assert "rebuilt from the findings" in out
+    words = " ".join(out.split())  # lines are wrapped at the console's width
+    assert "last line was cut off" in words
+    assert "rebuilt from the findings" in words
     lines = out.splitlines()
     assert lines[lines.index("summary") + 3].startswith("GW101 vanishing-gradient")
 
@@ -91,6 +138,7 @@ def test_an_invalid_file_is_a_clear_error_with_exit_code_2(tmp_path, capsys, con
     captured = capsys.readouterr()
     assert captured.err.startswith("gradwatch report: ")
     assert message in captured.err
+    assert captured.err.count(str(path)) == 1  # the file is named once
     assert "Traceback" not in captured.err + captured.out
 
 
@@ -115,12 +163,26 @@ def test_png_draws_a_layers_by_steps_heatmap_and_the_norms(recorded, tmp_path, c
     heat_ax, norm_ax = figure.axes[0], figure.axes[1]
     data = heat_ax.images[0].get_array()
     assert data.shape == (30, 6)  # layers x monitored steps
-    # Exact zeros (the first layers) have no log: they are left blank (grey), not drawn.
-    blank = numpy.ma.getmaskarray(data) | numpy.isnan(numpy.ma.getdata(data))
-    assert blank[0].all() and not blank[-1].any()
+    # one log scale: the first layer ~20 orders of magnitude below the last
+    values = numpy.ma.getdata(data)
+    blank = numpy.ma.getmaskarray(data) | numpy.isnan(values)
+    assert not blank[-1].any()
+    assert (blank[0] | (values[0] < values[-1] - 15)).all()
     assert norm_ax.get_yscale() == "log"
     labelled = [line.get_label() for line in norm_ax.get_lines()]
     assert "linear30" in labelled
+
+
+def test_png_to_an_unwritable_path_is_refused_before_the_report(recorded, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--png needs the 'plot' extra (matplotlib)")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    png = blocker / "report.png"  # a folder that cannot exist: its parent is a file
+    assert cli.main(["report", str(recorded), "--png", str(png)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("gradwatch report: cannot write")
+    assert captured.err.count(str(blocker)) == 1
 
 
 def test_png_with_an_unknown_format_is_refused(recorded, tmp_path, capsys):
@@ -131,8 +193,21 @@ def test_png_with_an_unknown_format_is_refused(recorded, tmp_path, capsys):
 
 
 def test_sparkline_and_column_sampling():
-    assert sparkline([1e-3, 1e-2, 1e-1, 0.0, None], plain=True) == ".+@ -"
+    assert sparkline([1e-3, 1e-2, 1e-1, 0.0, None], plain=True) == ".*@ -"
     assert sparkline([float("nan"), 1.0]) == "!█"
+    # "-" means "not measured" only: no level is drawn with it.
+    levels = sparkline([10.0**-k for k in range(12)], plain=True)
+    assert "-" not in levels and len(set(levels)) == 8
+
+
+def test_one_log_scale_for_all_rows_so_a_wobble_is_not_a_cliff():
+    wobble = [1e-3, 3e-3, 1e-3, 3e-3]
+    cliff = [1e-3, 1e-3, 1e-15, 1e-15]
+    scale = log_range([wobble, cliff])
+    assert len(set(sparkline(wobble, plain=True, scale=scale))) == 1  # 3x: one level
+    assert len(set(sparkline(cliff, plain=True, scale=scale))) == 2
+    # each row on its own scale, the wobble would span the whole ramp
+    assert sparkline(wobble, plain=True) == ".@.@"
     assert sample_indices(20, 4) == [0, 6, 13, 19]
     assert sample_indices(3) == [0, 1, 2]
 

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import math
 import sys
 
 import pytest
@@ -51,7 +52,7 @@ def test_plain_terminal_output_has_code_layers_evidence_fix_and_chart(sick_run):
     _, text, _, _ = sick_run
     assert "gradwatch ERROR GW101 vanishing-gradient at step 20" in text
     assert "layers: 0, 2, 4" in text
-    assert "evidence: ratio=0" in text
+    assert "evidence: ratio=" in text
     assert "fix: " in text
     assert "gradient flow at step 20" in text
     # the chart marks starved layers and draws the last layer's bar full
@@ -105,11 +106,53 @@ def test_jsonl_reader_tolerates_a_truncated_last_line(sick_run, tmp_path):
     assert len(record.steps) == 4
 
 
-def test_jsonl_reader_rejects_corruption_in_the_middle(tmp_path):
+def test_jsonl_reader_skips_and_counts_a_damaged_line_in_the_middle(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"type": "run"}\nnot json\n{"type": "summary", "rows": []}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        read_record(bad)
+    bad.write_text(
+        '{"type": "run", "meta": {"m": 1}}\nnot json\n{"type": "step", "step": "x"}\n'
+        '{"type": "summary", "rows": []}\n'
+    )
+    record = read_record(bad)
+    assert (record.meta, record.skipped_lines, record.truncated) == ({"m": 1}, 2, False)
+    other = tmp_path / "other.txt"
+    other.write_text("hello\nworld\n")
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):  # not a record at all
+        read_record(other)
+
+
+def _recorded_run(path, steps, meta):
+    model = mlp(3)
+    watcher = gradwatch.watch(
+        model, every_n_steps=1, reporters=[JsonlRecorder(path, meta=meta)]
+    )
+    train(model, watcher, steps=steps)
+    return watcher
+
+
+def test_a_run_appended_after_a_crash_starts_on_a_fresh_line(tmp_path):
+    path = tmp_path / "run.jsonl"
+    crashed = _recorded_run(path, 4, {"attempt": 1})  # never closed: the process died
+    text = path.read_text()
+    path.write_text(text[: len(text) - 30])  # ... in the middle of writing its last line
+    _recorded_run(path, 3, {"attempt": 2}).close()  # the resumed run, same file
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[5])["meta"] == {"attempt": 2}  # below the cut line, not on it
+    record = read_record(path)
+    assert record.skipped_lines == 1 and not record.truncated
+    assert [s.step for s in record.steps] == [0, 1, 2, 0, 1, 2]  # 3 + 3: only the cut one lost
+    assert record.meta == {"attempt": 2}
+    assert record.summary == []  # the resumed run closed cleanly, with no findings
+    crashed.close()
+
+
+def test_a_line_a_resumed_run_wrote_straight_after_a_cut_one_is_recovered(tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text(
+        '{"type": "run", "meta": {"attempt": 1}}\n{"type": "step", "st'
+        '{"type": "run", "meta": {"attempt": 2}}\n{"type": "summary", "rows": []}\n'
+    )
+    record = read_record(path)
+    assert record.meta == {"attempt": 2} and record.skipped_lines == 1
 
 
 def test_jsonl_lines_are_flushed_as_they_are_written(tmp_path):
@@ -198,3 +241,102 @@ def test_min_severity_hides_lesser_findings():
     assert out.getvalue() == ""
     with pytest.raises(ValueError, match="severity"):
         TerminalReporter(min_severity="loud")
+
+
+def _chart_rows(text: str) -> list[list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("gradient flow at step"))
+    rows = []
+    for line in lines[start + 1 :]:
+        if not line.startswith((" !", "  ")) or len(line.split()) != 3:
+            break
+        rows.append(line.lstrip(" !").split())
+    return rows
+
+
+def test_a_deep_network_panel_shows_the_telling_rows_of_its_chart(sick_run):
+    watcher, text, _, _ = sick_run
+    rows = _chart_rows(text)
+    assert 4 <= len(rows) <= 8, rows  # not one line per layer of the 30
+    assert "8 of 30 layers" in text
+    full = next(s for s in watcher.history if s.step == 20)  # the finding's step
+    depth = [s.name for s in full.by_depth(with_gradient=True) if s.grad_rms is not None]
+    names = [row[0] for row in rows]
+    assert names[0] == depth[0] and names[-1] == depth[-1]  # the first and the last
+    # The cliff: both sides of the steepest drop between neighbouring layers are shown.
+    rms = {s.name: s.grad_rms for s in full.by_depth(with_gradient=True)}
+
+    def log(value):
+        return math.log10(value) if value > 0 else -400.0
+
+    steepest = max(
+        range(1, len(depth)), key=lambda i: abs(log(rms[depth[i]]) - log(rms[depth[i - 1]]))
+    )
+    assert depth[steepest - 1] in names and depth[steepest] in names
+    assert names == sorted(names, key=depth.index)  # input side first
+
+
+def test_chart_rows_none_draws_every_layer():
+    model = mlp(30, nn.Sigmoid)
+    out = io.StringIO()
+    watcher = gradwatch.watch(
+        model, every_n_steps=10, reporters=[TerminalReporter(file=out, chart_rows=None)]
+    )
+    train(model, watcher, steps=21, lr=0.1)
+    watcher.close()
+    assert len(_chart_rows(out.getvalue())) == 30
+    with pytest.raises(ValueError, match="chart_rows"):
+        TerminalReporter(chart_rows=1)
+
+
+def test_the_rich_panel_is_as_short_as_the_plain_one():
+    from rich.console import Console
+
+    from gradwatch.reporters.terminal import finding_panel
+
+    model = mlp(30, nn.Sigmoid)
+    watcher = gradwatch.watch(model, every_n_steps=10, reporters=[])
+    train(model, watcher, steps=21, lr=0.1)
+    watcher.close()
+    finding = next(f for f in watcher.findings if f.code == "GW101")
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(finding_panel(finding, watcher.latest))
+    panel = console.file.getvalue().splitlines()
+    assert len(panel) < 30  # was ~45 with a row per layer
+    assert sum("█" in line or "····" in line for line in panel) <= 8
+
+
+def test_default_reporters_are_exported_and_adding_one_keeps_them(tmp_path):
+    reporters = [*gradwatch.default_reporters(), JsonlRecorder(tmp_path / "r.jsonl")]
+    assert [type(r) for r in reporters] == [TerminalReporter, LoggingReporter, JsonlRecorder]
+    watcher = gradwatch.watch(nn.Linear(2, 2))  # reporters=None: the defaults
+    assert [type(r) for r in watcher.reporters] == [TerminalReporter, LoggingReporter]
+    watcher.close()
+
+
+def test_reporter_modules_import_one_way():
+    """No import cycle among the reporter modules (function-level imports included):
+    the protocol does not know the reporters that implement it."""
+    import ast
+    from pathlib import Path
+
+    package = Path(gradwatch.__file__).parent / "reporters"
+    graph = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        graph[path.stem] = {
+            (node.module or "").split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+        } - {""}
+    graph["__init__"] = set()  # the package's face: it may import everything
+
+    def reaches(start, goal, seen=()):
+        return any(
+            n == goal or (n not in seen and reaches(n, goal, (*seen, n)))
+            for n in graph.get(start, ())
+        )
+
+    cycles = [name for name in graph if reaches(name, name)]
+    assert not cycles, {name: graph[name] for name in cycles}
+    assert not graph["base"] & {"terminal", "logging", "jsonl", "defaults"}

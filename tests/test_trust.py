@@ -287,6 +287,24 @@ def test_a_replaced_head_is_watched_and_the_old_one_forgotten():
     assert _alarms(watcher) == []
 
 
+def test_the_terminal_says_once_that_the_watched_layers_changed():
+    model = mlp(3, nn.ReLU, init="kaiming")
+    model[0].requires_grad_(False)
+    out = io.StringIO()
+    watcher = gradwatch.watch(
+        model, reporters=[gradwatch.TerminalReporter(file=out, summary=False)], every_n_steps=5
+    )
+
+    def unfreeze(step):
+        if step == 7:
+            model[0].requires_grad_(True)
+
+    train(model, watcher, steps=30, before_step=unfreeze)
+    watcher.close()
+    lines = [line for line in out.getvalue().splitlines() if "watched layers changed" in line]
+    assert lines == ["gradwatch: the watched layers changed at step 10 (unfrozen: 0)"]
+
+
 def test_an_appended_block_is_watched():
     blocks = nn.ModuleList([nn.Linear(64, 64)])
 

@@ -38,7 +38,7 @@ def fit_with_wandb(tmp_path, module, name):
     wandb_logger = WandbLogger(
         offline=True, mode="offline", save_dir=str(tmp_path), project="gradwatch-tests", name=name
     )
-    callback = GradWatchCallback()  # every_n_steps: the trainer's log_every_n_steps
+    callback = GradWatchCallback()  # every 15 steps, and at the steps Lightning logs
     trainer = quiet_trainer(
         max_steps=STEPS, callbacks=[callback], logger=wandb_logger, log_every_n_steps=EVERY
     )
@@ -58,10 +58,10 @@ def test_deep_tanh_module_alerts_through_the_wandb_logger(tmp_path):
     assert f"Step: {new[0].step}" in log.alerts[0].text
     assert "net.0" in log.alerts[0].text
 
-    # Per-layer keys at each monitored step, sent once, through the WandbLogger: in a row
-    # stamped with that step's trainer/global_step, like every Lightning metric.
+    # Per-layer keys in the rows Lightning logs (every EVERY steps), through the WandbLogger:
+    # stamped with that step's trainer/global_step and holding that step's numbers.
     rows = log.rows_with("gradwatch/grad_rms/net.0")
-    assert [row["trainer/global_step"] for row in rows] == list(range(0, STEPS, EVERY))
+    assert [row["trainer/global_step"] for row in rows] == list(range(EVERY - 1, STEPS, EVERY))
     stats = {s.step: s for s in callback.watcher.history}
     for row in rows:
         step = row["trainer/global_step"]
@@ -91,5 +91,41 @@ def test_healthy_module_gets_no_alert_through_the_wandb_logger(tmp_path):
     assert callback.findings == []
     assert log.alerts == []
     rows = log.rows_with("gradwatch/grad_rms/net.0")
-    assert [row["trainer/global_step"] for row in rows] == list(range(0, STEPS, EVERY))
+    assert [row["trainer/global_step"] for row in rows] == list(range(EVERY - 1, STEPS, EVERY))
     assert log.summary["gradwatch/problems"] == 0
+
+
+def test_wandb_reporter_adds_no_row_to_the_loggers_run(tmp_path):
+    """The same fit (with validation every epoch) with and without the W&B reporter: every
+    row of the run, at the same _step and trainer/global_step, with the same keys; the
+    chart only rides in rows Lightning committed. The one extra row is the last: the row
+    the run was building when it finished, holding the closing tables."""
+
+    def fit(callback, name):
+        wandb_logger = WandbLogger(
+            offline=True, mode="offline", save_dir=str(tmp_path / name), project="gw", name=name
+        )
+        trainer = quiet_trainer(
+            max_steps=STEPS, callbacks=[callback], logger=wandb_logger, log_every_n_steps=EVERY
+        )
+        trainer.fit(healthy(), digits_loader(), digits_loader(shuffle=False, n=256))
+        run = wandb_logger.experiment
+        sync_file = run.settings.sync_file
+        run.finish()
+        return read_run_log(sync_file)
+
+    def shape(row):
+        keys = sorted(k for k in row.values if not k.startswith(("_", "gradwatch/")))
+        return row.step, row.get("trainer/global_step"), keys
+
+    with_reporter = fit(GradWatchCallback(), "with")
+    without = fit(GradWatchCallback(reporters=[]), "without")
+    assert len(without.rows_with("val_loss")) >= 4  # one per epoch
+    assert [shape(r) for r in with_reporter.history[:-1]] == [shape(r) for r in without.history]
+    last = with_reporter.history[-1]
+    assert last.step == without.history[-1].step + 1
+    # (W&B copies trainer/global_step into every row: WandbLogger defines it with step_sync.)
+    assert "gradwatch/findings_table" in last and shape(last)[2] == ["trainer/global_step"]
+    charted = with_reporter.rows_with("gradwatch/gradient_flow_table")
+    assert len(charted) >= 2  # at monitored steps 0 and 100, in rows Lightning committed
+    assert not with_reporter.rows_with("gradwatch/step")  # metrics=False writes no step key

@@ -252,3 +252,115 @@ def train_lm(
         opt.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+# -- gradient flow that stops by construction -------------------------------------------
+
+
+def quantise(code: torch.Tensor, how: str) -> torch.Tensor:
+    """Non-differentiable ways to turn a continuous code into a discrete one."""
+    if how == "round":  # derivative 0: the gradient arrives as a tensor of zeros
+        return torch.round(code * 4) / 4
+    if how == "argmax":  # no graph at all: the gradient never arrives
+        return F.one_hot(code.argmax(-1), code.shape[-1]).to(code.dtype)
+    if how == "compare":
+        return (code > 0).to(code.dtype)
+    if how == "int":
+        return (code * 4).to(torch.int8).to(code.dtype) / 4
+    if how == "detach":
+        return code.detach()
+    raise ValueError(how)
+
+
+class Bottleneck(nn.Module):
+    """A classifier whose 8-wide code passes a quantiser between encoder and decoder.
+
+    ``ste=True`` wraps it in a straight-through estimator, x + (q(x) - x).detach(): the
+    forward pass uses q(x), the backward pass treats q as the identity.
+    """
+
+    def __init__(self, how: str = "round", ste: bool = False, code: int = 8):
+        super().__init__()
+        self.how, self.ste = how, ste
+        self.encoder = nn.Sequential(
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, code),
+            nn.Tanh(),
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(code, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
+        for module in (*self.encoder, *self.decoder):
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        code = self.encoder(x)
+        q = quantise(code, self.how)
+        if self.ste:
+            q = code + (q - code).detach()
+        return self.decoder(q)
+
+
+class TopOneMoE(nn.Module):
+    """A mixture-of-experts classifier with top-1 routing: each sample goes to the one
+    expert its router scores highest, and an expert without samples does not run.
+
+    ``router_bias`` sets the router's initial preference per expert (a strongly negative
+    entry makes an expert that the router never picks).
+    """
+
+    def __init__(self, experts: int = 4, width: int = 32, router_bias=None, call_empty=False):
+        super().__init__()
+        self.call_empty = call_empty  # run experts on zero samples too, as some MoE code does
+        self.inp = nn.Linear(64, width)
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+            for _ in range(experts)
+        )
+        self.out = nn.Linear(width, 10)
+        if router_bias is not None:
+            with torch.no_grad():
+                self.router.bias.copy_(torch.as_tensor(router_bias, dtype=torch.float32))
+
+    def forward(self, x):
+        h = F.relu(self.inp(x))
+        probs = self.router(h).softmax(-1)
+        gate, choice = probs.max(-1)
+        # Switch Transformer's load-balancing loss: experts * sum(share of samples x mean
+        # probability); add `model.balance_loss` to the loss to keep every expert in use.
+        share = torch.bincount(choice, minlength=len(self.experts)).to(probs.dtype)
+        self.balance_loss = len(self.experts) * (share / len(choice) * probs.mean(0)).sum()
+        mixed = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            rows = (choice == e).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0 and not self.call_empty:
+                continue  # no samples for this expert: it does not run, gets no gradient
+            mixed = mixed.index_add(0, rows, expert(h[rows]) * gate[rows, None])
+        return self.out(h + mixed)
+
+
+class QuantisedStack(nn.Module):
+    """Residual-free blocks in a ModuleList whose output after block ``cut`` is quantised."""
+
+    def __init__(self, blocks: int = 5, cut: int = 1, how: str = "round"):
+        super().__init__()
+        self.inp = nn.Linear(64, 64)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(blocks)
+        )
+        self.out = nn.Linear(64, 10)
+        self.cut, self.how = cut, how
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == self.cut:
+                h = quantise(h, self.how)
+        return self.out(h)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,16 +22,27 @@ from ..stats import StepStats
 from ..watcher import watch
 from .data import Digits
 from .nets import DemoNet
+from .options import DEFAULT_SEED, DEFAULT_STEPS, MIN_STEPS_FOR_FINDINGS
 
-DEFAULT_STEPS = 200
-DEFAULT_SEED = 0
+__all__ = [
+    "BATCH",
+    "CLIP_NORM",
+    "DEFAULT_SEED",
+    "DEFAULT_STEPS",
+    "MIN_STEPS_FOR_FINDINGS",
+    "MOMENTUM",
+    "NetRun",
+    "build_model",
+    "one_thread",
+    "train_net",
+    "weight_layer_rms",
+]
+
 BATCH = 128
 MOMENTUM = 0.9
 #: Clipping keeps the large-learning-rate runs finite: it bounds each step, it does not
 #: keep units alive.
 CLIP_NORM = 1.0
-#: The watcher's default: a monitored step every 15, a finding after 3 of them.
-MIN_STEPS_FOR_FINDINGS = 31
 
 
 @dataclass
@@ -49,6 +61,9 @@ class NetRun:
     #: Gradient RMS of each weight layer (input side first) at the last monitored step.
     layer_rms: list[tuple[str, float]] = field(default_factory=list)
     rms_step: int | None = None
+    #: The statistics of each monitored step at which findings were announced (what the
+    #: terminal panels showed), by step.
+    finding_stats: dict[int, StepStats] = field(default_factory=dict)
 
     @property
     def problems(self) -> list[Finding]:
@@ -85,6 +100,25 @@ def weight_layer_rms(stats: StepStats | None) -> list[tuple[str, float]]:
     ]
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread, then restore the caller's setting.
+
+    With several threads, CPU kernels split their sums differently depending on the
+    thread count, so the last bits of a result depend on it; plain SGD amplifies such
+    differences over a few hundred steps (chaotic training), and losses and accuracies
+    end up different. One thread makes a run repeat bit for bit on a given machine
+    whatever the caller's setting; the matrices are tiny, so nothing is lost (and on a
+    busy machine idle worker threads made the demo 20x slower).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_model(net: DemoNet, seed: int) -> nn.Module:
     """The network's initial weights depend only on ``seed``, not on which other networks
     ran before it (and the caller's random state is left as it was)."""
@@ -110,11 +144,24 @@ def train_net(
     >>> [f.code for f in run.problems]  # doctest: +SKIP
     ['GW101']
     """
+    with one_thread():
+        return _train(net, data, steps, seed, reporters, on_step)
+
+
+def _train(
+    net: DemoNet,
+    data: Digits,
+    steps: int,
+    seed: int,
+    reporters: Sequence[Reporter],
+    on_step: Callable[[int], None] | None,
+) -> NetRun:
     model = build_model(net, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=net.lr, momentum=MOMENTUM)
     batches = torch.Generator().manual_seed(seed)
+    shown = _FindingStats()
     started = time.perf_counter()
-    with watch(model, optimizer=optimizer, reporters=list(reporters)) as watcher:
+    with watch(model, optimizer=optimizer, reporters=[*reporters, shown]) as watcher:
         for step in range(steps):
             idx = torch.randint(0, len(data.x_train), (BATCH,), generator=batches)
             loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
@@ -142,4 +189,18 @@ def train_net(
         depth=sum(1 for m in model.modules() if isinstance(m, nn.Linear)),
         layer_rms=weight_layer_rms(latest),
         rms_step=latest.step if latest is not None else None,
+        finding_stats=shown.by_step,
     )
+
+
+class _FindingStats(Reporter):
+    """Keeps the statistics that came with new findings: what the panels were drawn from."""
+
+    name = "finding-stats"
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, StepStats] = {}
+
+    def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
+        if findings:
+            self.by_step[stats.step] = stats

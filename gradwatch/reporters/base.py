@@ -28,13 +28,10 @@ class Reporter:
     def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
         """Called at each monitored step, after the rules ran."""
 
+    def notice(self, text: str) -> None:
+        """A one-line notice about the watching itself, not about the model (the watched
+        layers changed: some were frozen, unfrozen or replaced)."""
+
     def close(self, summary: Sequence[SummaryRow]) -> None:
         """Called once by ``Watcher.close()`` with one row per announced problem."""
 
-
-def default_reporters() -> list[Reporter]:
-    """The terminal (rich) reporter and the ``logging`` reporter."""
-    from .logging import LoggingReporter
-    from .terminal import TerminalReporter
-
-    return [TerminalReporter(), LoggingReporter()]

@@ -1,12 +1,14 @@
 """A JSONL record of a run: one line per monitored step and one per finding.
 
-Each line is flushed as it is written, so a crash loses nothing already recorded, and
-:func:`read_record` skips a truncated last line (the one a crash interrupts).
+Each line is flushed as it is written, so a crash loses nothing already recorded. A run
+appended to the file of a crashed one starts on a fresh line, and :func:`read_record`
+skips a damaged line (the one a crash interrupted) and keeps everything else.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -22,6 +24,12 @@ from ..stats import StepStats
 from .base import Reporter
 
 FORMAT = "gradwatch-jsonl/1"
+#: How every line written here begins: where a record starts inside a damaged line.
+_LINE_START = '{"type": '
+
+_KINDS = ("run", "step", "finding", "summary")
+
+logger = logging.getLogger("gradwatch")
 
 
 class JsonlRecorder(Reporter):
@@ -45,7 +53,10 @@ class JsonlRecorder(Reporter):
     def _write(self, data: dict[str, Any]) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh_line = _ends_mid_line(self.path)
             self._file = self.path.open("a", encoding="utf-8")
+            if fresh_line:  # a crashed run's last line: leave it alone, start below it
+                self._file.write("\n")
             self._line(
                 {
                     "type": "run",
@@ -74,6 +85,19 @@ class JsonlRecorder(Reporter):
             self._file = None
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """True when ``path`` exists and its last line has no newline (a crash cut it)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            if file.tell() == 0:
+                return False
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe copy: NaN/Inf become strings ("nan", "inf"), tuples lists, tensors numbers."""
     if isinstance(value, dict):
@@ -97,30 +121,90 @@ class Record:
     steps: list[StepStats] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     summary: list[SummaryRow] = field(default_factory=list)
+    #: the last line was cut short (a crash while writing it) and was left out
     truncated: bool = False
     version: str | None = None
+    #: damaged lines before the last one that were left out (a crashed run's cut line
+    #: that a resumed run wrote after, or a line corrupted on disk)
+    skipped_lines: int = 0
 
 
 def read_record(path: str | os.PathLike[str]) -> Record:
-    """Read a file written by :class:`JsonlRecorder`; a truncated last line is skipped
-    (``record.truncated`` tells). Several runs appended to one file are read as one."""
+    """Read a file written by :class:`JsonlRecorder`. Several runs appended to one file
+    are read as one. A damaged line is left out and the rest kept: ``record.truncated``
+    tells when the last line was cut short, ``record.skipped_lines`` counts damaged lines
+    before it. A damaged file without a single gradwatch record in it is a ``ValueError``
+    that names its first bad line.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
+    >>> with open(path, "w") as f:
+    ...     _ = f.write('{"type": "run", "meta": {"a": 1}}\\n{"type": "st\\n{"type": "summary"}\\n')
+    >>> record = read_record(path)
+    >>> record.meta, record.skipped_lines, record.truncated
+    ({'a': 1}, 1, False)
+    """
     record = Record()
     lines = Path(path).read_text(encoding="utf-8").splitlines()
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
+    damaged: list[tuple[int, str]] = []
+    records = 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                record.truncated = True
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: line {number} is not a JSON object")
+        entries, problem = _entries(line)
+        for data in entries:
+            if not _add(record, data):
+                problem = "holds a record that cannot be read back"
+            elif data.get("type") in _KINDS:
+                records += 1
+        if problem is None:
+            continue
+        if number == last and not entries:
+            record.truncated = True
+        else:
+            damaged.append((number, problem))
+    if damaged and not records:  # nothing of a gradwatch record: say what is wrong
+        number, problem = damaged[0]
+        raise ValueError(f"{path}: line {number} {problem}")
+    if damaged:
+        record.skipped_lines = len(damaged)
+        shown = ", ".join(str(n) for n, _ in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        logger.warning("gradwatch: %s: left out %d damaged line(s): %s", path, len(damaged), shown)
+    return record
+
+
+def _entries(line: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The record on one line, and what is wrong with the line (``None``: nothing). When
+    a crash cut a line and a run appended to the file wrote straight after it (as the
+    recorder did before it started appended runs on a fresh line), the complete record
+    that follows the cut is kept."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as error:
+        start = line.find(_LINE_START, 1)
+        while start > 0:
+            try:
+                tail = json.loads(line[start:])
+            except json.JSONDecodeError:
+                start = line.find(_LINE_START, start + 1)
+                continue
+            if isinstance(tail, dict):
+                return [tail], "was cut short (a later record follows on the same line)"
+            break
+        return [], f"is not valid JSON ({error})"
+    if not isinstance(data, dict):
+        return [], "is not a JSON object"
+    return [data], None
+
+
+def _add(record: Record, data: dict[str, Any]) -> bool:
+    """Add one line's record; False when its content cannot be read back."""
+    try:
         kind = data.get("type")
         if kind == "run":
-            record.meta.update(data.get("meta", {}))
+            meta = data.get("meta", {})
+            record.meta.update(meta if isinstance(meta, dict) else {})
             record.version = data.get("version")
         elif kind == "step":
             record.steps.append(StepStats.from_dict(data))
@@ -131,4 +215,6 @@ def read_record(path: str | os.PathLike[str]) -> Record:
                 SummaryRow(**{**row, "layers": tuple(row.get("layers", ()))})
                 for row in data.get("rows", [])
             ]
-    return record
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True

@@ -42,6 +42,9 @@ class LoggingReporter(Reporter):
                 extra={"gradwatch_finding": finding.to_dict()},
             )
 
+    def notice(self, text: str) -> None:
+        self.logger.info(text)
+
     def close(self, summary: Sequence[SummaryRow]) -> None:
         active = [row for row in summary if row.status == "active"]
         self.logger.info(

@@ -24,7 +24,7 @@ from ..findings import Finding, severity_rank
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
 from .base import Reporter
-from .chart import gradient_flow_table, gradient_flow_text
+from .chart import TERMINAL_ROWS, gradient_flow_table, gradient_flow_text
 
 SEVERITY_STYLE = {"info": "cyan", "warning": "yellow", "error": "bold red"}
 
@@ -81,8 +81,14 @@ def finding_text(finding: Finding) -> str:
     return "\n".join(lines)
 
 
-def finding_panel(finding: Finding, stats: StepStats | None = None, chart: bool = True) -> Panel:
-    """A finding as a rich panel, with the gradient-flow chart below it."""
+def finding_panel(
+    finding: Finding,
+    stats: StepStats | None = None,
+    chart: bool = True,
+    chart_rows: int | None = TERMINAL_ROWS,
+) -> Panel:
+    """A finding as a rich panel, with the gradient-flow chart below it (at most
+    ``chart_rows`` telling rows of it; None: every layer)."""
     style = SEVERITY_STYLE.get(finding.severity, "white")
     body = Table.grid(padding=(0, 1))
     body.add_column(style="bold", no_wrap=True)
@@ -94,7 +100,7 @@ def finding_panel(finding: Finding, stats: StepStats | None = None, chart: bool 
     parts: list[Any] = [body]
     if chart and stats is not None and stats.layers:
         parts.append(Text(""))
-        parts.append(gradient_flow_table(stats))
+        parts.append(gradient_flow_table(stats, rows=chart_rows))
     status = "" if finding.status == "new" else f" ({finding.status})"
     return Panel(
         Group(*parts),
@@ -149,7 +155,9 @@ class TerminalReporter(Reporter):
     """Prints findings as they start, and a summary at ``close()``.
 
     ``min_severity`` hides lesser findings (``"warning"`` hides the "resolved" notes);
-    ``chart`` adds the gradient-flow chart under each new finding; ``file`` sends the
+    ``chart`` adds the gradient-flow chart under each new finding, sampled to
+    ``chart_rows`` rows for a deep network (the first and last layers, both sides of the
+    steepest drop, and layers evenly between; ``None`` draws every layer); ``file`` sends the
     output elsewhere (default: standard error); ``plain`` forces (True) or forbids
     (False) the plain-text form (default: plain unless the output is a terminal).
 
@@ -168,13 +176,20 @@ class TerminalReporter(Reporter):
         *,
         min_severity: str = "info",
         chart: bool = True,
+        chart_rows: int | None = TERMINAL_ROWS,
         file: TextIO | None = None,
         plain: bool | None = None,
         summary: bool = True,
     ) -> None:
         severity_rank(min_severity)  # validates
+        if chart_rows is not None and chart_rows < 2:
+            raise ValueError(
+                f"chart_rows must be at least 2 (the first and last layer) or None, "
+                f"got {chart_rows}"
+            )
         self.min_severity = min_severity
         self.chart = chart
+        self.chart_rows = chart_rows
         self.file = file
         self.plain = plain
         self.summary = summary
@@ -235,8 +250,12 @@ class TerminalReporter(Reporter):
             charted = charted or with_chart
             text = finding_text(finding)
             if with_chart:
-                text += "\n" + gradient_flow_text(stats)
-            self._emit(finding_panel(finding, stats, chart=with_chart), text)
+                text += "\n" + gradient_flow_text(stats, rows=self.chart_rows)
+            panel = finding_panel(finding, stats, chart=with_chart, chart_rows=self.chart_rows)
+            self._emit(panel, text)
+
+    def notice(self, text: str) -> None:
+        self._emit(Text(text, style="dim"), text)
 
     def close(self, summary: Sequence[SummaryRow]) -> None:
         if not self.summary:

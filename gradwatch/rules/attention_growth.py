@@ -36,6 +36,11 @@ LayerNorm/RMSNorm on q and k before the product), or soft-cap the logits (cap *
 tanh(logits / cap)); weight decay on the q/k projections; check the scale (q.k /
 sqrt(head size))."""
     defaults = {"growth": 2.0, "steps": 6, "min_logit": 30.0}
+    threshold_specs = {
+        "growth": greater_than(1.0),
+        "steps": whole_at_least(3),
+        "min_logit": POSITIVE,
+    }
     threshold_docs = {
         "growth": "factor by which the largest |logit| grew over the last `steps` monitored steps",
         "steps": "monitored steps over which the growth is measured (at least 3)",

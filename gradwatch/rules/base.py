@@ -4,7 +4,7 @@
 Writing a rule takes a code, a slug, a docstring-like explanation, default thresholds
 and a ``check`` method::
 
-    from gradwatch.rules import Condition, Rule
+    from gradwatch.rules import POSITIVE, Condition, Rule
 
     class TinyLoss(Rule):
         code = "X001"
@@ -12,6 +12,7 @@ and a ``check`` method::
         summary = "the global gradient norm is above a fixed limit"
         explanation = "What, why, how to fix ..."
         defaults = {"limit": 1e3}
+        threshold_specs = {"limit": POSITIVE}  # thresholds={"X001": {"limit": -1}} is an error
 
         def check(self, ctx):
             norm = ctx.stats.global_grad_norm
@@ -29,15 +30,19 @@ clearing a finding.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..findings import Severity, severity_rank
 from ..history import History
-from ..layers import MATRIX_KINDS, NORM, LayerInfo
+from ..kinds import MATRIX_KINDS, NORM
 from ..stats import LayerStats, StepStats
+
+if TYPE_CHECKING:  # layers needs torch; rule metadata must not
+    from ..layers import LayerInfo
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,96 @@ class Condition:
     window: int | None = None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """The values a threshold accepts: a number (or a whole number) within bounds.
+
+    Declared per threshold in :attr:`Rule.threshold_specs`, so that a wrong override is
+    a clear ``ValueError`` when the watcher is built instead of a rule that silently
+    never fires. Use the ready-made specs: :data:`POSITIVE`, :data:`RATIO`,
+    :data:`SHARE`, :func:`greater_than` and :func:`whole_at_least`.
+
+    >>> RATIO.check(0.01)
+    0.01
+    >>> RATIO.describe(), whole_at_least(2).describe()
+    ('a number in (0, 1)', 'a whole number >= 2')
+    >>> RATIO.check(-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: a number in (0, 1)
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    whole: bool = False
+    finite: bool = True
+    #: another threshold of the same rule that this one must not exceed
+    at_most: str | None = None
+
+    def check(self, value: Any) -> Any:
+        """``value`` as the rule will use it (an int for whole numbers), or ``ValueError``."""
+        if not _is_number(value) or math.isnan(value) or (self.finite and math.isinf(value)):
+            raise ValueError(self.describe())
+        if self.whole:
+            if not float(value).is_integer():
+                raise ValueError(self.describe())
+            value = int(value)
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise ValueError(self.describe())
+        if self.high is not None and (
+            value >= self.high if self.high_open else value > self.high
+        ):
+            raise ValueError(self.describe())
+        return value
+
+    def describe(self) -> str:
+        """The accepted values in words, for error messages and ``gradwatch explain``."""
+        noun = "a whole number" if self.whole else "a number"
+        if self.low is not None and self.high is not None:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
+            return f"{noun} in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{noun} {'<' if self.high_open else '<='} {self.high:g}"
+        return noun if self.finite else f"{noun} (not NaN)"
+
+
+#: Any number but NaN: what a numeric threshold without a declared spec accepts.
+ANY_NUMBER = ThresholdSpec(finite=False)
+#: A finite number > 0 (a learning rate, a limit on a ratio that may exceed 1).
+POSITIVE = ThresholdSpec(low=0.0, low_open=True)
+#: A ratio strictly between 0 and 1 (0 would never fire, 1 or more on healthy models).
+RATIO = ThresholdSpec(low=0.0, high=1.0, low_open=True, high_open=True)
+#: A share that something must exceed, in [0, 1) (1 could never be exceeded).
+SHARE = ThresholdSpec(low=0.0, high=1.0, high_open=True)
+
+
+def greater_than(low: float) -> ThresholdSpec:
+    """A finite number > ``low``."""
+    return ThresholdSpec(low=low, low_open=True)
+
+
+def whole_at_least(low: int, *, at_most: str | None = None) -> ThresholdSpec:
+    """A whole number >= ``low`` (``at_most``: not above that other threshold)."""
+    return ThresholdSpec(low=low, whole=True, at_most=at_most)
+
+
+#: Persistence settings every rule accepts next to its thresholds (monitored steps).
+PERSISTENCE: dict[str, ThresholdSpec] = {
+    "window": whole_at_least(1),
+    "clear_after": whole_at_least(1),
+    "cooldown": whole_at_least(1),
+}
+
+
 class Rule:
     """Base class of gradwatch rules (see the module docstring for an example)."""
 
@@ -122,6 +217,9 @@ class Rule:
     defaults: ClassVar[dict[str, float]] = {}
     #: threshold name -> what it means, for ``gradwatch explain``
     threshold_docs: ClassVar[dict[str, str]] = {}
+    #: threshold name -> the values it accepts; overrides outside it are a ValueError.
+    #: A numeric threshold without a spec accepts any number but NaN.
+    threshold_specs: ClassVar[dict[str, ThresholdSpec]] = {}
     #: monitored steps a condition must hold before it is announced (1: at once)
     window: ClassVar[int] = 3
     #: monitored steps without the condition before it is announced as resolved
@@ -133,21 +231,46 @@ class Rule:
     #: NaN); only its conditions that fire at once (window 1) count there
     fast: ClassVar[bool] = False
 
-    def __init__(self, **thresholds: float) -> None:
-        unknown = set(thresholds) - set(self.defaults) - {"window", "clear_after", "cooldown"}
+    def __init__(self, **thresholds: Any) -> None:
+        self.thresholds: dict[str, Any] = dict(self.defaults)
+        names = [*self.defaults, *PERSISTENCE]
+        unknown = sorted(set(thresholds) - set(names))
         if unknown:
-            valid = ", ".join(sorted([*self.defaults, "window", "clear_after", "cooldown"]))
             raise ValueError(
-                f"{self.code} {self.slug} has no threshold {', '.join(sorted(unknown))}; "
-                f"valid names: {valid}"
+                f"{self.code} {self.slug} has no threshold {', '.join(map(repr, unknown))}; "
+                f"valid names: {', '.join(sorted(names))}"
             )
-        for name in ("window", "clear_after", "cooldown"):
-            if name in thresholds:
-                value = int(thresholds.pop(name))
-                if value < 1:
-                    raise ValueError(f"{self.slug}: {name} must be >= 1, got {value}")
-                setattr(self, name, value)
-        self.thresholds: dict[str, float] = {**self.defaults, **thresholds}
+        for name, value in thresholds.items():
+            checked = self._checked(name, value)
+            if name in PERSISTENCE:
+                setattr(self, name, checked)
+            else:
+                self.thresholds[name] = checked
+        for name, spec in self.threshold_specs.items():
+            other = spec.at_most
+            if other is None or name not in self.thresholds or other not in self.thresholds:
+                continue
+            if self.thresholds[name] > self.thresholds[other]:
+                raise ValueError(
+                    f"{self.code} {self.slug}: threshold {name!r} must be at most "
+                    f"{other!r} ({self.thresholds[other]!r}), got {self.thresholds[name]!r}"
+                )
+
+    def _checked(self, name: str, value: Any) -> Any:
+        spec = PERSISTENCE.get(name) or self.threshold_specs.get(name)
+        if spec is None:
+            default = self.defaults.get(name)
+            if not _is_number(default):
+                return value  # a custom rule's own kind of setting: its business
+            spec = ANY_NUMBER
+        try:
+            return spec.check(value)
+        except ValueError:
+            doc = self.threshold_docs.get(name)
+            raise ValueError(
+                f"{self.code} {self.slug}: threshold {name!r} must be {spec.describe()}"
+                f"{f' ({doc})' if doc else ''}; got {value!r}"
+            ) from None
 
     def t(self, name: str) -> float:
         """The value of threshold ``name``."""

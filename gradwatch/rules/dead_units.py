@@ -9,7 +9,7 @@ from typing import Any
 
 from ..stats import StepStats, UnitMask
 from ..units import UnitGroup, alive_units, dead_fraction, unit_groups
-from .base import Condition, Rule, RuleContext, format_layers
+from .base import SHARE, Condition, Rule, RuleContext, format_layers, whole_at_least
 
 
 class DeadUnits(Rule):
@@ -43,6 +43,7 @@ re-initialise (kaiming) and check biases and input scaling."""
         "fraction": "share of a layer's units inactive over the span above which it fires",
         "span": "monitored steps a unit must stay inactive to count as dead",
     }
+    threshold_specs = {"fraction": SHARE, "span": whole_at_least(1)}
     window = 1  # the span already demands persistence
     clear_after = 3
     worse_by = 0.25

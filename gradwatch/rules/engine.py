@@ -4,12 +4,21 @@ A condition becomes a finding only after it held for the rule's ``window`` of
 consecutive monitored steps; it is announced once when it starts, again only when it
 gets worse (by ``worse_by``) or after a ``cooldown``, and an ``info`` "resolved"
 finding follows when it has been absent for ``clear_after`` judged steps.
+
+A condition that comes back after it was resolved (a NaN every few steps) flaps: it is
+announced again, and from then on it is resolved only after an absence twice as long as
+the gap it just came back after (at most ``cooldown``), so it does not flood the
+reporters with new/resolved pairs.
+
+Memory stays bounded however long training runs: one track per condition that is active
+or was resolved within the last ``cooldown`` monitored steps, and one summary row per
+condition and layers, however often it comes back (at most :data:`MAX_SUMMARY_ROWS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..findings import Finding, severity_rank
@@ -30,11 +39,21 @@ class _Track:
     resolved_step: int | None = None
     layers: tuple[str, ...] = ()
     severity: str = "info"
+    seen_at: int = 0  # engine tick when the condition was last seen
+    resolved_at: int | None = None  # engine tick of the last "resolved" announcement
+    hold: int = 0  # judged steps of absence before resolving a flapping condition
+    row: tuple[str, ...] | None = None  # layers that key this episode's summary row
+
+
+#: The most summary rows kept; beyond it the longest-resolved row is dropped.
+MAX_SUMMARY_ROWS = 256
 
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """One line of the end-of-run summary."""
+    """One line of the end-of-run summary: a problem (rule, condition and layers), from
+    the first time it was announced to the last time it was seen. ``episodes`` counts
+    how often it started again after being resolved, plus one."""
 
     code: str
     rule: str
@@ -44,6 +63,7 @@ class SummaryRow:
     last_step: int
     status: str  # "active" or "resolved"
     resolved_step: int | None = None
+    episodes: int = 1
 
 
 class RuleEngine:
@@ -53,7 +73,7 @@ class RuleEngine:
         self.rules = list(rules)
         self.guard = guard or Guard()
         self._tracks: dict[tuple[str, str], _Track] = {}
-        self._history_rows: dict[tuple[str, str, int], SummaryRow] = {}
+        self._rows: dict[tuple[str, str, tuple[str, ...]], SummaryRow] = {}
         self._tick = 0
 
     def evaluate(self, ctx: RuleContext) -> list[Finding]:
@@ -85,6 +105,11 @@ class RuleEngine:
                 continue
             seen.add(cond.key)
             track = self._tracks.setdefault((rule.slug, cond.key), _Track())
+            if not track.active and track.resolved_at is not None:
+                # Back after "resolved": next time, wait out twice this gap first.
+                gap = 2 * (self._tick - track.seen_at)
+                track.hold = min(rule.cooldown, max(track.hold, rule.clear_after, gap))
+            track.seen_at = self._tick
             track.streak += 1
             track.absent = 0
             severity = cond.severity or rule.severity
@@ -105,9 +130,10 @@ class RuleEngine:
                 continue
             track.streak = 0
             track.absent += 1
-            if track.active and track.absent >= rule.clear_after:
+            if track.active and track.absent >= (track.hold or rule.clear_after):
                 track.active = False
                 track.resolved_step = step
+                track.resolved_at = self._tick
                 self._record(rule, key, track)
                 out.append(
                     Finding(
@@ -123,16 +149,22 @@ class RuleEngine:
                         status="resolved",
                     )
                 )
-            if not track.active:
+            # A resolved condition is remembered for a cooldown, to notice if it flaps.
+            if not track.active and (
+                track.resolved_at is None or self._tick - track.resolved_at >= rule.cooldown
+            ):
                 del self._tracks[(slug, key)]
         return out
 
     def _announce(
         self, rule: Rule, cond: Condition, track: _Track, step: int, severity: str, status: str
     ) -> Finding:
-        if not track.active:
+        starts = not track.active
+        if starts:
             track.first_step = step
             track.resolved_step = None
+            track.resolved_at = None
+            track.row = cond.layers
         track.active = True
         track.announced_score = cond.score
         track.announced_severity = severity
@@ -140,7 +172,7 @@ class RuleEngine:
         track.last_step = step
         track.layers = cond.layers
         track.severity = severity
-        self._record(rule, cond.key, track)
+        self._record(rule, cond.key, track, starts=starts)
         return Finding(
             code=rule.code,
             rule=rule.slug,
@@ -153,10 +185,13 @@ class RuleEngine:
             status=status,  # type: ignore[arg-type]
         )
 
-    def _record(self, rule: Rule, key: str, track: _Track) -> None:
+    def _record(self, rule: Rule, key: str, track: _Track, *, starts: bool = False) -> None:
+        """Bring the summary row of ``track``'s condition up to date; ``starts``: a new
+        episode begins (a first one, or the problem came back after it was resolved)."""
         if track.first_step is None:
             return
-        self._history_rows[(rule.slug, key, track.first_step)] = SummaryRow(
+        row_key = (rule.slug, key, track.row if track.row is not None else track.layers)
+        now = SummaryRow(
             code=rule.code,
             rule=rule.slug,
             severity=track.severity,
@@ -166,10 +201,24 @@ class RuleEngine:
             status="active" if track.active else "resolved",
             resolved_step=track.resolved_step,
         )
+        before = self._rows.pop(row_key, None)  # re-inserted last: the newest rows last
+        if before is not None:
+            now = replace(
+                now,
+                severity=max(before.severity, now.severity, key=severity_rank),
+                first_step=min(before.first_step, now.first_step),
+                episodes=before.episodes + (1 if starts else 0),
+            )
+        self._rows[row_key] = now
+        if len(self._rows) > MAX_SUMMARY_ROWS:
+            resolved = [k for k, row in self._rows.items() if row.status != "active"]
+            if resolved:  # insertion order: the first is the one least recently touched
+                del self._rows[resolved[0]]
 
     def summary(self) -> list[SummaryRow]:
-        """Every finding announced so far, as one row per episode, in order of first step."""
-        return sorted(self._history_rows.values(), key=lambda r: (r.first_step, r.code))
+        """One row per problem announced so far (repeated episodes merged), in order of
+        first step."""
+        return sorted(self._rows.values(), key=lambda r: (r.first_step, r.code))
 
     # -- checkpointing (Lightning resume) ----------------------------------------------
 
@@ -181,7 +230,8 @@ class RuleEngine:
                 for (slug, key), track in self._tracks.items()
             ],
             "summary": [
-                {"key": key, **asdict(row)} for (_, key, _), row in self._history_rows.items()
+                {"key": key, "row": list(row_layers), **asdict(row)}
+                for (_, key, row_layers), row in self._rows.items()
             ],
             "rules": {rule.slug: rule.state_dict() for rule in self.rules},
         }
@@ -193,14 +243,24 @@ class RuleEngine:
             item = dict(item)
             slug, key = item.pop("slug"), item.pop("key")
             item["layers"] = tuple(item.get("layers", ()))
+            if item.get("row") is not None:
+                item["row"] = tuple(item["row"])
             self._tracks[(slug, key)] = _Track(**item)
-        self._history_rows = {}
+        self._rows = {}
         for item in state.get("summary", []):
             item = dict(item)
             key = item.pop("key", "")
             item["layers"] = tuple(item.get("layers", ()))
+            row_layers = tuple(item.pop("row", None) or item["layers"])
             row = SummaryRow(**item)
-            self._history_rows[(row.rule, key, row.first_step)] = row
+            before = self._rows.get((row.rule, key, row_layers))
+            if before is not None:  # saved before episodes were merged: merge them now
+                row = replace(
+                    row,
+                    first_step=min(before.first_step, row.first_step),
+                    episodes=before.episodes + row.episodes,
+                )
+            self._rows[(row.rule, key, row_layers)] = row
         rule_states = state.get("rules", {})
         for rule in self.rules:
             if rule.slug in rule_states:

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import math
 
-from .base import Condition, Rule, RuleContext, format_layers, matrix_layers, median
+from .base import (
+    POSITIVE,
+    RATIO,
+    Condition,
+    Rule,
+    RuleContext,
+    format_layers,
+    greater_than,
+    matrix_layers,
+    median,
+    whole_at_least,
+)
 from .profile import gradient_profile, latest_param_rms, signal_profile
 
 
@@ -58,6 +69,15 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         "baseline_steps": "how many earlier monitored steps make the spike baseline",
         "min_baseline": "fewest earlier monitored steps before spikes are judged",
         "min_layers": "fewest weight layers for a depth comparison",
+    }
+    threshold_specs = {
+        "ratio": RATIO,
+        "update_ratio": POSITIVE,
+        "assumed_lr": POSITIVE,
+        "spike_factor": greater_than(1.0),
+        "baseline_steps": whole_at_least(1),
+        "min_baseline": whole_at_least(1, at_most="baseline_steps"),
+        "min_layers": whole_at_least(2),
     }
     window = 3
     worse_by = 1.0

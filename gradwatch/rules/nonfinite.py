@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from .base import Condition, Rule, RuleContext, format_layers
+from .base import POSITIVE, RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
 from .masked_rows import attention_origin
 from .masked_rows import describe as describe_attention
 
@@ -56,6 +56,11 @@ already NaN, restart from a checkpoint."""
         "skip_share": "share of recent steps a GradScaler skipped above which it fires",
         "skip_window": "steps over which the skipped share is counted (longer than a "
         "scaler's calibration at the start of training)",
+    }
+    threshold_specs = {
+        "min_loss_scale": POSITIVE,
+        "skip_share": RATIO,
+        "skip_window": whole_at_least(1),
     }
     window = 1
     clear_after = 3

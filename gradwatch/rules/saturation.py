@@ -6,11 +6,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..layers import SATURATING_KINDS, UNIT_ROW_KINDS
+from ..kinds import SATURATING_KINDS, UNIT_ROW_KINDS
 from .attention_saturation import DEFAULTS as ATTENTION_DEFAULTS
 from .attention_saturation import DOCS as ATTENTION_DOCS
 from .attention_saturation import AttentionSaturation
-from .base import Condition, Rule, RuleContext, format_layers
+from .base import (
+    POSITIVE,
+    RATIO,
+    SHARE,
+    Condition,
+    Rule,
+    RuleContext,
+    format_layers,
+    greater_than,
+    whole_at_least,
+)
 from .profile import gradient_profile
 
 # Beyond |x| ~ 4.6 the sigmoid's derivative is under 1% of its maximum (tanh: |x| ~ 3).
@@ -79,6 +89,14 @@ capping, which bound the logits."""
         "bypass_ratio": "early/late gradient RMS ratio at which a skip path is taken to carry "
         "the gradient past a saturated layer (the finding is then info)",
         **ATTENTION_DOCS,
+    }
+    threshold_specs = {
+        "fraction": SHARE,
+        "bypass_ratio": RATIO,
+        "attention_entropy": RATIO,
+        "attention_logit": POSITIVE,
+        "attention_start": whole_at_least(0),
+        "scale_ratio": greater_than(1.0),
     }
     window = 3
     worse_by = 0.2

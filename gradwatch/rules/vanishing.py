@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import math
 
-from ..layers import SATURATING_KINDS, SIGMOID, TANH
+from ..kinds import SATURATING_KINDS, SIGMOID, TANH
 from ..units import mostly_dead, recent_blockers
-from .base import Condition, Rule, RuleContext, format_layers
+from .base import RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
 from .profile import (
     FLOAT32_RESOLUTION,
     HE_GAIN,
     TANH_GAIN,
     Profile,
     activation_names,
+    find_cuts,
     gradient_profile,
     has_relu,
     init_gain,
@@ -37,6 +38,13 @@ stops a layer. It fires when the early/late ratio stays below `ratio` for `windo
 monitored steps, and is an error when the early updates are below float32 resolution
 (w - lr*g == w) or exactly zero.
 
+Vanishing fades: each layer gets a fraction of what the next one gets, so the layers
+next to an exactly-zero gradient are starved too (a 30-layer sigmoid stack has ~1e-21
+of the late gradient there). Where the gradient instead drops from normal to exactly
+zero at once, an operation blocks it (rounding, argmax, detach): those layers are
+reported as a blocked gradient under GW104, and only the layers after the cut are
+compared here.
+
 Why it matters: backpropagation multiplies one local derivative per layer. The
 sigmoid's derivative is at most 0.25, so 30 sigmoid layers scale the gradient by at
 most 0.25^30 ~ 8.7e-19: the first layers get nothing and never move. ReLU's derivative
@@ -54,6 +62,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
         "ratio": "early/late ratio of (median) gradient RMS below which it fires",
         "min_layers": "fewest weight layers for a depth comparison",
     }
+    threshold_specs = {"ratio": RATIO, "min_layers": whole_at_least(2)}
     window = 3
     worse_by = 2.0  # two more orders of magnitude
 
@@ -61,7 +70,10 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
         stats = ctx.stats
         if not all(s.grad_finite for s in stats):
             return None  # GW103's business
-        profile = gradient_profile(stats, int(self.t("min_layers")))
+        # Layers behind a cut get no gradient because an operation blocks it, not because
+        # it fades: that is GW104's finding; the layers after the cut are judged here.
+        cut_off = {name for cut in find_cuts(stats, ctx.recent(16)) for name in cut.blocked}
+        profile = gradient_profile(stats, int(self.t("min_layers")), skip=cut_off)
         if profile is None:
             return []
         if profile.late <= 0:

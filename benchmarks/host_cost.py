@@ -1,0 +1,198 @@
+"""What a monitored step costs, and what the steps in between cost, step by step.
+
+An LLM has 200-400 weight layers. What gradwatch adds to a step it measures grows with
+the number of modules (hooks, one statistic slot per parameter, the rules), not with their
+size, so the main cases here are ReLU MLPs of 50, 200 and 400 Linear layers that are narrow
+(width 32, batch 32): the arithmetic of a training step is small, and what remains is the
+per-module work that gradwatch and PyTorch do on the host. ``gpt2`` is the GPT-2-small-shaped
+model of benchmarks/overhead.py (12 blocks, 76 weight layers).
+
+Three copies of the model train in lockstep, one step each in turn, in rotating order (bare,
+gradwatch measuring every step, gradwatch with its defaults), each step timed in thread CPU
+time.
+Pairing single steps, rather than comparing blocks of steps, keeps a busy machine's drift
+out of the differences. Per case it reports:
+
+  bare step          median time of a plain training step
+  monitored adds     median of a monitored step minus the bare median, split into the
+                     time inside ``watcher.step()`` (statistics, transfer, rules) and the
+                     rest (the forward and backward hooks of the monitored step)
+  per layer          that extra per weight layer, in microseconds
+  in between adds    a not-monitored step of the default configuration minus bare
+  every step         ratio to bare when every step is measured
+  default            ratio to bare with the defaults (1 step in 15 measured; detail steps
+                     every 200, included at their share)
+
+Run:  python benchmarks/host_cost.py                 (about 4 minutes on 2 CPU cores)
+      python benchmarks/host_cost.py --cases mlp400 --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import gradwatch
+
+clock = time.thread_time
+
+
+def mlp(depth: int, width: int = 32) -> nn.Sequential:
+    """``depth`` Linear layers with ReLU between them, kaiming init (a healthy network)."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        linear = nn.Linear(width, 10 if i == depth - 1 else width)
+        nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if i < depth - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def mlp_case(depth: int) -> Callable[[], tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    def build():
+        return mlp(depth), (torch.randn(32, 32), torch.randint(0, 10, (32,)))
+
+    return build
+
+
+def gpt2_case() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from overhead import gpt2_case as overhead_gpt2
+
+    model, batch = overhead_gpt2()
+    return model, batch()
+
+
+CASES = {
+    "mlp50": mlp_case(50),
+    "mlp200": mlp_case(200),
+    "mlp400": mlp_case(400),
+    "gpt2": gpt2_case,
+}
+
+
+class Copy:
+    """One copy of the model and its optimizer, with or without a watcher."""
+
+    def __init__(self, model: nn.Module, every: int | None) -> None:
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        self.watcher = None
+        if every is not None:
+            options = {"every_n_steps": every} if every != 15 else {}
+            self.watcher = gradwatch.watch(model, reporters=[], optimizer=self.opt, **options)
+        self.count = 0
+        self.monitored: list[float] = []
+        self.between: list[float] = []
+        self.inside: list[float] = []
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
+        monitored = self.watcher is not None and self.watcher.is_monitored(self.count)
+        start = clock()
+        loss = F.cross_entropy(self.model(x), y)
+        self.opt.zero_grad()
+        loss.backward()
+        inside = 0.0
+        if self.watcher is not None:
+            before = clock()
+            self.watcher.step(self.count)
+            inside = clock() - before
+        self.count += 1
+        self.opt.step()
+        elapsed = clock() - start
+        if record:
+            (self.monitored if monitored else self.between).append(elapsed)
+            if monitored:
+                self.inside.append(inside)
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
+
+
+def measure(case: str, steps: int, warmup: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model, (x, y) = CASES[case]()
+    copies = [Copy(copy.deepcopy(model), None), Copy(copy.deepcopy(model), 1),
+              Copy(copy.deepcopy(model), 15)]
+    try:
+        for i in range(warmup + steps):
+            # Lockstep, so drift of the machine hits all three alike; the order rotates, so
+            # none always runs with the caches another one left.
+            for c in copies[i % 3 :] + copies[: i % 3]:
+                c.step(x, y, record=i >= warmup)
+    finally:
+        for c in copies:
+            c.close()
+    bare_copy, every_copy, default_copy = copies
+    bare = statistics.median(bare_copy.between)
+    monitored = statistics.median(every_copy.monitored)
+    inside = statistics.median(every_copy.inside)
+    between = statistics.median(default_copy.between)
+    default_monitored = statistics.median(default_copy.monitored)
+    layers = sum(1 for layer in every_copy.watcher.layers if layer.params)
+    extra = monitored - bare
+    return {
+        "case": case,
+        "weight_layers": layers,
+        "bare_ms": 1e3 * bare,
+        "monitored_extra_ms": 1e3 * extra,
+        "in_step_ms": 1e3 * inside,
+        "in_hooks_ms": 1e3 * (extra - inside),
+        "per_layer_us": 1e6 * extra / layers,
+        "between_extra_ms": 1e3 * (between - bare),
+        "every_step_ratio": monitored / bare,
+        "default_ratio": (14 * between + default_monitored) / 15 / bare,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="mlp50,mlp200,mlp400,gpt2")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per copy")
+    parser.add_argument("--warmup", type=int, default=45)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    results = []
+    for case in args.cases.split(","):
+        if case not in CASES:
+            parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+        results.append(measure(case, args.steps, args.warmup))
+        print(f"{case}: done", file=sys.stderr)
+    print(f"\ncost of gradwatch per step (torch {torch.__version__}, {args.threads} thread)\n")
+    print("| case | weight layers | bare step | monitored adds | in watcher.step() | in hooks "
+          "| per layer | in between adds | every step | default |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['case']} | {r['weight_layers']} | {r['bare_ms']:.2f} ms"
+            f" | {r['monitored_extra_ms']:.2f} ms | {r['in_step_ms']:.2f} ms"
+            f" | {r['in_hooks_ms']:.2f} ms | {r['per_layer_us']:.0f} us"
+            f" | {r['between_extra_ms']:+.2f} ms | {r['every_step_ratio']:.2f}x"
+            f" | {r['default_ratio']:.3f}x |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "torch": torch.__version__, "results": results},
+                      f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

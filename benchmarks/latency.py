@@ -1,0 +1,395 @@
+"""How many steps after a problem starts gradwatch reports it, for every rule scenario.
+
+Each scenario is one of the real training runs of ``tests/test_rules.py`` (plus the
+gradient-flow scenarios of ``tests/test_rules_flow.py``), run with default watcher
+settings. For a sick model the table gives the step at which the problem starts
+(onset: 0 when it is there from the first step, the injection step when it is injected)
+and the step of the first finding with the expected code; for a healthy model it gives
+the first warning or error of any code (there should be none).
+
+Run:  python benchmarks/latency.py                (about a minute on 2 CPU cores)
+      python benchmarks/latency.py --json         (one JSON object per scenario)
+      python benchmarks/latency.py --only moe     (scenarios whose name contains "moe")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' models
+
+import gradwatch
+from tests import zoo
+from tests.support import digits, mlp, train
+
+
+@dataclass
+class Scenario:
+    name: str
+    build: Callable[[], nn.Module]
+    #: the code of the expected finding; None for a healthy model (no warning or error)
+    expect: str | None
+    onset: int | None = 0
+    steps: int = 60
+    train: dict[str, Any] = field(default_factory=dict)
+    #: codes that must stay absent although others may appear (None: any alarm counts)
+    absent: tuple[str, ...] | None = None
+    #: a custom loop instead of tests.support.train: (model, watcher) -> onset
+    loop: Callable[[nn.Module, Any], int] | None = None
+    watch: dict[str, Any] = field(default_factory=dict)
+    #: training options that need the model or fresh data: model -> options
+    extra: Callable[[nn.Module], dict[str, Any]] | None = None
+
+
+def _inject_nan(step: int) -> Callable[[nn.Module], dict[str, Any]]:
+    def before_step_for(model: nn.Module) -> dict[str, Any]:
+        def inject(current: int) -> None:
+            if current == step:
+                with torch.no_grad():
+                    model[2].weight[0, 0] = float("nan")
+
+        return {"before_step": inject}
+
+    return before_step_for
+
+
+def _nan_in_data(model: nn.Module, watcher: Any) -> int:
+    """One poisoned sample in the data; onset: the first step whose batch draws it."""
+    x, y = digits()
+    x[5, 3] = float("nan")
+    generator = torch.Generator().manual_seed(0)
+    onset = next(
+        step
+        for step in range(10_000)
+        if (torch.randint(0, len(x), (64,), generator=generator) == 5).any()
+    )
+    train(model, watcher, steps=onset + 20, lr=0.05, x=x, y=y)
+    return onset
+
+
+def _zeroed_detached(model: nn.Module, watcher: Any) -> int:
+    """The detached branch with gradients that exist but stay zero (set_to_none=False)."""
+    x, y = digits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for p in model.aux.parameters():
+        p.grad = torch.zeros_like(p)
+    for step in range(60):
+        idx = torch.arange(step * 32, step * 32 + 32) % len(x)
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        watcher.step()
+        opt.step()
+    return 0
+
+
+def _moe_loss(model: nn.Module) -> dict[str, Any]:
+    def loss_fn(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, labels) + 0.1 * model.balance_loss
+
+    return {"loss_fn": loss_fn, "batch": 8}
+
+
+def _confident_sigmoid() -> nn.Module:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10), nn.Sigmoid())
+    with torch.no_grad():
+        model[2].weight.mul_(300.0)
+    return model
+
+
+def _bce(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    targets = (labels[:, None] == torch.arange(10)).float()
+    return nn.functional.binary_cross_entropy(out, targets)
+
+
+def _raw_pixels(model: nn.Module) -> dict[str, Any]:
+    x, y = digits(standardize=False)
+    return {"x": x * 16, "y": y}
+
+
+def scenarios() -> list[Scenario]:
+    tokens, labels = zoo.token_task()
+    x, y = digits()
+    return [
+        # -- sick: tests/test_rules.py
+        Scenario("deep sigmoid MLP (30)", lambda: mlp(30, nn.Sigmoid), "GW101", train={"lr": 0.1}),
+        Scenario(
+            "deep tanh MLP, small init",
+            lambda: mlp(12, nn.Tanh, std=0.05),
+            "GW101",
+            train={"lr": 0.1},
+        ),
+        Scenario(
+            "deep ReLU MLP, default init", lambda: mlp(30, nn.ReLU), "GW101", train={"lr": 0.1}
+        ),
+        Scenario(
+            "ReLU layer biased to -4",
+            lambda: zoo.relu_with_dead_layer(5, 2),
+            "GW201",
+            train={"lr": 0.05},
+        ),
+        Scenario(
+            "dead layer behind F.relu",
+            lambda: zoo.FunctionalReLU(5, dead_layer=2),
+            "GW201",
+            train={"lr": 0.05},
+        ),
+        Scenario(
+            "ReLU killed by Adam lr=0.1",
+            lambda: mlp(5, nn.ReLU, init="kaiming"),
+            "GW201",
+            steps=100,
+            train={"lr": 0.1, "optimizer": "adam"},
+        ),
+        Scenario(
+            "exploding init (std 1)",
+            lambda: mlp(8, nn.ReLU, std=1.0),
+            "GW102",
+            steps=30,
+            train={"lr": 0.01},
+        ),
+        Scenario(
+            "NaN weight injected at step 45",
+            lambda: mlp(4, nn.ReLU, init="kaiming"),
+            "GW103",
+            onset=45,
+            train={"lr": 0.05},
+            extra=_inject_nan(45),
+        ),
+        Scenario(
+            "NaN sample in the data",
+            lambda: mlp(4, nn.ReLU, init="kaiming"),
+            "GW103",
+            onset=None,
+            loop=_nan_in_data,
+        ),
+        Scenario("detached sub-network", zoo.Detached, "GW104", train={"lr": 0.05}),
+        Scenario("detached, zeroed grads", zoo.Detached, "GW104", loop=_zeroed_detached),
+        Scenario(
+            "raw 0-255 pixels, sigmoid",
+            lambda: mlp(3, nn.Sigmoid),
+            "GW202",
+            train={"lr": 0.05},
+            extra=_raw_pixels,
+        ),
+        # -- sick: tests/test_rules_flow.py
+        Scenario(
+            "round() bottleneck", lambda: zoo.Bottleneck("round"), "GW104", train={"lr": 0.05}
+        ),
+        Scenario(
+            "round() bottleneck, Adam",
+            lambda: zoo.Bottleneck("round"),
+            "GW104",
+            train={"lr": 1e-3, "optimizer": "adam"},
+        ),
+        Scenario(
+            "round() bottleneck, no hooks",
+            lambda: zoo.Bottleneck("round"),
+            "GW104",
+            train={"lr": 0.05},
+            watch={"activations": False},
+        ),
+        Scenario(
+            "argmax bottleneck", lambda: zoo.Bottleneck("argmax"), "GW104", train={"lr": 0.05}
+        ),
+        Scenario("int-cast bottleneck", lambda: zoo.Bottleneck("int"), "GW104", train={"lr": 0.05}),
+        Scenario(
+            "MoE, router never picks one",
+            lambda: zoo.TopOneMoE(8, router_bias=[0, 0, 0, 0, 0, -10, 0, 0]),
+            "GW104",
+            steps=700,
+            train={"lr": 0.05},
+            extra=_moe_loss,
+        ),
+        # -- healthy: tests/test_rules.py
+        Scenario(
+            "He-init ReLU MLP (8)",
+            lambda: mlp(8, nn.ReLU, init="kaiming"),
+            None,
+            steps=200,
+            train={"lr": 0.05},
+        ),
+        Scenario(
+            "He-init ReLU MLP (30)",
+            lambda: mlp(30, nn.ReLU, init="kaiming"),
+            None,
+            steps=100,
+            train={"lr": 0.01},
+        ),
+        Scenario(
+            "residual sigmoid MLP (30)",
+            lambda: zoo.ResidualMLP(30),
+            None,
+            steps=200,
+            train={"lr": 0.1},
+        ),
+        Scenario("BatchNorm ResNet CNN", zoo.SmallResNet, None, steps=100, train={"lr": 0.05}),
+        Scenario(
+            "transformer, Adam",
+            zoo.TinyTransformer,
+            None,
+            steps=150,
+            train={"lr": 1e-3, "optimizer": "adam", "x": tokens, "y": labels},
+        ),
+        Scenario(
+            "transformer, SGD",
+            zoo.TinyTransformer,
+            None,
+            steps=150,
+            train={"lr": 0.05, "x": tokens, "y": labels},
+        ),
+        Scenario("frozen backbone", zoo.FrozenBackbone, None, steps=100, train={"lr": 0.05}),
+        Scenario(
+            "converged logistic regression",
+            lambda: nn.Linear(64, 10),
+            None,
+            steps=400,
+            train={"lr": 0.5, "x": x, "y": y},
+        ),
+        Scenario("GELU MLP (4)", lambda: mlp(4, nn.GELU), None, steps=200, train={"lr": 0.1}),
+        Scenario(
+            "GELU MLP (6), He init",
+            lambda: mlp(6, nn.GELU, init="kaiming"),
+            None,
+            steps=200,
+            train={"lr": 0.1},
+        ),
+        Scenario(
+            "LeakyReLU MLP (8)",
+            lambda: mlp(8, nn.LeakyReLU, init="kaiming"),
+            None,
+            steps=200,
+            train={"lr": 0.05},
+        ),
+        Scenario(
+            "LeakyReLU, lr=0.5",
+            lambda: mlp(5, nn.LeakyReLU, init="kaiming"),
+            None,
+            steps=100,
+            train={"lr": 0.5},
+            absent=("GW201",),
+        ),
+        Scenario(
+            "sigmoid MLP (10), Adam",
+            lambda: mlp(10, nn.Sigmoid),
+            None,
+            train={"lr": 1e-3, "optimizer": "adam"},
+            absent=("GW101",),
+        ),
+        Scenario(
+            "confident sigmoid output",
+            _confident_sigmoid,
+            None,
+            train={"lr": 0.05, "loss_fn": _bce},
+            absent=("GW202",),
+        ),
+        # -- healthy: tests/test_rules_flow.py
+        Scenario(
+            "round() bottleneck with STE",
+            lambda: zoo.Bottleneck("round", ste=True),
+            None,
+            train={"lr": 0.05},
+        ),
+        Scenario(
+            "MoE, experts skip steps",
+            lambda: zoo.TopOneMoE(8),
+            None,
+            steps=300,
+            train={"lr": 0.05},
+            extra=_moe_loss,
+        ),
+    ]
+
+
+def run(scenario: Scenario) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = scenario.build()
+    watcher = gradwatch.watch(model, reporters=[], **scenario.watch)
+    started = time.perf_counter()
+    if scenario.loop is not None:
+        onset = scenario.loop(model, watcher)
+    else:
+        options = dict(scenario.train)
+        if scenario.extra is not None:
+            options.update(scenario.extra(model))
+        train(model, watcher, steps=scenario.steps, **options)
+        onset = scenario.onset if scenario.onset is not None else 0
+    watcher.close()
+    alarms = [
+        f for f in watcher.findings if f.severity in ("warning", "error") and f.status != "resolved"
+    ]
+    row: dict[str, Any] = {
+        "scenario": scenario.name,
+        "expected": scenario.expect or "silent",
+        "onset": onset if scenario.expect else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if scenario.expect:
+        first = next((f for f in alarms if f.code == scenario.expect), None)
+        row["first_finding"] = first.step if first else None
+        row["latency"] = first.step - onset if first else None
+        row["layers"] = list(first.layers[:3]) if first else []
+        others = [f for f in alarms if f.code != scenario.expect]
+    else:
+        watched = scenario.absent
+        others = [f for f in alarms if watched is None or f.code in watched]
+        row["first_finding"] = None
+        row["latency"] = None
+        row["layers"] = []
+    row["other_alarms"] = [f"{f.code}@{f.step}" for f in others[:4]]
+    return row
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = ["scenario", "expected", "onset", "first", "latency", "other alarms"]
+    lines = [head]
+    for r in rows:
+        lines.append(
+            [
+                r["scenario"],
+                r["expected"],
+                "-" if r["onset"] is None else str(r["onset"]),
+                "-" if r["first_finding"] is None else str(r["first_finding"]),
+                "-" if r["latency"] is None else str(r["latency"]),
+                ", ".join(r["other_alarms"]) or "-",
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON object per scenario")
+    parser.add_argument("--only", default="", help="run scenarios whose name contains this")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for scenario in scenarios():
+        if args.only.lower() not in scenario.name.lower():
+            continue
+        row = run(scenario)
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    if not args.json:
+        print(_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
