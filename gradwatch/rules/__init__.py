@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..validation import string_list, threshold_table
+from .attention_growth import AttentionLogitGrowth
 from .base import (
     ANY_NUMBER,
     PERSISTENCE,
@@ -23,7 +24,6 @@ from .base import (
     greater_than,
     whole_at_least,
 )
-from .attention_growth import AttentionLogitGrowth
 from .dead_units import DeadUnits
 from .engine import RuleEngine, SummaryRow
 from .exploding import ExplodingGradient

@@ -6,7 +6,15 @@ from __future__ import annotations
 import itertools
 import math
 
-from .base import Condition, Rule, RuleContext, format_layers
+from .base import (
+    POSITIVE,
+    Condition,
+    Rule,
+    RuleContext,
+    format_layers,
+    greater_than,
+    whole_at_least,
+)
 
 
 class AttentionLogitGrowth(Rule):
