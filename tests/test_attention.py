@@ -455,3 +455,37 @@ def test_hf_gpt2_usual_scale_is_silent_and_measured(implementation):
     attention = watcher.latest.attention
     assert set(attention) == {"transformer.h.0.attn", "transformer.h.1.attn"}
     assert all(a.entropy > 0.9 and a.scale_ratio == pytest.approx(1.0) for a in attention.values())
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_hf_trainer_callback_finds_the_wrong_scale_and_measures_the_usual_one(
+    implementation, tmp_path
+):
+    """The same capture runs under transformers.Trainer with gradwatch's callback."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer
+
+    from gradwatch.integrations.transformers import GradWatchCallback
+
+    from .dist_scripts.hf_models import trainer_args
+
+    tokens = zoo.copy_task()
+    data = [{"input_ids": row, "labels": row} for row in tokens[:512]]
+    for wrong_scale in (True, False):
+        watch = GradWatchCallback()
+        trainer = Trainer(
+            model=_gpt2(implementation, wrong_scale=wrong_scale),
+            args=trainer_args(tmp_path / str(wrong_scale), max_steps=45),
+            train_dataset=data,
+            callbacks=[watch],
+        )
+        trainer.train()
+        codes = [f.code for f in watch.findings if f.severity in ("warning", "error")]
+        attention = watch.watcher.latest.attention
+        assert set(attention) == {"transformer.h.0.attn", "transformer.h.1.attn"}
+        if wrong_scale:
+            assert codes and set(codes) == {"GW202"}, codes
+            assert watch.findings[0].evidence["scale_ratio"] == pytest.approx(64.0)
+        else:
+            assert codes == []
+            assert all(a.entropy > 0.9 for a in attention.values())
