@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import attention_sample as _attention
 from .distributed import Reducer
 from .layers import UNIT_ROW_KINDS, LayerInfo
 from .probes import ProbeRecord
@@ -77,6 +78,9 @@ class Layout:
     scaler: str | None = None
     #: the watched modules when this step was measured (the set can change mid-run)
     layers: list[LayerInfo] | None = None
+    #: attention calls measured (their sums follow the input norm, their largest logits
+    #: the extras)
+    attention: list[_attention.AttentionCall] = field(default_factory=list)
 
 
 def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -339,6 +343,10 @@ class Collector:
         has_input = record.input_norm is not None
         if record.input_norm is not None:
             sums.append(record.input_norm.to(device=home, dtype=_F64).square().reshape(1))
+        attention_sums, attention_max, attention = _attention.pack(
+            [call for call in record.attention if call.confirmed]
+        )
+        sums.extend(attention_sums)
         relu_units = [(i, record.unit_activity[i].numel()) for i in sorted(record.unit_activity)]
         masks.extend(record.unit_activity[i] for i, _ in relu_units)
         positive_units = [(i, int(record.positive[i].numel())) for i in sorted(record.positive)]
@@ -366,6 +374,7 @@ class Collector:
         mask_vec = _cat(masks, home) if masks else torch.zeros(0, device=home)
         max_parts = [maxima.to(_F64)] if maxima is not None else []
         max_parts += [e.detach().reshape(1).to(device=home, dtype=_F64) for e in extras or []]
+        max_parts += [m.to(device=home, dtype=_F64) for m in attention_max]
         max_vec = torch.cat(max_parts) if max_parts else torch.zeros(0, dtype=_F64, device=home)
         summed, count_vec, mask_vec, max_vec = self.reducer.reduce(
             summed, count_vec, mask_vec, max_vec
@@ -390,6 +399,7 @@ class Collector:
             n_extra=len(extras or []),
             layers=self.layers,
             aliases=self._alias_slots(slots),
+            attention=attention,
         )
         return packed, layout
 
@@ -518,12 +528,14 @@ def read(
     grad_sq = take(len(layout.grad_entries))
     sat = take(2 * len(layout.saturating))
     input_sq = take(1)[0] if layout.has_input else None
+    attention_sums = take(_attention.summed_length(layout.attention))
     out_numel = take(len(layout.out_entries))
     grad_numel = take(len(layout.grad_entries))
     act_numel = take(len(layout.saturating))
     input_numel = take(1)[0] if layout.has_input else 0.0
     maxes = take(layout.n_max)
     extras = take(layout.n_extra)
+    attention_max = take(len(layout.attention))
     packed_masks = bytes(map(int, values[pos:]))
     bit_pos = 0
     if layout.layers is not None:
@@ -666,4 +678,5 @@ def read(
         input_rms=_sqrt(input_sq / input_numel) if input_sq is not None and input_numel else None,
         detail=layout.detail,
         loss_scale=loss_scale,
+        attention=_attention.read_back(layout.attention, attention_sums, attention_max),
     )

@@ -29,6 +29,8 @@ from torch.nn.modules.module import (
     register_module_forward_pre_hook,
 )
 
+from .attention import AttentionCapture
+from .attention_sample import AttentionCall
 from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RELU, SIGMOID, TANH, LayerInfo
 
@@ -103,10 +105,11 @@ class ProbeRecord:
     input_norm: torch.Tensor | None = None  # the model's input, as the first module saw it
     input_numel: int = 0
     input_seen: bool = False  # the first module measured this step looked at its input
+    attention: list[AttentionCall] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not self.calls
+        return not self.calls and not self.attention
 
 
 def _accumulate(store: dict[int, torch.Tensor], index: int, value: torch.Tensor) -> None:
@@ -162,7 +165,9 @@ class Probes:
     never reach the watcher: the copy's modules are not in the table.
     """
 
-    def __init__(self, layers: list[LayerInfo], guard: Guard) -> None:
+    def __init__(
+        self, layers: list[LayerInfo], guard: Guard, root: nn.Module | None = None
+    ) -> None:
         self._layers = [layer for layer in layers if layer.probe]
         self._guard = guard
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -192,10 +197,16 @@ class Probes:
         # id(module) -> (module, hook), for the modules hooked in the current arming
         self._post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
         self._pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+        #: attention softmax statistics (see gradwatch.attention), armed with the hooks
+        self.attention = (
+            AttentionCapture(root, {layer.name for layer in layers}, guard, lambda: self.record)
+            if root is not None
+            else None
+        )
 
     @property
     def armed(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles) or (self.attention is not None and self.attention.armed)
 
     @property
     def armed_detail(self) -> bool:
@@ -230,6 +241,8 @@ class Probes:
             self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
         if post:
             self._handles.append(register_module_forward_hook(self._dispatch_post))
+        if self.attention is not None:
+            self.attention.arm(detail)
 
     def set_skip(self, indices: set[int]) -> None:
         """Change which activations go without a hook on steps without detail."""
@@ -244,6 +257,8 @@ class Probes:
             handle.remove()
         self._handles.clear()
         self._post, self._pre = {}, {}
+        if self.attention is not None:
+            self.attention.disarm()
 
     def take(self) -> ProbeRecord:
         """Hand over what was gathered and start afresh."""
@@ -253,6 +268,8 @@ class Probes:
 
     def shut_down(self, error: BaseException | None = None) -> None:
         self._off = True
+        if self.attention is not None:
+            self.attention.shut_down()
         self.disarm()
         self.record = ProbeRecord()
         if error is not None:

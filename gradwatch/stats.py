@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -139,6 +139,83 @@ class LayerStats:
         return cls(**{k: _from_json_number(v) for k, v in data.items() if k in known})
 
 
+#: A row of attention probabilities is saturated when its largest probability is above
+#: this: every derivative of the row's probabilities with respect to its logits is then
+#: below 0.01 (p_i (1 - p_i) < 0.0099; 4% of the 0.25 of a row split evenly between two
+#: keys), so almost no gradient reaches the queries and keys.
+SATURATED_PROBABILITY = 0.99
+#: A key whose logit is at or below this is masked (-inf, finfo.min, and the -1e4 / -1e9
+#: of additive masks); unmasked attention logits are orders of magnitude smaller.
+MASK_LEVEL = -5e3
+#: Rows with fewer unmasked keys are not judged: the first token of a causal sequence
+#: sees only itself, and a one-key row is one-hot by construction.
+MIN_KEYS = 2
+
+
+@dataclass(slots=True)
+class AttentionStats:
+    """Attention probabilities of one module at one monitored step.
+
+    ``name`` is the module that computed attention (the innermost module running the
+    softmax or ``scaled_dot_product_attention`` call); ``softmax`` names the
+    ``nn.Softmax`` module inside it when that computed the probabilities. Row statistics
+    come from a fixed sample of rows spread over batch entries, heads and query positions;
+    rows with fewer than ``MIN_KEYS`` unmasked keys are not judged.
+    """
+
+    name: str
+    softmax: str = ""
+    #: how the probabilities were computed: "softmax", "nn.Softmax",
+    #: "scaled_dot_product_attention"
+    via: str = ""
+    calls: int = 0
+    keys: int = 0  # keys per row (the largest call's)
+    rows: int = 0  # rows of all calls (batch x heads x queries)
+    sampled_rows: int = 0
+    judged_rows: int = 0  # sampled rows with at least MIN_KEYS unmasked keys
+    #: share of judged rows whose largest probability is above SATURATED_PROBABILITY
+    saturated_fraction: float | None = None
+    #: mean row entropy over its maximum, the log of the row's number of unmasked keys
+    #: (1: uniform attention; 0: one-hot)
+    entropy: float | None = None
+    #: largest |logit| among unmasked keys in the sampled rows
+    max_logit: float | None = None
+    #: share of sampled rows whose every key is masked
+    masked_row_fraction: float | None = None
+    #: detail steps (full counts): rows whose probabilities are NaN/Inf, rows whose logits
+    #: already were, rows whose every key is masked
+    nonfinite_rows: int | None = None
+    nonfinite_logit_rows: int | None = None
+    fully_masked_rows: int | None = None
+    #: the factor applied to q.k when it was seen (SDPA's scale, or a scalar product of
+    #: the scores), and the size of the q.k contraction (the head size)
+    scale: float | None = None
+    head_dim: int | None = None
+    #: place in forward order among the watched modules (detail steps)
+    depth: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The module, with its softmax module when there is one."""
+        name = self.name or "<root>"
+        return f"{name} ({self.softmax})" if self.softmax else name
+
+    @property
+    def scale_ratio(self) -> float | None:
+        """The scale over the usual 1/sqrt(head size) (1.0: the usual scale)."""
+        if self.scale is None or not self.head_dim:
+            return None
+        return self.scale * math.sqrt(self.head_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _json_number(v) for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttentionStats:
+        known = cls.__dataclass_fields__
+        return cls(**{k: _from_json_number(v) for k, v in data.items() if k in known})
+
+
 @dataclass
 class OptimizerInfo:
     """What the rules need to know about the optimizer (see :func:`gradwatch.optim.describe`)."""
@@ -178,6 +255,8 @@ class StepStats:
     trigger: str | None = None
     #: with a ``"surge"`` trigger: the sampled gradient norm over its recent median
     surge: float | None = None
+    #: attention probabilities per attention module (module name -> statistics)
+    attention: dict[str, AttentionStats] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers.values())
@@ -210,6 +289,11 @@ class StepStats:
             "trigger": self.trigger,
             "surge": _json_number(self.surge),
             "layers": {name: s.to_dict() for name, s in self.layers.items()},
+            **(
+                {"attention": {n: a.to_dict() for n, a in self.attention.items()}}
+                if self.attention
+                else {}
+            ),
         }
 
     @classmethod
@@ -229,6 +313,9 @@ class StepStats:
             loss_scale=_from_json_number(data.get("loss_scale")),
             trigger=data.get("trigger"),
             surge=_from_json_number(data.get("surge")),
+            attention={
+                n: AttentionStats.from_dict(v) for n, v in (data.get("attention") or {}).items()
+            },
         )
 
 

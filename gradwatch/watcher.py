@@ -200,13 +200,15 @@ class Watcher:
         self._guard = Guard()
         self._compiled = is_compiled(module)
         self._activations = activations and not self._compiled
-        self._probes = Probes(self.layers, self._guard) if self._activations else None
+        self._probes = (
+            Probes(self.layers, self._guard, root=self.module) if self._activations else None
+        )
         if self._compiled:
             self._guard.say_once(
                 "compiled",
                 "gradwatch: the model is torch.compile'd; forward hooks would force "
-                "recompilation, so activation statistics (ReLU activity, saturation, "
-                "signal norms, depth order) are off. Gradient statistics, dead units from "
+                "recompilation, so activation statistics (ReLU activity, saturation, attention "
+                "softmax, signal norms, depth order) are off. Gradient statistics, dead units from "
                 "weight-gradient rows and missing gradients are still measured.",
                 level=logging.WARNING,
             )
@@ -485,7 +487,7 @@ class Watcher:
         self._claim_new(self.layers)
         if self._probes is not None:
             self._probes.disarm()
-            self._probes = Probes(self.layers, self._guard)
+            self._probes = Probes(self.layers, self._guard, root=self.module)
             self._hook_remover()  # the finaliser now removes the new probes' hooks
         self._collector = Collector(self.layers, self._reducer)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())

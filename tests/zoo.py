@@ -140,6 +140,120 @@ class FrozenBackbone(nn.Module):
         return self.head(self.backbone(x))
 
 
+# -- causal transformers (attention tests) -----------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention written three ways: ``"module"`` (an nn.Softmax
+    module), ``"functional"`` (``torch.softmax`` on the scores) or ``"sdpa"``
+    (``F.scaled_dot_product_attention`` with ``scale=``). ``scale`` multiplies q.k; the
+    usual one is 1/sqrt(head size)."""
+
+    def __init__(
+        self, dim: int, heads: int, variant: str = "functional", scale: float | None = None
+    ):
+        super().__init__()
+        self.heads, self.head_dim, self.variant = heads, dim // heads, variant
+        self.scale = scale if scale is not None else self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        if variant == "module":
+            self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, x, key_padding: torch.Tensor | None = None):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.variant == "sdpa":
+            out = nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale
+            )
+        else:
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+            if key_padding is not None:  # True where the key is padding
+                scores = scores.masked_fill(key_padding[:, None, None, :], float("-inf"))
+            probs = self.softmax(scores) if self.variant == "module" else torch.softmax(scores, -1)
+            out = probs @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, variant: str, scale: float | None):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, variant, scale)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, key_padding=None):
+        x = x + self.attn(self.ln1(x), key_padding)
+        return x + self.mlp(self.ln2(x))
+
+
+class CausalLM(nn.Module):
+    """A small pre-LN causal language model (GPT-like)."""
+
+    def __init__(
+        self,
+        vocab: int = 64,
+        dim: int = 64,
+        heads: int = 4,
+        blocks: int = 2,
+        length: int = 32,
+        variant: str = "functional",
+        scale: float | None = None,
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(length, dim)
+        self.blocks = nn.ModuleList(CausalBlock(dim, heads, variant, scale) for _ in range(blocks))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens, key_padding=None):
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.embed(tokens) + self.pos(positions)
+        for block in self.blocks:
+            h = block(h, key_padding)
+        return self.head(self.ln(h))
+
+
+def copy_task(n: int = 512, vocab: int = 64, length: int = 32, seed: int = 0) -> torch.Tensor:
+    """Sequences whose second half repeats the first: attention must find the earlier copy."""
+    g = torch.Generator().manual_seed(seed)
+    half = torch.randint(1, vocab, (n, length // 2), generator=g)
+    return torch.cat([half, half], 1)
+
+
+def train_lm(
+    model, watcher, tokens, *, steps=45, lr=1e-3, batch=16, seed=0, autocast=None, key_padding=None
+):
+    """Next-token training with AdamW; ``watcher.step()`` between backward and the update."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(tokens), (batch,), generator=g)
+        x = tokens[idx]
+        pad = key_padding[idx, :-1] if key_padding is not None else None
+        kwargs = {} if pad is None else {"key_padding": pad}
+        if autocast is not None:
+            with torch.autocast("cpu", dtype=autocast):
+                logits = model(x[:, :-1], **kwargs)
+        else:
+            logits = model(x[:, :-1], **kwargs)
+        loss = nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
+        )
+        opt.zero_grad()
+        loss.backward()
+        if watcher is not None:
+            watcher.step(optimizer=opt, loss=loss)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 # -- gradient flow that stops by construction -------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..validation import string_list, threshold_table
+from .attention_growth import AttentionLogitGrowth
 from .base import (
     ANY_NUMBER,
     PERSISTENCE,
@@ -38,6 +39,7 @@ BUILTIN_RULES: tuple[type[Rule], ...] = (
     NoGradient,
     DeadUnits,
     SaturatedActivation,
+    AttentionLogitGrowth,
 )
 
 
@@ -189,6 +191,7 @@ __all__ = [
     "POSITIVE",
     "RATIO",
     "SHARE",
+    "AttentionLogitGrowth",
     "Condition",
     "DeadUnits",
     "ExplodingGradient",

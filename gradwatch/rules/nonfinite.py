@@ -6,6 +6,8 @@ import itertools
 import math
 
 from .base import POSITIVE, RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
+from .masked_rows import attention_origin
+from .masked_rows import describe as describe_attention
 
 
 class NonFiniteGradient(Rule):
@@ -24,6 +26,11 @@ finding names where it first appears, in forward order: poisoned weights, else t
 non-finite forward output, else (weights still finite) this step's batch or computation
 and the first layer it reached. It fires at once (no window): one NaN update poisons the
 weights for good.
+
+When it first appears in attention probabilities, the finding names the attention
+module (and its softmax) and counts the rows whose every key is masked: the softmax of
+a row of -inf is 0/0 (left padding under a causal mask, or a key-padding mask that
+covers every key a query may see).
 
 With fp16 and a loss scaler (watch(model, scaler=scaler), or step(scaler=...); the
 Lightning and Transformers callbacks pass theirs): Inf gradients at a step the scaler
@@ -80,6 +87,7 @@ already NaN, restart from a checkpoint."""
         if bad and all(s.grad_nonfinite == 0 for s in bad):
             return self._overflow(stats, bad)
         outputs = [s.name for s in ordered if s.output_nonfinite]
+        attention = None
         forward_seen = any(s.output_nonfinite is not None for s in ordered)
         names = [s.name for s in bad]
         counts = [s.grad_nonfinite for s in bad if s.grad_nonfinite is not None]
@@ -109,7 +117,13 @@ already NaN, restart from a checkpoint."""
         elif outputs:
             origin = outputs[0]
             evidence["first_nonfinite_output"] = origin
-            if evidence.get("input_nonfinite"):
+            attention = attention_origin(stats, origin)
+            if attention is not None and not evidence.get("input_nonfinite"):
+                # A softmax with NaN rows (fully masked rows, most often) is where it began.
+                where, hint, more = describe_attention(attention)
+                evidence.update(more)
+                origin = attention.name
+            elif evidence.get("input_nonfinite"):
                 hint = "The input batch itself holds NaN/Inf: clean the data (torch.isfinite)."
             else:
                 hint = (
@@ -149,7 +163,10 @@ already NaN, restart from a checkpoint."""
                 "where the loss divides or takes a log, or use loss scaling with fp16."
             )
         evidence["origin"] = origin
-        layers = ([origin] if origin else []) + [n for n in names if n != origin]
+        first = [origin] if origin else []
+        if attention is not None and attention.softmax:
+            first.append(attention.softmax)
+        layers = first + [n for n in names if n not in first]
         if bad:
             message = f"NaN/Inf gradient in {len(bad)} layer(s)"
             if counts:
@@ -160,6 +177,8 @@ already NaN, restart from a checkpoint."""
             message += "; the loss is NaN/Inf"
         if weights:
             message += f"; first appears in the weights of {origin}"
+        elif attention is not None:
+            message += f"; first appears in {where}"
         elif outputs:
             message += f"; first appears in the forward output of {origin}"
         elif not forward_seen and names:

@@ -1,9 +1,26 @@
-"""GW202 saturated-activation: most sigmoid/tanh outputs sit where the derivative is ~0."""
+"""GW202 saturated-activation: most sigmoid/tanh outputs sit where the derivative is ~0,
+or an attention softmax has collapsed onto few keys (see attention_saturation.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..kinds import SATURATING_KINDS, UNIT_ROW_KINDS
-from .base import RATIO, SHARE, Condition, Rule, RuleContext, format_layers
+from .attention_saturation import DEFAULTS as ATTENTION_DEFAULTS
+from .attention_saturation import DOCS as ATTENTION_DOCS
+from .attention_saturation import AttentionSaturation
+from .base import (
+    POSITIVE,
+    RATIO,
+    SHARE,
+    Condition,
+    Rule,
+    RuleContext,
+    format_layers,
+    greater_than,
+    whole_at_least,
+)
 from .profile import gradient_profile
 
 # Beyond |x| ~ 4.6 the sigmoid's derivative is under 1% of its maximum (tanh: |x| ~ 3).
@@ -14,7 +31,10 @@ class SaturatedActivation(Rule):
     code = "GW202"
     slug = "saturated-activation"
     severity = "warning"
-    summary = "most sigmoid/tanh outputs sit where the derivative is near 0"
+    summary = (
+        "most sigmoid/tanh outputs sit where the derivative is near 0, or attention "
+        "collapsed onto one key"
+    )
     explanation = """\
 What it measures: for each hidden nn.Sigmoid / nn.Tanh module (an output activation,
 with no weight layer after it, is not judged: a confident model saturates it, and with
@@ -34,18 +54,72 @@ lower the learning rate; in hidden layers prefer ReLU-family or GELU.
 
 When a skip path carries the gradient past the saturated layers (a residual network:
 the early layers still get at least `bypass_ratio` of the late layers' gradient RMS) and
-the saturation is not at the input, the finding is only info."""
-    defaults = {"fraction": 0.5, "bypass_ratio": 0.1}
+the saturation is not at the input, the finding is only info.
+
+Attention softmax (an nn.Softmax module, torch.softmax/F.softmax/Tensor.softmax
+whose probabilities weight the values, or F.scaled_dot_product_attention, as used by
+nn.MultiheadAttention and Hugging Face models): at each monitored step, on a fixed
+sample of rows spread over batch entries, heads and query positions, the mean row
+entropy as a share of its maximum (the log of the number of keys the row sees;
+masked keys and rows with fewer than 2 keys, such as the first token of a causal
+sequence, do not count), the share of rows whose largest probability is above 0.99
+(every derivative of such a row is below 0.01), and the largest |logit|. An
+attention module is reported, naming the module and its softmax, when its entropy is
+below `attention_entropy` for `window` monitored steps and either it was already so
+within `attention_start` steps of the start of training, before training could
+sharpen it (with the usual scale, attention starts close to uniform), with a factor
+on q.k at least `scale_ratio` times the usual 1/sqrt(head size) or a factor that was
+not seen (when it is known to be the usual one, as in a pretrained model fine-tuned
+from step 0, the sharpness was learned); or its largest logit is at least
+`attention_logit`, far more than a sharp row needs. Heads that a trained model
+sharpened on purpose (a previous-token head) are left alone.
+
+Why it matters: a collapsed softmax passes almost no gradient to the queries and
+keys, so attention stops learning and the loss plateaus (attention entropy collapse;
+the attention-logit growth of large transformer runs).
+
+How to fix it, in the order the evidence supports: the scale (q.k divided by
+sqrt(head size), not multiplied: the factor is shown when it was seen), the
+initialisation of the q/k projections, a learning rate that is too high or not
+warmed up, and QK normalisation (LayerNorm/RMSNorm on q and k) or logit soft-
+capping, which bound the logits."""
+    defaults = {"fraction": 0.5, "bypass_ratio": 0.1, **ATTENTION_DEFAULTS}
     threshold_docs = {
         "fraction": "share of saturated outputs above which a layer fires",
         "bypass_ratio": "early/late gradient RMS ratio at which a skip path is taken to carry "
         "the gradient past a saturated layer (the finding is then info)",
+        **ATTENTION_DOCS,
     }
-    threshold_specs = {"fraction": SHARE, "bypass_ratio": RATIO}
+    threshold_specs = {
+        "fraction": SHARE,
+        "bypass_ratio": RATIO,
+        "attention_entropy": RATIO,
+        "attention_logit": POSITIVE,
+        "attention_start": whole_at_least(0),
+        "scale_ratio": greater_than(1.0),
+    }
     window = 3
     worse_by = 0.2
 
+    def __init__(self, **thresholds: float) -> None:
+        super().__init__(**thresholds)
+        self._attention = AttentionSaturation()
+
     def check(self, ctx: RuleContext) -> list[Condition] | None:
+        activations = self._activations(ctx)
+        attention = self._attention.check(ctx, self.thresholds)
+        if activations is None and attention is None:
+            return None
+        return [*(activations or []), *(attention or [])]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"attention": self._attention.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._attention.load_state_dict(state.get("attention") or {})
+
+    def _activations(self, ctx: RuleContext) -> list[Condition] | None:
+        """Hidden sigmoid/tanh modules."""
         stats = ctx.stats
         ordered = stats.by_depth()
         # An output activation (no weight layer after it) saturates when the model is
