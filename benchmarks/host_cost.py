@@ -5,7 +5,8 @@ the number of modules (hooks, one statistic slot per parameter, the rules), not 
 size, so the main cases here are ReLU MLPs of 50, 200 and 400 Linear layers that are narrow
 (width 32, batch 32): the arithmetic of a training step is small, and what remains is the
 per-module work that gradwatch and PyTorch do on the host. ``gpt2`` is the GPT-2-small-shaped
-model of benchmarks/overhead.py (12 blocks, 76 weight layers).
+model of benchmarks/overhead.py (12 blocks, 76 weight layers); ``mlp``, ``cnn`` and
+``transformer`` are its other models (``--loss``: with ``watcher.step(loss=loss)``).
 
 Three copies of the model train in lockstep, one step each in turn, in rotating order (bare,
 gradwatch measuring every step, gradwatch with its defaults), each step timed in thread CPU
@@ -18,7 +19,10 @@ out of the differences. Per case it reports:
                      time inside ``watcher.step()`` (statistics, transfer, rules) and the
                      rest (the forward and backward hooks of the monitored step)
   per layer          that extra per weight layer, in microseconds
-  in between adds    a not-monitored step of the default configuration minus bare
+  in between adds    a not-monitored step of the default configuration minus bare (two
+                     copies of a model can differ by ~2%: this includes that)
+  of which in step() the time inside ``watcher.step()`` of a not-monitored step (the
+                     every-step sentinel), measured directly
   every step         ratio to bare when every step is measured
   default            ratio to bare with the defaults (1 step in 15 measured; detail steps
                      every 200, included at their share)
@@ -67,20 +71,31 @@ def mlp_case(depth: int) -> Callable[[], tuple[nn.Module, tuple[torch.Tensor, to
     return build
 
 
-def gpt2_case() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from overhead import gpt2_case as overhead_gpt2
+def overhead_case(name: str) -> Callable[[], tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    """A model of benchmarks/overhead.py, with its (fixed) batch."""
 
-    model, batch = overhead_gpt2()
-    return model, batch()
+    def build():
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from overhead import CASES as OVERHEAD_CASES
+
+        model, batch = OVERHEAD_CASES[name]()
+        return model, batch()
+
+    return build
 
 
 CASES = {
     "mlp50": mlp_case(50),
     "mlp200": mlp_case(200),
     "mlp400": mlp_case(400),
-    "gpt2": gpt2_case,
+    # the models of benchmarks/overhead.py
+    "mlp": overhead_case("mlp"),
+    "cnn": overhead_case("cnn"),
+    "transformer": overhead_case("transformer"),
+    "gpt2": overhead_case("gpt2"),
 }
+#: Pass the loss to watcher.step (the every-step sentinel then also checks it).
+PASS_LOSS = False
 
 
 class Copy:
@@ -97,6 +112,7 @@ class Copy:
         self.monitored: list[float] = []
         self.between: list[float] = []
         self.inside: list[float] = []
+        self.between_inside: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
         monitored = self.watcher is not None and self.watcher.is_monitored(self.count)
@@ -107,15 +123,17 @@ class Copy:
         inside = 0.0
         if self.watcher is not None:
             before = clock()
-            self.watcher.step(self.count)
+            if PASS_LOSS:
+                self.watcher.step(self.count, loss=loss)
+            else:
+                self.watcher.step(self.count)
             inside = clock() - before
         self.count += 1
         self.opt.step()
         elapsed = clock() - start
         if record:
             (self.monitored if monitored else self.between).append(elapsed)
-            if monitored:
-                self.inside.append(inside)
+            (self.inside if monitored else self.between_inside).append(inside)
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -141,6 +159,7 @@ def measure(case: str, steps: int, warmup: int) -> dict[str, float]:
     monitored = statistics.median(every_copy.monitored)
     inside = statistics.median(every_copy.inside)
     between = statistics.median(default_copy.between)
+    between_inside = statistics.median(default_copy.between_inside)
     default_monitored = statistics.median(default_copy.monitored)
     layers = sum(1 for layer in every_copy.watcher.layers if layer.params)
     extra = monitored - bare
@@ -153,6 +172,7 @@ def measure(case: str, steps: int, warmup: int) -> dict[str, float]:
         "in_hooks_ms": 1e3 * (extra - inside),
         "per_layer_us": 1e6 * extra / layers,
         "between_extra_ms": 1e3 * (between - bare),
+        "between_in_step_us": 1e6 * between_inside,
         "every_step_ratio": monitored / bare,
         "default_ratio": (14 * between + default_monitored) / 15 / bare,
     }
@@ -165,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=45)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--loss", action="store_true", help="watcher.step(loss=loss)")
     args = parser.parse_args(argv)
+    global PASS_LOSS
+    PASS_LOSS = args.loss
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -175,16 +198,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
         results.append(measure(case, args.steps, args.warmup))
         print(f"{case}: done", file=sys.stderr)
-    print(f"\ncost of gradwatch per step (torch {torch.__version__}, {args.threads} thread)\n")
+    loss = ", step(loss=)" if args.loss else ""
+    where = f"torch {torch.__version__}, {args.threads} thread{loss}"
+    print(f"\ncost of gradwatch per step ({where})\n")
     print("| case | weight layers | bare step | monitored adds | in watcher.step() | in hooks "
-          "| per layer | in between adds | every step | default |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| per layer | in between adds | of which in step() | every step | default |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['case']} | {r['weight_layers']} | {r['bare_ms']:.2f} ms"
             f" | {r['monitored_extra_ms']:.2f} ms | {r['in_step_ms']:.2f} ms"
             f" | {r['in_hooks_ms']:.2f} ms | {r['per_layer_us']:.0f} us"
-            f" | {r['between_extra_ms']:+.2f} ms | {r['every_step_ratio']:.2f}x"
+            f" | {r['between_extra_ms']:+.2f} ms | {r['between_in_step_us']:.0f} us"
+            f" | {r['every_step_ratio']:.2f}x"
             f" | {r['default_ratio']:.3f}x |"
         )
     if args.json:

@@ -116,6 +116,31 @@ def _raw_pixels(model: nn.Module) -> dict[str, Any]:
     return {"x": x * 16, "y": y}
 
 
+#: q.k * sqrt(head size) instead of / sqrt(head size): zoo.CausalLM has 16-wide heads
+_WRONG_SCALE = 4.0
+
+
+def _lm(steps: int = 45, **options: Any) -> Callable[[nn.Module, Any], int]:
+    """Next-token training of a zoo.CausalLM on the copy task (tests/test_attention.py)."""
+
+    def loop(model: nn.Module, watcher: Any) -> int:
+        tokens = zoo.copy_task(n=2048) if options.get("batch", 16) > 16 else zoo.copy_task()
+        zoo.train_lm(model, watcher, tokens, steps=steps, **options)
+        return 0
+
+    return loop
+
+
+def _left_padded(model: nn.Module, watcher: Any) -> int:
+    """Every 4th sequence left-padded by 5 tokens under a causal mask: rows with every key
+    masked from the first step."""
+    tokens = zoo.copy_task(n=64)
+    padding = torch.zeros(64, 32, dtype=torch.bool)
+    padding[::4, :5] = True
+    zoo.train_lm(model, watcher, tokens, steps=5, key_padding=padding)
+    return 0
+
+
 def scenarios() -> list[Scenario]:
     tokens, labels = zoo.token_task()
     x, y = digits()
@@ -209,6 +234,32 @@ def scenarios() -> list[Scenario]:
             steps=700,
             train={"lr": 0.05},
             extra=_moe_loss,
+        ),
+        # -- sick: tests/test_attention.py
+        *(
+            Scenario(
+                f"attention q.k x sqrt(d), {via}",
+                lambda variant=variant: zoo.CausalLM(variant=variant, scale=_WRONG_SCALE),
+                "GW202",
+                loop=_lm(),
+            )
+            for variant, via in [
+                ("module", "nn.Softmax"),
+                ("functional", "softmax"),
+                ("sdpa", "SDPA"),
+            ]
+        ),
+        Scenario(
+            "attention logits grow, lr 1e-2",
+            lambda: zoo.CausalLM(variant="sdpa"),
+            "GW203",
+            loop=_lm(steps=150, lr=1e-2, batch=32),
+        ),
+        Scenario(
+            "left padding + causal mask",
+            lambda: zoo.CausalLM(variant="functional"),
+            "GW103",
+            loop=_left_padded,
         ),
         # -- healthy: tests/test_rules.py
         Scenario(
@@ -306,6 +357,26 @@ def scenarios() -> list[Scenario]:
             steps=300,
             train={"lr": 0.05},
             extra=_moe_loss,
+        ),
+        # -- healthy: tests/test_attention.py
+        Scenario("causal LM, usual scale", lambda: zoo.CausalLM(variant="sdpa"), None, loop=_lm()),
+        Scenario(
+            "causal LM, 12 pre-LN blocks",
+            lambda: zoo.CausalLM(blocks=12, variant="sdpa"),
+            None,
+            loop=_lm(steps=46),
+        ),
+        Scenario(
+            "causal LM, bf16 autocast",
+            lambda: zoo.CausalLM(variant="functional"),
+            None,
+            loop=_lm(steps=46, batch=8, autocast=torch.bfloat16),
+        ),
+        Scenario(
+            "attention sharpened by training",
+            lambda: zoo.CausalLM(variant="functional"),
+            None,
+            loop=_lm(steps=166, lr=3e-3, batch=32),
         ),
     ]
 

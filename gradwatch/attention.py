@@ -58,6 +58,7 @@ from torch.overrides import (
 )
 
 from .attention_sample import AttentionCall, gather_rows, sample_plan, sdpa_logits
+from .forward_context import grad_enabled, in_backward, is_compiling
 from .guard import Guard
 from .stats import MASK_LEVEL
 
@@ -65,20 +66,6 @@ _F32 = torch.float32
 
 #: Calls measured per monitored step (beyond it, the first ones of the step).
 MAX_CALLS = 512
-
-
-def _never() -> bool:
-    return False
-
-
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
-_grad_enabled = torch.is_grad_enabled
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-
-
-def _in_backward() -> bool:
-    return _graph_task_id is not None and _graph_task_id() != -1
-
 
 # -- which torch functions matter ----------------------------------------------------
 
@@ -315,7 +302,7 @@ class AttentionCapture:
         if not stack:
             # A pass of our model starts: only training passes (gradients on) that are
             # neither traced by torch.compile nor recomputed by checkpointing.
-            if self._off or not _grad_enabled() or _is_compiling() or _in_backward():
+            if self._off or not grad_enabled() or is_compiling() or in_backward():
                 return None
             self._end_pass()  # a mode left behind by an earlier pass, if it can go
             self._discovering = self._detail or not self._discovered

@@ -31,6 +31,7 @@ from torch.nn.modules.module import (
 
 from .attention import AttentionCapture
 from .attention_sample import AttentionCall
+from .forward_context import grad_enabled, in_backward, is_compiling
 from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RELU, SIGMOID, TANH, LayerInfo
 
@@ -44,22 +45,6 @@ _MAX_ENTRIES = 8192
 _F32 = torch.float32
 _Tensor = torch.Tensor
 _ACTIVATION_KINDS = (RELU, SIGMOID, TANH)
-
-
-def _never() -> bool:
-    return False
-
-
-# Hooks must stay out of graphs that torch.compile is tracing.
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _never)
-_grad_enabled = torch.is_grad_enabled
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-
-
-def _in_backward() -> bool:
-    """True inside a backward pass: a forward hook then sees activation checkpointing
-    recompute its segment, not the model's own forward pass."""
-    return _graph_task_id is not None and _graph_task_id() != -1
 
 
 def _norm(values: torch.Tensor) -> torch.Tensor:
@@ -293,11 +278,11 @@ class Probes:
 
     def _make_order_hook(self, index: int) -> Callable[..., None]:
         def order_hook(module: nn.Module, args: Any) -> None:
-            if self._off or _is_compiling() or _in_backward():
+            if self._off or is_compiling() or in_backward():
                 return None
             try:
                 order = self.record.order
-                if not self.record.input_seen and _grad_enabled():
+                if not self.record.input_seen and grad_enabled():
                     self._note_input(args)
                 if index not in order:
                     order[index] = len(order)
@@ -319,17 +304,17 @@ class Probes:
         core = self._make_core_hook(layer) if kind in _ACTIVATION_KINDS else None
 
         def full_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._off or _is_compiling():
+            if self._off or is_compiling():
                 return None
             try:
                 record = self.record
-                recomputing = _in_backward()
+                recomputing = in_backward()
                 if not recomputing and index not in record.order:
                     # The forward order, also from a pass without gradients: reentrant
                     # activation checkpointing runs the forward under no_grad and the
                     # recomputation (in reverse block order) inside backward.
                     record.order[index] = len(record.order)
-                if not _grad_enabled() or (recomputing and index in record.calls):
+                if not grad_enabled() or (recomputing and index in record.calls):
                     return None  # no gradient will flow, or already measured this step
                 tensor = first_tensor(output)
                 if tensor is None or tensor.numel() == 0:
@@ -368,11 +353,11 @@ class Probes:
         upper = getattr(layer.module, "max_val", None) if kind == RELU else None
 
         def core_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._off or not _grad_enabled() or _is_compiling():
+            if self._off or not grad_enabled() or is_compiling():
                 return None
             try:
                 record = self.record
-                if index in record.calls and _in_backward():
+                if index in record.calls and in_backward():
                     return None  # recomputed by activation checkpointing: counted already
                 tensor = output if type(output) is _Tensor else first_tensor(output)
                 if tensor is None:
