@@ -31,6 +31,27 @@ def _rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def reflow(text: str) -> str:
+    r"""``text`` with each paragraph (and each "- " item) on one line, so the terminal
+    wraps it to its own width instead of breaking the source's short lines again.
+
+    >>> print(reflow("What it measures: a\nb.\n\n- one\n  item\n- two"))
+    What it measures: a b.
+    <BLANKLINE>
+    - one item
+    - two
+    """
+    out: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        # a line continues the one before unless a blank line or a "- " item starts anew
+        if out and out[-1] and stripped and not stripped.startswith("- "):
+            out[-1] = f"{out[-1]} {stripped}"
+        else:
+            out.append(stripped)
+    return "\n".join(out)
+
+
 def _explain(args: argparse.Namespace) -> int:
     try:
         cls = find_rule(args.rule)
@@ -39,7 +60,7 @@ def _explain(args: argparse.Namespace) -> int:
         return 2
     console = Console()
     console.print(f"[bold]{cls.code} {cls.slug}[/bold] ({cls.severity}): {cls.summary}\n")
-    console.print(cls.explanation, markup=False, highlight=False)
+    console.print(reflow(cls.explanation), markup=False, highlight=False)
     if cls.defaults:
         console.print("\n[bold]Thresholds[/bold] (override with thresholds={...} in watch()):")
         for name, value in cls.defaults.items():

@@ -1,5 +1,6 @@
 """`gradwatch rules` and `gradwatch explain`."""
 
+import itertools
 import subprocess
 import sys
 
@@ -35,6 +36,22 @@ def test_explain_by_code_or_slug(capsys, name):
 def test_explain_dead_units_mentions_functional_relu(capsys):
     assert main(["explain", "dead-units"]) == 0
     assert "F.relu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("code", ["GW101", "GW102", "GW104", "GW203"])
+def test_explain_wraps_to_the_terminal_not_to_the_source(capsys, monkeypatch, code):
+    """At 80 columns no line is a stub left over from re-wrapping the source's lines
+    (which are up to 88 characters): each paragraph flows to the terminal's width."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["explain", code]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    body = lines[2 : next(i for i, line in enumerate(lines) if line.startswith("Thresholds"))]
+    stubs = [
+        line
+        for line, following in itertools.pairwise(body)
+        if line and following and not following.startswith("- ") and len(line) < 60
+    ]
+    assert len(body) > 5 and stubs == [], stubs
 
 
 def test_explain_unknown_rule_is_a_clear_error(capsys):

@@ -26,7 +26,8 @@ class ExplodingGradient(Rule):
     severity = "warning"
     summary = "gradients grow with depth, dwarf the weights, or spike far above their recent level"
     explanation = """\
-What it measures, three ways (each must hold for `window` monitored steps):
+What it measures, four ways (each must hold for `window` monitored steps unless it says
+"at once"):
 - growth with depth: the backward signal (RMS of the gradient with respect to each
   weight layer's output; the weight-gradient RMS where that is not observed) in the
   first quarter of layers is more than 1/`ratio` times that of the last quarter;
