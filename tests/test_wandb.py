@@ -21,7 +21,7 @@ import gradwatch
 from gradwatch import Finding, GradwatchWarning, Reporter
 
 from .support import digits, mlp
-from .wandb_log import LogFormatError, read_run_log, read_table
+from .wandb_log import LogFormatError, offline_run, read_run_log, read_table
 
 wandb = pytest.importorskip("wandb")
 from gradwatch.integrations.wandb import WandbReporter  # noqa: E402
@@ -48,16 +48,6 @@ def _finish_leftover_run():
     yield
     if wandb.run is not None:
         wandb.finish()
-
-
-def offline_run(directory: Path, name: str):
-    return wandb.init(
-        project="gradwatch-tests",
-        name=name,
-        mode="offline",
-        dir=str(directory),
-        settings=wandb.Settings(silent=True, console="off"),
-    )
 
 
 def train_logging(

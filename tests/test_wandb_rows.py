@@ -24,7 +24,7 @@ import gradwatch
 from gradwatch import GradwatchWarning
 
 from .support import digits, mlp
-from .wandb_log import RunLog, read_run_log, read_table
+from .wandb_log import RunLog, offline_run, read_run_log, read_table
 
 wandb = pytest.importorskip("wandb")
 from gradwatch.integrations.wandb import WandbReporter  # noqa: E402
@@ -49,16 +49,6 @@ class Recorder(gradwatch.Reporter):
 
     def report(self, stats, findings):
         self.stats[stats.step] = stats
-
-
-def offline_run(directory: Path, name: str):
-    return wandb.init(
-        project="gradwatch-tests",
-        name=name,
-        mode="offline",
-        dir=str(directory),
-        settings=wandb.Settings(silent=True, console="off"),
-    )
 
 
 @dataclass(frozen=True)

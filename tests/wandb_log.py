@@ -94,6 +94,20 @@ class RunLog:
         ]
 
 
+def offline_run(directory: Path, name: str) -> Any:
+    """A real wandb run in offline mode, writing under ``directory`` (no server, no
+    console capture): what the tests log into and read back with :func:`read_run_log`."""
+    import wandb
+
+    return wandb.init(
+        project="gradwatch-tests",
+        name=name,
+        mode="offline",
+        dir=str(directory),
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+
+
 def read_chunks(path: str | Path) -> Iterator[bytes]:
     """The raw records (protobuf bytes) of a transaction log, reassembled from chunks."""
     data = Path(path).read_bytes()
