@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' model
 
 import gradwatch
 from tests import zoo
-from tests.support import digits, mlp, train
+from tests.support import digits, mlp, train, train_with_zeroed_aux_grads
 
 
 @dataclass
@@ -79,16 +79,7 @@ def _nan_in_data(model: nn.Module, watcher: Any) -> int:
 
 def _zeroed_detached(model: nn.Module, watcher: Any) -> int:
     """The detached branch with gradients that exist but stay zero (set_to_none=False)."""
-    x, y = digits()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for p in model.aux.parameters():
-        p.grad = torch.zeros_like(p)
-    for step in range(60):
-        idx = torch.arange(step * 32, step * 32 + 32) % len(x)
-        opt.zero_grad(set_to_none=False)
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        watcher.step()
-        opt.step()
+    train_with_zeroed_aux_grads(model, watcher, steps=60)
     return 0
 
 

@@ -101,6 +101,21 @@ def train(
     return losses
 
 
+def train_with_zeroed_aux_grads(model: nn.Module, watcher, *, steps: int) -> None:
+    """Train ``zoo.Detached`` on digits with ``zero_grad(set_to_none=False)`` and its
+    detached branch given gradients that exist but stay zero (never None)."""
+    x, y = digits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for p in model.aux.parameters():
+        p.grad = torch.zeros_like(p)
+    for step in range(steps):
+        idx = torch.arange(step * 32, step * 32 + 32) % len(x)
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        watcher.step()
+        opt.step()
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())

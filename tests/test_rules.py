@@ -11,7 +11,7 @@ from torch import nn
 import gradwatch
 
 from . import zoo
-from .support import accuracy, digits, mlp, train
+from .support import accuracy, digits, mlp, train, train_with_zeroed_aux_grads
 
 
 def _run(model, steps=60, **train_kwargs):
@@ -149,16 +149,7 @@ def test_detached_sub_network_gets_no_gradient():
 def test_detached_sub_network_with_zeroed_grads_is_also_found():
     model = zoo.Detached()
     watcher = gradwatch.watch(model, reporters=[])
-    x, y = digits()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for p in model.aux.parameters():  # grads that exist but stay zero
-        p.grad = torch.zeros_like(p)
-    for step in range(40):
-        idx = torch.arange(step * 32, step * 32 + 32) % len(x)
-        opt.zero_grad(set_to_none=False)
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        watcher.step()
-        opt.step()
+    train_with_zeroed_aux_grads(model, watcher, steps=40)
     watcher.close()
     assert set(_first(watcher, "GW104").layers) >= {"aux.0", "aux.2"}
 
