@@ -94,14 +94,12 @@ CASES = {
     "transformer": overhead_case("transformer"),
     "gpt2": overhead_case("gpt2"),
 }
-#: Pass the loss to watcher.step (the every-step sentinel then also checks it).
-PASS_LOSS = False
 
 
 class Copy:
     """One copy of the model and its optimizer, with or without a watcher."""
 
-    def __init__(self, model: nn.Module, every: int | None) -> None:
+    def __init__(self, model: nn.Module, every: int | None, pass_loss: bool = False) -> None:
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         self.watcher = None
@@ -109,6 +107,8 @@ class Copy:
             options = {"every_n_steps": every} if every != 15 else {}
             self.watcher = gradwatch.watch(model, reporters=[], optimizer=self.opt, **options)
         self.count = 0
+        #: pass the loss to watcher.step (the every-step sentinel then also checks it)
+        self.pass_loss = pass_loss
         self.monitored: list[float] = []
         self.between: list[float] = []
         self.inside: list[float] = []
@@ -123,7 +123,7 @@ class Copy:
         inside = 0.0
         if self.watcher is not None:
             before = clock()
-            if PASS_LOSS:
+            if self.pass_loss:
                 self.watcher.step(self.count, loss=loss)
             else:
                 self.watcher.step(self.count)
@@ -140,11 +140,10 @@ class Copy:
             self.watcher.close()
 
 
-def measure(case: str, steps: int, warmup: int) -> dict[str, float]:
+def measure(case: str, steps: int, warmup: int, pass_loss: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model, (x, y) = CASES[case]()
-    copies = [Copy(copy.deepcopy(model), None), Copy(copy.deepcopy(model), 1),
-              Copy(copy.deepcopy(model), 15)]
+    copies = [Copy(copy.deepcopy(model), every, pass_loss) for every in (None, 1, 15)]
     try:
         for i in range(warmup + steps):
             # Lockstep, so drift of the machine hits all three alike; the order rotates, so
@@ -187,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--loss", action="store_true", help="watcher.step(loss=loss)")
     args = parser.parse_args(argv)
-    global PASS_LOSS
-    PASS_LOSS = args.loss
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -196,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases.split(","):
         if case not in CASES:
             parser.error(f"unknown case {case!r}; choose from {', '.join(CASES)}")
-        results.append(measure(case, args.steps, args.warmup))
+        results.append(measure(case, args.steps, args.warmup, args.loss))
         print(f"{case}: done", file=sys.stderr)
     loss = ", step(loss=)" if args.loss else ""
     where = f"torch {torch.__version__}, {args.threads} thread{loss}"

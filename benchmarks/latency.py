@@ -111,11 +111,11 @@ def _raw_pixels(model: nn.Module) -> dict[str, Any]:
 _WRONG_SCALE = 4.0
 
 
-def _lm(steps: int = 45, **options: Any) -> Callable[[nn.Module, Any], int]:
+def _lm(steps: int = 45, sequences: int = 512, **options: Any) -> Callable[[nn.Module, Any], int]:
     """Next-token training of a zoo.CausalLM on the copy task (tests/test_attention.py)."""
 
     def loop(model: nn.Module, watcher: Any) -> int:
-        tokens = zoo.copy_task(n=2048) if options.get("batch", 16) > 16 else zoo.copy_task()
+        tokens = zoo.copy_task(n=sequences)
         zoo.train_lm(model, watcher, tokens, steps=steps, **options)
         return 0
 
@@ -244,7 +244,7 @@ def scenarios() -> list[Scenario]:
             "attention logits grow, lr 1e-2",
             lambda: zoo.CausalLM(variant="sdpa"),
             "GW203",
-            loop=_lm(steps=150, lr=1e-2, batch=32),
+            loop=_lm(steps=150, lr=1e-2, batch=32, sequences=2048),
         ),
         Scenario(
             "left padding + causal mask",
@@ -367,7 +367,7 @@ def scenarios() -> list[Scenario]:
             "attention sharpened by training",
             lambda: zoo.CausalLM(variant="functional"),
             None,
-            loop=_lm(steps=166, lr=3e-3, batch=32),
+            loop=_lm(steps=166, lr=3e-3, batch=32, sequences=2048),
         ),
     ]
 
