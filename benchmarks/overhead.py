@@ -36,7 +36,6 @@ import copy
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -267,11 +266,8 @@ CONFIG_TITLES = {
     "wandb.watch": '`wandb.watch(log="gradients", log_freq=1)`',
     "lightning": "Lightning `grad_norm` every step",
 }
-README_BLOCK = re.compile(
-    r"(?P<start><!-- gradwatch-bench:overhead -->\n)(?P<body>.*?)"
-    r"(?P<end><!-- /gradwatch-bench:overhead -->)",
-    re.DOTALL,
-)
+#: The README block the table is written to: <!-- gradwatch-bench:overhead --> ...
+README_BLOCK = ("bench", "overhead")
 #: Where ``--readme`` keeps the numbers the README's table is written from.
 RESULTS = Path(__file__).with_name("overhead.json")
 
@@ -328,15 +324,15 @@ def readme_table(results: dict) -> str:
 
 def write_readme(results: dict, readme: Path) -> None:
     """Keep ``results`` next to this file and rewrite the README's table from them."""
-    text = readme.read_text()
-    if not README_BLOCK.search(text):
-        raise SystemExit(
-            f"{readme} has no <!-- gradwatch-bench:overhead --> ... "
-            "<!-- /gradwatch-bench:overhead --> block to rewrite"
-        )
+    from gradwatch.demo.readme import replace_blocks
+
+    kind, name = README_BLOCK
+    try:
+        text = replace_blocks(readme.read_text(), {name: readme_table(results)}, kind)
+    except ValueError as error:
+        raise SystemExit(f"{readme}: {error}") from None
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    table = readme_table(results)
-    readme.write_text(README_BLOCK.sub(lambda m: m["start"] + table + m["end"], text))
+    readme.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

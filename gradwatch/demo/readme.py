@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import io
 import platform
 import re
@@ -44,11 +45,18 @@ if TYPE_CHECKING:
 BLOCKS = ("hero", "measured", "results")
 #: The panel is drawn for the narrowest terminal gradwatch draws for.
 HERO_WIDTH = 80
-_BLOCK = re.compile(
-    r"(?P<start><!-- gradwatch-demo:(?P<name>[a-z]+) -->\n)(?P<body>.*?)"
-    r"(?P<end><!-- /gradwatch-demo:(?P=name) -->)",
-    re.DOTALL,
-)
+#: Blocks of generated output in the README are marked ``<!-- gradwatch-KIND:NAME -->`` ...
+#: ``<!-- /gradwatch-KIND:NAME -->``: ``demo`` here, ``bench`` for benchmarks/overhead.py.
+DEMO = "demo"
+
+
+@functools.cache
+def _block_pattern(kind: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"(?P<start><!-- gradwatch-{kind}:(?P<name>[a-z]+) -->\n)(?P<body>.*?)"
+        rf"(?P<end><!-- /gradwatch-{kind}:(?P=name) -->)",
+        re.DOTALL,
+    )
 
 
 def machine() -> str:
@@ -93,25 +101,25 @@ def render(result: DemoResult, seed: int = DEFAULT_SEED) -> dict[str, str]:
     }
 
 
-def read_blocks(text: str) -> dict[str, str]:
-    """The demo blocks found in a README's text, by name."""
-    return {match["name"]: match["body"] for match in _BLOCK.finditer(text)}
+def read_blocks(text: str, kind: str = DEMO) -> dict[str, str]:
+    """The generated blocks of this ``kind`` found in a README's text, by name."""
+    return {match["name"]: match["body"] for match in _block_pattern(kind).finditer(text)}
 
 
-def replace_blocks(text: str, blocks: Mapping[str, str]) -> str:
+def replace_blocks(text: str, blocks: Mapping[str, str], kind: str = DEMO) -> str:
     """``text`` with each block's body replaced; a block missing from it is an error."""
-    missing = [name for name in blocks if name not in read_blocks(text)]
+    missing = [name for name in blocks if name not in read_blocks(text, kind)]
     if missing:
         raise ValueError(
             f"the README has no block(s) {', '.join(missing)}; mark each with "
-            "<!-- gradwatch-demo:NAME --> and <!-- /gradwatch-demo:NAME --> lines"
+            f"<!-- gradwatch-{kind}:NAME --> and <!-- /gradwatch-{kind}:NAME --> lines"
         )
 
     def body(match: re.Match[str]) -> str:
         new = blocks.get(match["name"], match["body"])
         return match["start"] + new + match["end"]
 
-    return _BLOCK.sub(body, text)
+    return _block_pattern(kind).sub(body, text)
 
 
 def table_columns(block: str, columns: Sequence[str]) -> list[tuple[str, ...]]:
