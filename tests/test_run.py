@@ -1,0 +1,213 @@
+"""``gradwatch run script.py``: unmodified scripts, each in a process of its own, and the
+attachment (optimizer hook, model finding) in this process."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.attach import Attachment
+from gradwatch.trained import optimizer_parameters, trained_models
+
+from .run_scripts import (
+    DEEP_SIGMOID,
+    GAN,
+    HEALTHY,
+    RAISES,
+    SELF_REPORT,
+    gradwatch_run,
+    python,
+    script,
+)
+
+FINDING_CODE = re.compile(r"\bGW\d{3}\b")
+
+
+@pytest.mark.slow
+def test_vanishing_gradient_is_found_and_the_scripts_exit_code_kept(tmp_path):
+    script(tmp_path, DEEP_SIGMOID)
+    proc = gradwatch_run(tmp_path, "--record", "runs/deep.jsonl", "train.py", "3")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "watching Sequential (21 layers with parameters), trained by SGD" in err
+    assert "GW101 vanishing-gradient" in err
+    # the summary comes after the findings, before the process ends
+    assert err.rindex("gradwatch summary") > err.index("GW101 vanishing-gradient")
+    assert "the script's finally block ran" in proc.stdout
+    record = gradwatch.read_record(tmp_path / "runs" / "deep.jsonl")
+    assert record.meta == {"model": "Sequential", "script": "train.py"}
+    assert [f.code for f in record.findings if f.status == "new"] == ["GW101"]
+    assert "0" in record.findings[0].layers
+    # the optimizer's second step (the first is where the model is found), then every 15th
+    assert [s.step for s in record.steps] == [1, 15, 30, 45]
+    assert record.summary and record.summary[0].code == "GW101"
+
+
+@pytest.mark.slow
+def test_a_healthy_script_is_silent_and_a_teacher_is_not_watched(tmp_path):
+    script(tmp_path, HEALTHY)
+    proc = gradwatch_run(tmp_path, "train.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained 60" in proc.stdout
+    assert not FINDING_CODE.search(proc.stderr), proc.stderr
+    assert proc.stderr.count("gradwatch: watching") == 1
+    assert "watching Student (4 layers with parameters), trained by Adam" in proc.stderr
+    assert "gradwatch summary: no findings" in proc.stderr
+
+
+@pytest.mark.slow
+def test_an_exception_keeps_its_traceback_and_exit_code_and_the_summary_is_printed(tmp_path):
+    script(tmp_path, RAISES)
+    alone = python(tmp_path, "train.py")
+    proc = gradwatch_run(tmp_path, "train.py")
+    assert alone.returncode == proc.returncode == 1
+    traceback = proc.stderr[proc.stderr.index("Traceback") :]
+    # the script's own frames, nothing of gradwatch or runpy
+    assert traceback == alone.stderr[alone.stderr.index("Traceback") :]
+    assert traceback.rstrip().endswith("RuntimeError: the data loader broke at step 5")
+    assert proc.stderr.index("gradwatch summary") < proc.stderr.index("Traceback")
+
+
+@pytest.mark.slow
+def test_sys_exit_and_argv_file_and_path_are_those_of_python_script_py(tmp_path):
+    script(tmp_path, SELF_REPORT, name="report_self.py")
+    args = ["report_self.py", "--lr", "0.1", "-h", "data dir"]
+    python(tmp_path, *args, SELF_REPORT=str(tmp_path / "alone.json"))
+    proc = gradwatch_run(tmp_path, *args, SELF_REPORT=str(tmp_path / "run.json"))
+    assert proc.returncode == 0, proc.stderr
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    ran = json.loads((tmp_path / "run.json").read_text())
+    assert ran["argv"][1:] == alone["argv"][1:] == ["--lr", "0.1", "-h", "data dir"]
+    assert ran["argv"][0] == str(tmp_path / "report_self.py")  # absolute, like __file__
+    for key in ("file", "name", "path0", "main_file"):
+        assert ran[key] == alone[key], key
+
+
+@pytest.mark.slow
+def test_a_gan_gets_a_watcher_per_model_and_findings_name_the_generator(tmp_path):
+    script(tmp_path, GAN)
+    proc = gradwatch_run(tmp_path, "--record", "gan.jsonl", "train.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "watching Discriminator (3 layers with parameters), trained by Adam" in err
+    assert "watching Generator (18 layers with parameters), trained by Adam" in err
+    # the finding is announced under the generator's name
+    named = err.index("gradwatch: in Generator:")
+    assert err.index("GW101 vanishing-gradient") > named
+    assert "in Discriminator" not in err
+    discriminator = gradwatch.read_record(tmp_path / "gan.jsonl")
+    generator = gradwatch.read_record(tmp_path / "gan.Generator.jsonl")
+    assert discriminator.meta["model"] == "Discriminator" and not discriminator.findings
+    assert generator.meta["model"] == "Generator"
+    assert [f.code for f in generator.findings] == ["GW101"]
+    assert "net.0" in generator.findings[0].layers
+
+
+@pytest.mark.slow
+def test_stop_on_ends_the_loop_with_the_reason_and_the_scripts_finally_blocks_run(tmp_path):
+    script(tmp_path, DEEP_SIGMOID, steps=200)
+    proc = gradwatch_run(tmp_path, "--stop-on", "GW101", "--every", "5", "train.py")
+    assert proc.returncode == 1
+    assert "the script's finally block ran" in proc.stdout
+    assert re.search(r"gradwatch stopped training at step \d+ \(stop_on=GW101\)", proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_wrong_options_are_refused_before_the_script_runs(tmp_path):
+    script(tmp_path, HEALTHY)
+    proc = gradwatch_run(tmp_path, "--select", "GW999", "train.py")
+    assert proc.returncode == 2
+    assert "GW999" in proc.stderr and "trained" not in proc.stdout
+
+
+# -- in this process: which models an optimizer trains ---------------------------------
+
+
+def _train(model: nn.Module, optimizers: list[torch.optim.Optimizer], steps: int) -> None:
+    for _ in range(steps):
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        for optimizer in optimizers:
+            optimizer.step()
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def test_a_compiled_model_is_watched_through_its_wrapper():
+    model = _mlp()
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with (
+        pytest.warns(gradwatch.GradwatchWarning, match="compile"),
+        Attachment(every_n_steps=2, reporters=lambda m: []) as attachment,
+    ):
+        _train(compiled, [optimizer], 5)
+        (watcher,) = attachment.watchers
+        assert watcher.module is model
+        assert [s.step for s in watcher.history] == [1, 2, 4]
+
+
+def test_a_ddp_model_is_watched_unwrapped(tmp_path):
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = _mlp()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        with Attachment(every_n_steps=2, reporters=lambda m: []) as attachment:
+            _train(ddp, [optimizer], 3)
+            (watcher,) = attachment.watchers
+            assert watcher.module is model
+            assert watcher.latest.layers["0"].grad_norm > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_optimizers_that_split_each_layer_share_one_watcher_of_the_whole_model():
+    model = _mlp()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    first, second = torch.optim.SGD(weights, lr=0.01), torch.optim.Adam(biases)
+    assert trained_models(optimizer_parameters(first), model.modules()) == [model]
+    with Attachment(every_n_steps=1, reporters=lambda m: []) as attachment:
+        _train(model, [first, second], 4)
+        (watcher,) = attachment.watchers
+        # stepped by the first optimizer only: one measurement per training step
+        assert [s.step for s in watcher.history] == [1, 2, 3]
+
+
+def test_a_model_the_script_watches_itself_is_left_to_its_watcher():
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    own = gradwatch.watch(model, reporters=[])
+    with Attachment(reporters=lambda m: []) as attachment:
+        _train(model, [optimizer], 3)
+        assert attachment.watchers == []
+    own.close()
+
+
+def test_a_failure_while_finding_the_model_never_reaches_training(monkeypatch):
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def broken(parameters):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr("gradwatch.attach.trained_models", broken)
+    with (
+        pytest.warns(gradwatch.GradwatchWarning, match="finding the model failed"),
+        Attachment(reporters=lambda m: []) as attachment,
+    ):
+        _train(model, [optimizer], 3)
+    assert attachment.watchers == []
