@@ -274,9 +274,15 @@ class _Session:
         self.stopped = stop.reason(matched.step, matched)
         raise StopTraining(self.stopped)
 
-    def _callback_options(self, name: str) -> dict[str, Any]:
+    def _callback_options(self, framework: str, name: str) -> dict[str, Any]:
         """Options for a Trainer's gradwatch callback (its reporters when files are asked for)."""
         options = self.options
+        if rank() == 0:
+            print(
+                f"gradwatch: watching the {framework} Trainer's model with GradWatchCallback",
+                file=sys.stderr,
+                flush=True,
+            )
         out: dict[str, Any] = {
             "every_n_steps": options.every,
             "select": options.select,

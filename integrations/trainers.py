@@ -30,13 +30,13 @@ _TRAINER_MODULES = {
     "transformers.trainer": "_add_transformers_callback",
 }
 
-#: ``name`` (the model's class) -> keyword arguments of ``GradWatchCallback``.
-CallbackOptions = Callable[[str], dict[str, Any]]
+#: ``(framework, model class name)`` -> keyword arguments of its ``GradWatchCallback``.
+CallbackOptions = Callable[[str, str], dict[str, Any]]
 
 
 def add_callback_to_trainers(options: CallbackOptions) -> Callable[[], None]:
     """Make every Lightning/Transformers Trainer built from now on carry gradwatch's
-    callback, made with ``options(model_class_name)``. Returns what undoes it."""
+    callback, made with ``options(framework, model_class_name)``. Returns what undoes it."""
     patches: list[Callable[[], None]] = []
 
     def patch(module: ModuleType, adder_name: str) -> None:
@@ -94,7 +94,7 @@ def _add_lightning_callback(trainer: Any, options: CallbackOptions) -> None:
     if any(isinstance(c, GradWatchCallback) for c in trainer.callbacks):
         return  # the script watches with its own options
     # The LightningModule is not known yet (it comes with fit()): name it by the script.
-    trainer.callbacks.append(GradWatchCallback(**options("LightningModule")))
+    trainer.callbacks.append(GradWatchCallback(**options("Lightning", "LightningModule")))
 
 
 def _add_transformers_callback(trainer: Any, options: CallbackOptions) -> None:
@@ -103,7 +103,7 @@ def _add_transformers_callback(trainer: Any, options: CallbackOptions) -> None:
     if any(isinstance(c, GradWatchCallback) for c in trainer.callback_handler.callbacks):
         return
     model = getattr(trainer, "model", None)
-    trainer.add_callback(GradWatchCallback(**options(_model_name(model))))
+    trainer.add_callback(GradWatchCallback(**options("Transformers", _model_name(model))))
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

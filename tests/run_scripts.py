@@ -181,3 +181,89 @@ def python(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess[
         text=True,
         timeout=300,
     )
+
+# Lightning: a deep sigmoid LightningModule, its metrics in a CSV log.
+LIGHTNING = """
+import torch, lightning as L
+from torch import nn
+from lightning.pytorch.loggers import CSVLogger
+
+class Deep(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        layers = []
+        for _ in range(20):
+            layers += [nn.Linear(32, 32), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers, nn.Linear(32, 10))
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+torch.manual_seed(0)
+data = torch.utils.data.TensorDataset(torch.randn(512, 32), torch.randint(0, 10, (512,)))
+trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=CSVLogger("logs", name="deep"),
+                    log_every_n_steps=15, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(Deep(), torch.utils.data.DataLoader(data, batch_size=32))
+print("callbacks:", ", ".join(type(c).__name__ for c in trainer.callbacks))
+"""
+
+# Transformers: a deep sigmoid nn.Module (returns {"loss": ...}) under the Trainer; the
+# script saves the Trainer's log history.
+TRANSFORMERS = """
+import json, torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+class Deep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layers = []
+        for _ in range(20):
+            layers += [nn.Linear(32, 32), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers, nn.Linear(32, 10))
+    def forward(self, x, labels):
+        return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
+
+torch.manual_seed(0)
+data = [{"x": x, "labels": y} for x, y in zip(torch.randn(512, 32), torch.randint(0, 10, (512,)))]
+args = TrainingArguments(output_dir="out", use_cpu=True, report_to=[], save_strategy="no",
+                         disable_tqdm=True, per_device_train_batch_size=32, logging_steps=15,
+                         max_steps=STEPS, learning_rate=0.1, optim="sgd", seed=0,
+                         dataloader_num_workers=0)
+trainer = Trainer(model=Deep(), args=args, train_dataset=data)
+trainer.train()
+with open("log_history.json", "w") as out:
+    json.dump(trainer.state.log_history, out)
+print("callbacks:", ", ".join(type(c).__name__ for c in trainer.callback_handler.callbacks))
+"""
+
+# A plain Accelerate loop (accelerate wraps the optimizer; its step calls the inner one).
+ACCELERATE = """
+import torch
+from torch import nn
+from accelerate import Accelerator
+
+torch.manual_seed(0)
+layers = []
+for _ in range(20):
+    layers += [nn.Linear(32, 32), nn.Sigmoid()]
+model = nn.Sequential(*layers, nn.Linear(32, 10))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+data = torch.utils.data.TensorDataset(torch.randn(512, 32), torch.randint(0, 10, (512,)))
+accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+model, optimizer, loader = accelerator.prepare(
+    model, optimizer, torch.utils.data.DataLoader(data, batch_size=32))
+for epoch in range(6):
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            loss = nn.functional.cross_entropy(model(x), y)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+print("optimizer:", type(optimizer).__name__)
+"""

@@ -211,3 +211,63 @@ def test_a_failure_while_finding_the_model_never_reaches_training(monkeypatch):
     ):
         _train(model, [optimizer], 3)
     assert attachment.watchers == []
+
+
+# -- Trainers: the callback is added to the Trainer the script builds ---------------------
+
+
+@pytest.mark.slow
+def test_a_lightning_script_gets_the_callback_and_its_csv_log_the_metrics(tmp_path):
+    pytest.importorskip("lightning")
+    import csv
+
+    from .run_scripts import LIGHTNING
+
+    script(tmp_path, LIGHTNING, steps=45)
+    proc = gradwatch_run(tmp_path, "--record", "lit.jsonl", "train.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "callbacks: GradWatchCallback" in proc.stdout
+    assert "watching the Lightning Trainer's model with GradWatchCallback" in proc.stderr
+    assert "gradwatch: watching LightningModule" not in proc.stderr  # not twice
+    assert "GW101 vanishing-gradient" in proc.stderr
+    rows = list(csv.DictReader((tmp_path / "logs/deep/version_0/metrics.csv").open()))
+    logged = [row for row in rows if row.get("gradwatch/global_grad_norm")]
+    assert [int(row["step"]) for row in logged] == [14, 29, 44]
+    assert float(logged[-1]["gradwatch/findings/GW101"]) == 1.0
+    record = gradwatch.read_record(tmp_path / "lit.jsonl")
+    assert [f.code for f in record.findings] == ["GW101"]
+
+
+@pytest.mark.slow
+def test_a_transformers_trainer_script_gets_the_callback_and_its_log_rows_the_metrics(tmp_path):
+    pytest.importorskip("transformers")
+    from .run_scripts import TRANSFORMERS
+
+    script(tmp_path, TRANSFORMERS, steps=45)
+    proc = gradwatch_run(tmp_path, "train.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("GradWatchCallback") == 1
+    assert "watching the Transformers Trainer's model with GradWatchCallback" in proc.stderr
+    assert "gradwatch: watching Deep" not in proc.stderr
+    assert "GW101 vanishing-gradient" in proc.stderr
+    rows = [r for r in json.loads((tmp_path / "log_history.json").read_text()) if "loss" in r]
+    assert [r["step"] for r in rows] == [15, 30, 45]
+    for row in rows:  # gradwatch's norm of the step, before clipping: the Trainer's own
+        assert row["gradwatch/global_grad_norm"] == pytest.approx(row["grad_norm"], rel=1e-5)
+    assert rows[-1]["gradwatch/findings/GW101"] == 1.0
+
+
+@pytest.mark.slow
+def test_an_accelerate_loop_is_watched_through_the_optimizer_hook_at_real_steps(tmp_path):
+    pytest.importorskip("accelerate")
+    from .run_scripts import ACCELERATE
+
+    script(tmp_path, ACCELERATE)
+    proc = gradwatch_run(tmp_path, "--record", "acc.jsonl", "train.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "optimizer: AcceleratedOptimizer" in proc.stdout
+    assert "watching Sequential (21 layers with parameters), trained by SGD" in proc.stderr
+    record = gradwatch.read_record(tmp_path / "acc.jsonl")
+    # 96 micro-batches, 2 per optimizer step: 48 real steps, counted 0..47
+    assert [s.step for s in record.steps] == [1, 15, 30, 45]
+    assert [f.code for f in record.findings] == ["GW101"]
