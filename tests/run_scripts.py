@@ -267,3 +267,25 @@ for epoch in range(6):
             optimizer.zero_grad()
 print("optimizer:", type(optimizer).__name__)
 """
+
+# Plain DDP over gloo, started by torchrun: a deep sigmoid net, each rank its own batch.
+DDP = """
+import os, torch, torch.distributed as dist
+from torch import nn
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+layers = []
+for _ in range(20):
+    layers += [nn.Linear(32, 32), nn.Sigmoid()]
+model = nn.parallel.DistributedDataParallel(nn.Sequential(*layers, nn.Linear(32, 10)))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+torch.manual_seed(1 + dist.get_rank())
+x, y = torch.randn(128, 32), torch.randint(0, 10, (128,))
+for step in range(STEPS):
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+print("rank", dist.get_rank(), "done")
+dist.destroy_process_group()
+"""

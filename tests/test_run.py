@@ -271,3 +271,31 @@ def test_an_accelerate_loop_is_watched_through_the_optimizer_hook_at_real_steps(
     # 96 micro-batches, 2 per optimizer step: 48 real steps, counted 0..47
     assert [s.step for s in record.steps] == [1, 15, 30, 45]
     assert [f.code for f in record.findings] == ["GW101"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_torchrun_every_rank_measures_and_rank_0_reports(tmp_path):
+    import subprocess
+    import sys
+
+    from .run_scripts import DDP, environment
+
+    script(tmp_path, DDP, steps=50)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.run(
+        [*launch, "-m", "gradwatch", "run", "--record", "ddp.jsonl", "train.py"],
+        cwd=tmp_path,
+        env=environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done") == 2  # both ranks ran to the end
+    assert proc.stderr.count("gradwatch: watching Sequential") == 1
+    assert proc.stderr.count("GW101 vanishing-gradient at step") == 1
+    assert proc.stderr.count("gradwatch summary") == 1
+    record = gradwatch.read_record(tmp_path / "ddp.jsonl")  # written by rank 0 alone
+    assert [s.step for s in record.steps] == [1, 15, 30, 45]
+    assert [f.code for f in record.findings] == ["GW101"]
