@@ -286,6 +286,7 @@ for step in range(STEPS):
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()
-print("rank", dist.get_rank(), "done")
+print("rank", dist.get_rank(), "done", flush=True)
+dist.barrier()
 dist.destroy_process_group()
 """
