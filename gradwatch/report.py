@@ -358,17 +358,19 @@ def _print_gradients(console: Console, record: Record) -> None:
 # -- figure -------------------------------------------------------------------------------
 
 
-def report_figure(record: Record) -> Any:
+def report_figure(record: Record, figure: Any = None) -> Any:
     """A matplotlib Figure: top, a heatmap of log10 gradient RMS (layers x monitored
     steps; exact zeros in grey); bottom, each layer's gradient norm over time (log
-    scale, coloured by depth). Finding steps are marked on both."""
+    scale, coloured by depth). Finding steps are marked on both. ``figure``: a Figure or
+    SubFigure to draw into (``gradwatch report A B --png`` puts two side by side)."""
     Figure = figure_class()
     import matplotlib
     from matplotlib.colors import Normalize
 
     layers = gradient_layers(record)
     steps = [s.step for s in record.steps]
-    figure = Figure(figsize=(10, 8), layout="constrained")
+    if figure is None:
+        figure = Figure(figsize=(10, 8), layout="constrained")
     heat_ax, norm_ax = figure.subplots(2, 1, sharex=True)
     grid = [[_log10(v) for v in series(record, name)] for name in layers]
     finite = [v for row in grid for v in row if v is not None and math.isfinite(v)]
@@ -448,6 +450,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``gradwatch report``."""
     parser.add_argument("record", metavar="RUN.jsonl", help="a file written by JsonlRecorder")
     parser.add_argument(
+        "other",
+        nargs="?",
+        metavar="OTHER.jsonl",
+        help="a second record: the two runs side by side (findings each way, per-layer "
+        "gradients at matching steps, the layers that changed most)",
+    )
+    parser.add_argument(
         "--png",
         metavar="FILE",
         help="draw a layers x steps heatmap of gradient RMS and the per-layer norms over "
@@ -457,6 +466,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``gradwatch report`` (wired in :mod:`gradwatch.cli`)."""
+    if getattr(args, "other", None) is not None:
+        from .compare import main as compare_main
+
+        return compare_main(args)
     path = args.record
     png = getattr(args, "png", None)
     try:
