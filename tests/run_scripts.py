@@ -290,3 +290,27 @@ print("rank", dist.get_rank(), "done", flush=True)
 dist.barrier()
 dist.destroy_process_group()
 """
+
+# The script's own W&B run (offline), logging its loss each step.
+WANDB = """
+import torch, wandb
+from torch import nn
+
+run = wandb.init(project="script", mode="offline", dir=".",
+                 settings=wandb.Settings(silent=True, console="off"))
+torch.manual_seed(0)
+layers = []
+for _ in range(20):
+    layers += [nn.Linear(32, 32), nn.Sigmoid()]
+model = nn.Sequential(*layers, nn.Linear(32, 10))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(256, 32), torch.randint(0, 10, (256,))
+for step in range(STEPS):
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    run.log({"loss": loss.item()})
+print("sync file:", run.settings.sync_file)
+run.finish()
+"""

@@ -304,3 +304,21 @@ def test_under_torchrun_every_rank_measures_and_rank_0_reports(tmp_path):
     record = gradwatch.read_record(tmp_path / "ddp.jsonl")  # written by rank 0 alone
     assert [s.step for s in record.steps] == [1, 15, 30, 45]
     assert [f.code for f in record.findings] == ["GW101"]
+
+
+@pytest.mark.slow
+def test_wandb_option_reports_into_the_scripts_own_run(tmp_path):
+    pytest.importorskip("wandb")
+    from .run_scripts import WANDB
+    from .wandb_log import read_run_log
+
+    script(tmp_path, WANDB)
+    proc = gradwatch_run(tmp_path, "--wandb", "train.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [row for row in proc.stdout.splitlines() if row.startswith("sync file:")]
+    log = read_run_log(tmp_path / line.split(":", 1)[1].strip())  # relative to the script
+    # the script's 60 rows stay its own; gradwatch's values ride in them
+    assert len(log.rows_with("loss")) == 60
+    steps = [value for _, value in log.series("gradwatch/step")]
+    assert steps[:4] == [1, 15, 30, 45]
+    assert [a.title for a in log.alerts] == ["GW101 vanishing-gradient"]
