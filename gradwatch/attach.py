@@ -12,6 +12,11 @@ Cost on a step: one dictionary look-up, then the watcher's own step (on steps th
 monitored, a counter). Models already watched (by a framework callback, or by the script's
 own ``gradwatch.watch``) are left to that watcher.
 
+A script that trains one model after another (a sweep) lets go of each optimizer when it
+moves on. When a new optimizer first steps, the watchers of optimizers that nothing but
+gradwatch still refers to are closed (their summary is printed then) and dropped, so
+their models can be freed.
+
 The first step of each optimizer is where its models are found, so it is not measured;
 the step after it is (its forward pass already runs with the watcher's hooks), then every
 ``every_n_steps``-th. Steps are numbered by the optimizer's own count from 0.
@@ -31,7 +36,9 @@ the step after it is (its forward pass already runs with the watcher's hooks), t
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -130,6 +137,7 @@ class Attachment:
                 self._on_findings(watcher, new)  # may raise: --stop-on ends the script
 
     def _attach(self, optimizer: torch.optim.Optimizer) -> list[Watcher]:
+        self._close_abandoned()
         watchers = []
         for model in trained_models(optimizer_parameters(optimizer)):
             owner = _owner(unwrap(model))
@@ -162,6 +170,36 @@ class Attachment:
                 type(optimizer).__name__,
             )
         return watchers
+
+
+    def _close_abandoned(self) -> None:
+        """Close the watchers of optimizers the script no longer holds (a sweep's last model)."""
+        for ref in self._driven.keyrefs():
+            driven = self._driven.get(ref()) if ref() is not None else None
+            if driven is None or not driven.watchers:
+                continue
+            if _only_watchers_hold(ref, driven.watchers):
+                for watcher in driven.watchers:
+                    self._guard.call("closing a watcher", watcher.close, default=None)
+                closed = {id(w) for w in driven.watchers}
+                self._watchers = [w for w in self._watchers if id(w) not in closed]
+                driven.watchers = []
+
+
+def _only_watchers_hold(ref: weakref.ref[Any], watchers: Sequence[Watcher]) -> bool:
+    """True when nothing refers to the optimizer but these watchers. Anything else that
+    holds it (a variable of the script or of a running function, an LR scheduler, a
+    wrapper) keeps its watchers open; a doubt keeps them open too."""
+    optimizer = ref()
+    if optimizer is None:
+        return False
+    holders = gc.get_referrers(optimizer)
+    # A running function's local variables are references the collector does not list:
+    # more references than listed holders (less this function's own two) means one.
+    if sys.getrefcount(optimizer) - 2 > len(holders):
+        return False
+    ours = {id(w.__dict__) for w in watchers}
+    return all(id(holder) in ours for holder in holders)
 
 
 def _first_step(step: int) -> bool:

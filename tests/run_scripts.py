@@ -111,20 +111,23 @@ class Discriminator(nn.Module):
     def forward(self, x):
         return self.net(x)
 
-G, D = Generator(), Discriminator()
-opt_g = torch.optim.Adam(G.parameters(), lr=1e-3)
-opt_d = torch.optim.Adam(D.parameters(), lr=1e-3)
-bce = nn.BCEWithLogitsLoss()
-for step in range(STEPS):
-    real = torch.randn(64, 2) * 0.5 + 2
-    fake = G(torch.randn(64, 8))
-    opt_d.zero_grad()
-    loss_d = bce(D(real), torch.ones(64, 1)) + bce(D(fake.detach()), torch.zeros(64, 1))
-    loss_d.backward()
-    opt_d.step()
-    opt_g.zero_grad()
-    bce(D(fake), torch.ones(64, 1)).backward()
-    opt_g.step()
+def main():  # the models and optimizers are a running function's local variables
+    G, D = Generator(), Discriminator()
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3)
+    bce = nn.BCEWithLogitsLoss()
+    for step in range(STEPS):
+        real = torch.randn(64, 2) * 0.5 + 2
+        fake = G(torch.randn(64, 8))
+        opt_d.zero_grad()
+        loss_d = bce(D(real), torch.ones(64, 1)) + bce(D(fake.detach()), torch.zeros(64, 1))
+        loss_d.backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        bce(D(fake), torch.ones(64, 1)).backward()
+        opt_g.step()
+
+main()
 """
 
 # Writes what Python told it about itself, to compare with a plain ``python script.py``.

@@ -103,6 +103,9 @@ def test_a_gan_gets_a_watcher_per_model_and_findings_name_the_generator(tmp_path
     discriminator = gradwatch.read_record(tmp_path / "gan.jsonl")
     generator = gradwatch.read_record(tmp_path / "gan.Generator.jsonl")
     assert discriminator.meta["model"] == "Discriminator" and not discriminator.findings
+    # both watched to the end (the optimizers are a running function's locals)
+    assert [s.step for s in discriminator.steps] == [s.step for s in generator.steps]
+    assert [s.step for s in discriminator.steps] == [1, 15, 30, 45]
     assert generator.meta["model"] == "Generator"
     assert [f.code for f in generator.findings] == ["GW101"]
     assert "net.0" in generator.findings[0].layers
@@ -322,3 +325,36 @@ def test_wandb_option_reports_into_the_scripts_own_run(tmp_path):
     steps = [value for _, value in log.series("gradwatch/step")]
     assert steps[:4] == [1, 15, 30, 45]
     assert [a.title for a in log.alerts] == ["GW101 vanishing-gradient"]
+
+
+def test_a_sweep_closes_each_finished_models_watcher_and_frees_the_model():
+    import gc
+    import weakref
+
+    models: list[weakref.ref[nn.Module]] = []
+
+    def trial() -> None:
+        model = _mlp()
+        models.append(weakref.ref(model))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10)
+        for _ in range(3):
+            _train(model, [optimizer], 1)
+            scheduler.step()
+
+    with Attachment(every_n_steps=1, reporters=lambda m: []) as attachment:
+        trial()
+        first = attachment.watchers[0]
+        trial()  # its first step closes the first trial's watcher
+        assert first.closed and [s.step for s in first.history] == [1, 2]
+        (second,) = attachment.watchers
+        assert not second.closed
+        del first
+        gc.collect()
+        assert models[0]() is None  # freed
+        # a model whose optimizer the script still holds stays watched
+        model = _mlp()
+        held = torch.optim.SGD(model.parameters(), lr=0.01)
+        _train(model, [held], 2)
+        trial()
+        assert len(attachment.watchers) == 2 and held is not None
