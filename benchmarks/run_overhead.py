@@ -51,10 +51,10 @@ def lockstep(depth: int, width: int, batch: int, steps: int) -> dict[str, float]
         if optimizer is optimizers["gradwatch run"]:
             original(optimizer, args, kwargs)
 
-    attached._handle.remove()
+    attached._handles[0].remove()
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    attached._handle = register_optimizer_step_pre_hook(only_ours)
+    attached._handles[0] = register_optimizer_step_pre_hook(only_ours)
     times: dict[str, list[float]] = {name: [] for name in nets}
     names = list(nets)
     for step in range(steps):

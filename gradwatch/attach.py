@@ -17,6 +17,10 @@ moves on. When a new optimizer first steps, the watchers of optimizers that noth
 gradwatch still refers to are closed (their summary is printed then) and dropped, so
 their models can be freed.
 
+An optimizer stepped with a closure (``optimizer.step(closure)``: LBFGS, Lightning's
+automatic optimization) computes the step's gradients inside ``step()``: its watchers are
+stepped from the matching post-hook instead, with those gradients in place.
+
 The first step of each optimizer is where its models are found, so it is not measured;
 the step after it is (its forward pass already runs with the watcher's hooks), then every
 ``every_n_steps``-th. Steps are numbered by the optimizer's own count from 0.
@@ -92,7 +96,9 @@ class Attachment:
         self._guard = Guard()
         self._driven: weakref.WeakKeyDictionary[Any, _Driven] = weakref.WeakKeyDictionary()
         self._watchers: list[Watcher] = []
-        self._handle: Any = None
+        self._handles: list[Any] = []
+        # Optimizers inside a step() whose closure computes the gradients: measured after.
+        self._in_closure_step: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @property
     def watchers(self) -> list[Watcher]:
@@ -100,17 +106,23 @@ class Attachment:
         return list(self._watchers)
 
     def start(self) -> Attachment:
-        if self._handle is None:
-            from torch.optim.optimizer import register_optimizer_step_pre_hook
+        if not self._handles:
+            from torch.optim.optimizer import (
+                register_optimizer_step_post_hook,
+                register_optimizer_step_pre_hook,
+            )
 
-            self._handle = register_optimizer_step_pre_hook(self._before_step)
+            self._handles = [
+                register_optimizer_step_pre_hook(self._before_step),
+                register_optimizer_step_post_hook(self._after_step),
+            ]
         return self
 
     def close(self) -> None:
-        """Remove the hook and close every watcher (each prints its summary)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks and close every watcher (each prints its summary)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         for watcher in self._watchers:
             self._guard.call("closing a watcher", watcher.close, default=None)
 
@@ -123,6 +135,17 @@ class Attachment:
     # -- the hook ---------------------------------------------------------------------
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if kwargs.get("closure", args[0] if args else None) is not None:
+            self._in_closure_step.add(optimizer)  # its gradients are not computed yet
+            return
+        self._step(optimizer)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._in_closure_step and optimizer in self._in_closure_step:
+            self._in_closure_step.discard(optimizer)
+            self._step(optimizer)
+
+    def _step(self, optimizer: torch.optim.Optimizer) -> None:
         driven = self._driven.get(optimizer)
         if driven is None:
             watchers = self._guard.call("finding the model", self._attach, optimizer, default=[])

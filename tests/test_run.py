@@ -358,3 +358,27 @@ def test_a_sweep_closes_each_finished_models_watcher_and_frees_the_model():
         _train(model, [held], 2)
         trial()
         assert len(attachment.watchers) == 2 and held is not None
+
+
+def test_a_closure_step_is_measured_after_its_closure_computed_the_gradients():
+    torch.manual_seed(0)
+    model = _mlp()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2)
+    x = torch.randn(16, 8)
+    seen: list[float] = []
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        first = model[0]  # the layer's gradient norm: weight and bias together
+        seen.append(float(torch.cat([first.weight.grad.flatten(), first.bias.grad]).norm()))
+        return loss
+
+    with Attachment(every_n_steps=1, reporters=lambda m: []) as attachment:
+        for _ in range(3):
+            optimizer.step(closure)
+        (watcher,) = attachment.watchers
+        # the gradients the step's last closure call left, not the previous step's
+        assert watcher.latest.step == 2
+        assert watcher.latest.layers["0"].grad_norm == pytest.approx(seen[-1], rel=1e-5)
