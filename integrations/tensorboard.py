@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradwatch.findings import Finding
+from gradwatch.guard import short_error, warn_user
 from gradwatch.reporters.base import Reporter
 from gradwatch.reporters.jsonl import Record
 from gradwatch.reporters.metrics import DEFAULT_STATS, LayerSelection, check_stats, global_metrics
@@ -115,12 +116,11 @@ class TensorBoardReporter(Reporter):
                 f"got {type(writer).__name__}"
             )
         self.prefix = prefix.strip("/")
-        self.figure = bool(figure)
+        self.figure = bool(figure) and _matplotlib_installed()
         self._layers = LayerSelection(stats, max_layers)
         self._counts: Counter[str] = Counter()
         self._recent: list[StepStats] = []
         self._findings: list[Finding] = []
-        self._figure_failed = False
 
     def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
         step = stats.step
@@ -154,19 +154,29 @@ class TensorBoardReporter(Reporter):
         self._findings = [f for f in self._findings if f.step >= oldest]
 
     def _draw(self, step: int) -> None:
-        if self._figure_failed:
-            return
-        from gradwatch.demo.extras import MissingExtra
+        from gradwatch.report import report_figure
 
         try:
-            from gradwatch.report import report_figure
-
             record = Record(steps=list(self._recent), findings=list(self._findings))
             image = _pixels(report_figure(record))
-        except (ImportError, MissingExtra):  # no matplotlib: scalars and text only
-            self._figure_failed = True
+        except Exception as error:  # the figure is an extra: scalars and text go on
+            self.figure = False
+            reason = short_error(error)
+            warn_user(f"gradwatch: the TensorBoard gradient-flow figure is off ({reason})")
             return
         self.writer.add_image(f"{self.prefix}/gradient_flow", image, step, dataformats="HWC")
+
+
+def _matplotlib_installed() -> bool:
+    """Imports matplotlib now, while the watcher is set up, rather than inside a training
+    step when the first finding comes."""
+    from gradwatch.demo.extras import MissingExtra, figure_class
+
+    try:
+        figure_class()
+    except MissingExtra:
+        return False
+    return True
 
 
 def _pixels(figure: Any) -> Any:

@@ -125,3 +125,21 @@ def test_gradwatch_run_tensorboard_writes_the_unmodified_scripts_statistics(tmp_
     tb = events(tmp_path / "tb")
     assert [e.step for e in tb.Scalars("gradwatch/grad_rms/0")] == [1, 15, 30, 45]
     assert any("GW101" in text for _, text in texts(tb, "gradwatch/findings"))
+
+
+@pytest.mark.slow
+def test_a_failing_figure_is_switched_off_and_the_scalars_go_on(tmp_path, monkeypatch):
+    def broken(record, figure=None):
+        raise RuntimeError("simulated drawing failure")
+
+    monkeypatch.setattr("gradwatch.report.report_figure", broken)
+    model = mlp(20, nn.Sigmoid)
+    reporter = TensorBoardReporter(tmp_path)
+    watcher = gradwatch.watch(model, every_n_steps=1, reporters=[reporter])
+    with pytest.warns(gradwatch.GradwatchWarning, match="figure is off"):
+        train(model, watcher, 8)
+    watcher.close()
+    assert not reporter.figure and any(f.code == "GW101" for f in watcher.findings)
+    tb = events(tmp_path)
+    assert [e.step for e in tb.Scalars("gradwatch/grad_rms/0")] == list(range(8))
+    assert tb.Tags()["images"] == []
