@@ -141,6 +141,10 @@ class RunOptions:
             "layers": self.layers,
             "exclude": self.exclude,
         }
+        if not every_rank_runs_gradwatch():
+            # Processes the script starts itself run it without gradwatch: statistics
+            # combined across ranks would wait for them forever. Each keeps its own.
+            options["sync"] = False
         if self.every is not None:
             options["every_n_steps"] = self.every
         return options
@@ -195,6 +199,14 @@ def numbered(path: str, index: int, name: str) -> str:
         return path
     base, suffix = os.path.splitext(path)
     return f"{base}.{name}{suffix}"
+
+
+def every_rank_runs_gradwatch() -> bool:
+    """True when a launcher (``torchrun``, ``accelerate launch``) started this process as
+    one rank of several, each running ``gradwatch run``. Otherwise any other process of
+    the training is one the script starts itself (Lightning's ``strategy="ddp"`` from a
+    plain ``python`` command, ``torch.multiprocessing.spawn``), without gradwatch."""
+    return "RANK" in os.environ and "LOCAL_RANK" in os.environ
 
 
 def rank() -> int:
@@ -274,9 +286,22 @@ class _Session:
         self.stopped = stop.reason(matched.step, matched)
         raise StopTraining(self.stopped)
 
-    def _callback_options(self, framework: str, name: str) -> dict[str, Any]:
-        """Options for a Trainer's gradwatch callback (its reporters when files are asked for)."""
+    def _callback_options(self, framework: str, name: str, processes: int) -> dict[str, Any] | None:
+        """Options for a Trainer's gradwatch callback (its reporters when files are asked
+        for); ``None`` when the Trainer will start processes that run without gradwatch."""
         options = self.options
+        if processes > 1 and not every_rank_runs_gradwatch():
+            from .guard import warn_user
+
+            warn_user(
+                f"gradwatch run: this {framework} Trainer trains in {processes} processes and "
+                "starts the others itself, without gradwatch, so its callback is not added "
+                "(its statistics are combined across ranks). Launch every process under "
+                f"gradwatch: torchrun --nproc-per-node={processes} -m gradwatch run "
+                f"{os.path.basename(self.options.script)} ... Until then only this process's "
+                "optimizer steps are watched, with its own statistics."
+            )
+            return None
         if rank() == 0:
             print(
                 f"gradwatch: watching the {framework} Trainer's model with GradWatchCallback",
@@ -291,7 +316,7 @@ class _Session:
             "exclude": options.exclude,
             "stop_on": options.stop_on,
         }
-        if options.extra_reporters:
+        if options.extra_reporters and rank() == 0:  # the other ranks report nothing
             self._names.append(name)
             out["reporters"] = options.reporters(name, len(self._names) - 1)
         return out

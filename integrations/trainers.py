@@ -30,13 +30,15 @@ _TRAINER_MODULES = {
     "transformers.trainer": "_add_transformers_callback",
 }
 
-#: ``(framework, model class name)`` -> keyword arguments of its ``GradWatchCallback``.
-CallbackOptions = Callable[[str, str], dict[str, Any]]
+#: ``(framework, model class name, number of processes)`` -> keyword arguments of its
+#: ``GradWatchCallback``, or ``None``: add none.
+CallbackOptions = Callable[[str, str, int], "dict[str, Any] | None"]
 
 
 def add_callback_to_trainers(options: CallbackOptions) -> Callable[[], None]:
     """Make every Lightning/Transformers Trainer built from now on carry gradwatch's
-    callback, made with ``options(framework, model_class_name)``. Returns what undoes it."""
+    callback, made with ``options(framework, model_class_name, processes)``. Returns what
+    undoes it."""
     patches: list[Callable[[], None]] = []
 
     def patch(module: ModuleType, adder_name: str) -> None:
@@ -93,8 +95,10 @@ def _add_lightning_callback(trainer: Any, options: CallbackOptions) -> None:
 
     if any(isinstance(c, GradWatchCallback) for c in trainer.callbacks):
         return  # the script watches with its own options
-    # The LightningModule is not known yet (it comes with fit()): name it by the script.
-    trainer.callbacks.append(GradWatchCallback(**options("Lightning", "LightningModule")))
+    # The LightningModule is not known yet (it comes with fit()).
+    chosen = options("Lightning", "LightningModule", int(getattr(trainer, "world_size", 1)))
+    if chosen is not None:
+        trainer.callbacks.append(GradWatchCallback(**chosen))
 
 
 def _add_transformers_callback(trainer: Any, options: CallbackOptions) -> None:
@@ -103,7 +107,10 @@ def _add_transformers_callback(trainer: Any, options: CallbackOptions) -> None:
     if any(isinstance(c, GradWatchCallback) for c in trainer.callback_handler.callbacks):
         return
     model = getattr(trainer, "model", None)
-    trainer.add_callback(GradWatchCallback(**options("Transformers", _model_name(model))))
+    processes = int(getattr(trainer.args, "world_size", 1))
+    chosen = options("Transformers", _model_name(model), processes)
+    if chosen is not None:
+        trainer.add_callback(GradWatchCallback(**chosen))
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -382,3 +382,28 @@ def test_a_closure_step_is_measured_after_its_closure_computed_the_gradients():
         # the gradients the step's last closure call left, not the previous step's
         assert watcher.latest.step == 2
         assert watcher.latest.layers["0"].grad_norm == pytest.approx(seen[-1], rel=1e-5)
+
+
+def test_a_trainer_that_starts_its_own_processes_gets_no_callback_that_would_wait_for_them(
+    tmp_path, monkeypatch
+):
+    from gradwatch.cli import build_parser
+    from gradwatch.run import RunOptions, _Session
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    (tmp_path / "train.py").write_text("")
+    args = build_parser().parse_args(["run", "--every", "5", str(tmp_path / "train.py")])
+    session = _Session(RunOptions(args))
+    # one process: the callback, with the command line's options
+    assert session._callback_options("Lightning", "LightningModule", 1)["every_n_steps"] == 5
+    # Lightning's strategy="ddp" from a plain command: the other processes run without
+    # gradwatch, so no callback and no statistics combined across ranks
+    with pytest.warns(gradwatch.GradwatchWarning, match="torchrun --nproc-per-node=4 -m gradwatch"):
+        assert session._callback_options("Lightning", "LightningModule", 4) is None
+    assert session.options.watch_options()["sync"] is False
+    # under torchrun every rank runs gradwatch: combined as usual
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert session._callback_options("Lightning", "LightningModule", 4) is not None
+    assert "sync" not in session.options.watch_options()
