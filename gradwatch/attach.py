@@ -218,8 +218,11 @@ def _only_watchers_hold(ref: weakref.ref[Any], watchers: Sequence[Watcher]) -> b
         return False
     holders = gc.get_referrers(optimizer)
     # A running function's local variables are references the collector does not list:
-    # more references than listed holders (less this function's own two) means one.
-    if sys.getrefcount(optimizer) - 2 > len(holders):
+    # more references than listed holders means one. What this function's own variable
+    # and call add is measured on an object nothing else holds (it differs by version).
+    probe = object()
+    own = sys.getrefcount(probe)
+    if sys.getrefcount(optimizer) - own > len(holders):
         return False
     ours = {id(w.__dict__) for w in watchers}
     return all(id(holder) in ours for holder in holders)
