@@ -1,4 +1,5 @@
 """``gradwatch run [options] script.py [args...]``: run a training script unchanged, watched.
+(``gradwatch run -m package.module [args...]`` runs a module, as ``python -m`` does.)
 
 The script runs as ``__main__`` in this process (``runpy.run_path``), the way
 ``python -m cProfile script.py`` runs one: ``sys.argv`` is ``[script, args...]``,
@@ -90,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="send statistics and alerts to the script's own W&B run (wandb.init in the "
         "script; Lightning's WandbLogger and report_to='wandb' get alerts without this)",
     )
+    parser.add_argument(
+        "-m",
+        dest="module",
+        action="store_true",
+        help="SCRIPT is a module name, run as python -m runs it (gradwatch run -m pkg.train)",
+    )
     parser.add_argument("script", help="the training script, run as __main__")
     parser.add_argument(
         "args", nargs=argparse.REMAINDER, metavar="...", help="the script's own arguments"
@@ -112,6 +119,7 @@ class RunOptions:
         from .validation import whole_number
 
         self.script = args.script
+        self.module = bool(getattr(args, "module", False))
         self.every = args.every
         whole_number("--every", self.every, allow_none=True)
         self.select = _split(args.select)
@@ -331,16 +339,27 @@ def _script_traceback(error: BaseException) -> Any:
     return tb if tb is not None else error.__traceback__
 
 
-def run_script(options: RunOptions, args: Sequence[str]) -> int:
-    """Run the script as ``__main__`` with gradwatch attached; its exit code."""
+def _run_main(options: RunOptions, args: Sequence[str]) -> None:
+    """Run the script (or module) as ``__main__``, with ``sys.argv`` and ``sys.path[0]``
+    as ``python script.py`` (``python -m module``) sets them."""
+    if options.module:
+        sys.argv = [options.script, *args]  # runpy puts the module's file in argv[0]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(options.script, run_name="__main__", alter_sys=True)
+        return
     path = os.path.abspath(options.script)
     sys.argv = [path, *args]
-    # As ``python script.py`` does: the script's folder (symbolic links resolved) first.
+    # The script's folder (symbolic links resolved) first, as Python does.
     sys.path[0] = os.path.dirname(os.path.realpath(path))
+    runpy.run_path(path, run_name="__main__")
+
+
+def run_script(options: RunOptions, args: Sequence[str]) -> int:
+    """Run the script as ``__main__`` with gradwatch attached; its exit code."""
     session = _Session(options)
     session.start()
     try:
-        runpy.run_path(path, run_name="__main__")
+        _run_main(options, args)
     except SystemExit:
         session.close()
         raise  # its code, or its message, as Python itself handles them
@@ -364,7 +383,7 @@ def run_script(options: RunOptions, args: Sequence[str]) -> int:
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``gradwatch run`` (wired in :mod:`gradwatch.cli`)."""
     script = Path(args.script)
-    if not script.exists():
+    if not getattr(args, "module", False) and not script.exists():
         print(
             f"gradwatch run: can't open file {args.script!r}: No such file or directory",
             file=sys.stderr,

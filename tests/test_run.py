@@ -407,3 +407,18 @@ def test_a_trainer_that_starts_its_own_processes_gets_no_callback_that_would_wai
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert session._callback_options("Lightning", "LightningModule", 4) is not None
     assert "sync" not in session.options.watch_options()
+
+
+@pytest.mark.slow
+def test_a_module_runs_as_python_m_runs_it(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    script(tmp_path / "pkg", SELF_REPORT, name="report_self.py")
+    python(tmp_path, "-m", "pkg.report_self", "--lr", "1", SELF_REPORT=str(tmp_path / "alone.json"))
+    proc = gradwatch_run(
+        tmp_path, "-m", "pkg.report_self", "--lr", "1", SELF_REPORT=str(tmp_path / "run.json")
+    )
+    assert proc.returncode == 0, proc.stderr
+    alone = json.loads((tmp_path / "alone.json").read_text())
+    ran = json.loads((tmp_path / "run.json").read_text())
+    assert ran == alone
