@@ -31,7 +31,9 @@ FINDING_CODE = re.compile(r"\bGW\d{3}\b")
 @pytest.mark.slow
 def test_vanishing_gradient_is_found_and_the_scripts_exit_code_kept(tmp_path):
     script(tmp_path, DEEP_SIGMOID)
-    proc = gradwatch_run(tmp_path, "--record", "runs/deep.jsonl", "train.py", "3")
+    proc = gradwatch_run(
+        tmp_path, "--record", "runs/deep.jsonl", "--tensorboard", "tb", "train.py", "3"
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     err = proc.stderr
     assert "watching Sequential (21 layers with parameters), trained by SGD" in err
@@ -46,6 +48,12 @@ def test_vanishing_gradient_is_found_and_the_scripts_exit_code_kept(tmp_path):
     # the optimizer's second step (the first is where the model is found), then every 15th
     assert [s.step for s in record.steps] == [1, 15, 30, 45]
     assert record.summary and record.summary[0].code == "GW101"
+    # the same steps in TensorBoard's event files, read back with its own reader
+    from .test_tensorboard import events, texts
+
+    tb = events(tmp_path / "tb")
+    assert [e.step for e in tb.Scalars("gradwatch/grad_rms/0")] == [1, 15, 30, 45]
+    assert any("GW101" in text for _, text in texts(tb, "gradwatch/findings"))
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gradwatch.integrations.tensorboard import TensorBoardReporter
 
-from .run_scripts import DEEP_SIGMOID, gradwatch_run, script
 from .support import digits, mlp
 
 
@@ -115,16 +114,6 @@ def test_the_scripts_own_writer_gets_gradwatchs_values_beside_its_own(tmp_path):
 def test_wrong_writer_is_a_clear_error():
     with pytest.raises(ValueError, match="SummaryWriter or a log folder"):
         TensorBoardReporter(42)
-
-
-@pytest.mark.slow
-def test_gradwatch_run_tensorboard_writes_the_unmodified_scripts_statistics(tmp_path):
-    script(tmp_path, DEEP_SIGMOID)
-    proc = gradwatch_run(tmp_path, "--tensorboard", "tb", "train.py")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    tb = events(tmp_path / "tb")
-    assert [e.step for e in tb.Scalars("gradwatch/grad_rms/0")] == [1, 15, 30, 45]
-    assert any("GW101" in text for _, text in texts(tb, "gradwatch/findings"))
 
 
 @pytest.mark.slow
