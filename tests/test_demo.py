@@ -144,6 +144,14 @@ def test_the_figure_has_one_panel_per_depth_and_a_curve_per_network(demo):
     # The sigmoid net's first layer (~1e-28) is far below its last.
     ys = list(curves["sigmoid"].get_ydata())
     assert ys[0] < 1e-20 < 1e-6 < ys[-1]
+    # Exact zeros (relu-high-lr's dead layers) are named in the panel that draws them.
+    from gradwatch.demo.figure import ZERO_LABEL
+
+    def legend(ax):
+        return [text.get_text() for text in ax.get_legend().get_texts()]
+
+    assert any(text.startswith(ZERO_LABEL) for text in legend(shallow))
+    assert not any(text.startswith(ZERO_LABEL) for text in legend(deep))
 
 
 def test_records_hold_each_run_and_report_reads_them(demo, capsys):
