@@ -159,3 +159,60 @@ def test_the_readme_is_short_and_its_words_are_plain():
     assert len(text.splitlines()) < 260
     for word in ("sentinel", "backward signal", "episodes", "deferred"):
         assert word not in text.lower(), word
+
+
+def _python_block(text: str, marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    return next(block for block in blocks if marker in block)
+
+
+def test_the_readmes_plain_pytorch_loop_runs_as_written_and_finds_a_vanishing_gradient():
+    """The README's loop, pasted into a script with a model of the reader's own: here a
+    20-layer sigmoid MLP, whose first layers the gradient does not reach."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(20) for m in (nn.Linear(16, 16), nn.Sigmoid())]
+    model = nn.Sequential(*layers, nn.Linear(16, 4))
+    data = [(torch.randn(32, 16), torch.randint(0, 4, (32,))) for _ in range(50)]
+    scope = {
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        "loader": data,
+        "loss_fn": nn.functional.cross_entropy,
+    }
+    exec(_python_block(README.read_text(), "for x, y in loader:"), scope)
+    watcher = scope["watcher"]
+    assert watcher.closed
+    vanishing = [f for f in watcher.findings if f.code == "GW101"]
+    assert vanishing and vanishing[0].step == 30  # measured at 0, 15 and 30: the third says so
+
+
+def test_the_readmes_callback_lines_build_a_trainer_that_holds_the_callback(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    scope = {"L": lightning}
+    exec(_python_block(README.read_text(), "L.Trainer("), scope)
+    assert any(isinstance(c, scope["GradWatchCallback"]) for c in scope["trainer"].callbacks)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.cross_entropy(self.fc(x), labels)}
+
+    scope = {
+        "Trainer": Trainer,
+        "model": Tiny(),
+        "args": TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
+        "data": [{"x": torch.randn(4), "labels": 0}],
+    }
+    exec(_python_block(README.read_text(), "Trainer(model=model"), scope)
+    handlers = scope["trainer"].callback_handler.callbacks
+    assert any(isinstance(c, scope["GradWatchCallback"]) for c in handlers)
