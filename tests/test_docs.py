@@ -216,3 +216,19 @@ def test_the_readmes_callback_lines_build_a_trainer_that_holds_the_callback(tmp_
     exec(_python_block(README.read_text(), "Trainer(model=model"), scope)
     handlers = scope["trainer"].callback_handler.callbacks
     assert any(isinstance(c, scope["GradWatchCallback"]) for c in handlers)
+
+
+def test_the_custom_rule_example_runs_and_fires():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    scope = {"gradwatch": gradwatch, "model": model}
+    exec(_python_block((DOCS / "how-it-works.md").read_text(), "class LargeGlobalNorm"), scope)
+    watcher = scope["watcher"]
+    watcher.reporters.clear()
+    with watcher:
+        for _ in range(31):  # measured at 0, 15 and 30: three in a row
+            (model(torch.randn(16, 8)) * 1e4).pow(2).mean().backward()
+            watcher.step()
+            model.zero_grad()
+    assert [f.code for f in watcher.findings if f.code == "X001"] == ["X001"]
