@@ -324,7 +324,8 @@ def test_missing_scikit_learn_names_the_demo_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # simulate: not installed
     assert cli.main(["demo", "--only", "relu-high-lr"]) == 2
     captured = capsys.readouterr()
-    assert "pip install 'gradwatch[demo]'" in captured.err
+    assert 'pip install "scikit-learn>=1.2"' in captured.err
+    assert 'pip install -e ".[demo]"' in captured.err
     assert "Traceback" not in captured.err
 
 
@@ -333,7 +334,7 @@ def test_missing_matplotlib_names_the_plot_extra_before_training(monkeypatch, ca
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert cli.main(["demo", "--only", "relu-high-lr", "--png", str(tmp_path / "f.png")]) == 2
     captured = capsys.readouterr()
-    assert "pip install 'gradwatch[plot]'" in captured.err
+    assert 'pip install -e ".[plot]"' in captured.err
     assert "[1/1]" not in captured.out  # failed before training
     assert not (tmp_path / "f.png").exists()
 
