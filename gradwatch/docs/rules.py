@@ -21,10 +21,12 @@ from ..rules.base import ANY_NUMBER
 _LABEL = re.compile(
     r"^(?P<label>[A-Z][A-Za-z ,/'()-]{2,40}|(?:What|Why|How|When|Where) [^:]{1,120}):(?:\s|$)"
 )
-#: Inline code in the rules' texts is marked with backticks; outside it, Markdown's
-#: emphasis and HTML characters are escaped so that "lr*g" or "<root>" read as written.
+#: Inline code in the rules' texts is marked with backticks; outside it, what Markdown
+#: would take for emphasis or HTML is escaped so that "lr*g" or "<root>" read as written
+#: (an underscore inside a word, as in clip_grad_norm, is not emphasis and stays).
 _CODE_SPAN = re.compile(r"(`[^`]*`)")
-_ESCAPE = re.compile(r"([*_<>|\\])")
+_ESCAPE = re.compile(r"([*<\\]|(?<!\w)_|_(?!\w))")
+_ESCAPE_IN_TABLE = re.compile(r"([*<\\|]|(?<!\w)_|_(?!\w))")
 
 
 def rule_facts(cls: type[Rule]) -> dict[str, Any]:
@@ -64,14 +66,18 @@ def all_rule_facts(rules: Iterable[type[Rule]] = BUILTIN_RULES) -> list[dict[str
     return [rule_facts(cls) for cls in sorted(rules, key=lambda cls: cls.code)]
 
 
-def markdown_text(text: str) -> str:
-    r"""Plain text as Markdown that shows it as written (inline code left alone).
+def markdown_text(text: str, *, table: bool = False) -> str:
+    r"""Plain text as Markdown that shows it as written (inline code left alone); in a
+    table cell, ``|`` is escaped too.
 
-    >>> markdown_text("w - lr*g == w for `<root>`, <root>")
-    'w - lr\\*g == w for `<root>`, \\<root\\>'
+    >>> markdown_text("w - lr*g == w for `<root>`, <root>, clip_grad_norm_()")
+    'w - lr\\*g == w for `<root>`, \\<root>, clip_grad_norm\\_()'
+    >>> markdown_text("lr * |g|", table=True)
+    'lr \\* \\|g\\|'
     """
+    escape = _ESCAPE_IN_TABLE if table else _ESCAPE
     parts = _CODE_SPAN.split(text)
-    return "".join(p if p.startswith("`") else _ESCAPE.sub(r"\\\1", p) for p in parts)
+    return "".join(p if p.startswith("`") else escape.sub(r"\\\1", p) for p in parts)
 
 
 def paragraphs(text: str) -> list[str]:
@@ -147,7 +153,7 @@ def _rule_section(facts: dict[str, Any]) -> list[str]:
             shown = f"{default:g}" if isinstance(default, (int, float)) else str(default)
             lines.append(
                 f"| `{item['name']}` | {shown} | {item['accepts']} | "
-                f"{markdown_text(item['meaning'])} |"
+                f"{markdown_text(item['meaning'], table=True)} |"
             )
         lines.append("")
     lines += [f"Timing: {persistence_text(facts)}.", ""]
@@ -184,7 +190,7 @@ def rules_reference(rules: Sequence[type[Rule]] = BUILTIN_RULES) -> str:
         anchor = f"{item['code']}-{item['slug']}".lower()
         lines.append(
             f"| [{item['code']}](#{anchor}) | {item['slug']} | {item['severity']} | "
-            f"{markdown_text(item['summary'])} |"
+            f"{markdown_text(item['summary'], table=True)} |"
         )
     lines.append("")
     for item in facts:
@@ -200,6 +206,6 @@ def readme_rule_table(rules: Sequence[type[Rule]] = BUILTIN_RULES) -> str:
         anchor = f"{item['code']}-{item['slug']}".lower()
         lines.append(
             f"| [{item['code']}](docs/rules.md#{anchor}) | {item['slug']} | "
-            f"{item['severity']} | {markdown_text(item['summary'])} |"
+            f"{item['severity']} | {markdown_text(item['summary'], table=True)} |"
         )
     return "\n".join(lines) + "\n"
