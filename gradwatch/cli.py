@@ -33,7 +33,7 @@ def _rules(args: argparse.Namespace) -> int:
     for cls in BUILTIN_RULES:
         table.add_row(cls.code, cls.slug, cls.severity, cls.summary)
     console.print(table)
-    console.print("Details: gradwatch explain <code or slug>")
+    console.print("Details: gradwatch explain <code or slug>; as JSON: gradwatch rules --json")
     return 0
 
 
