@@ -458,12 +458,13 @@ def heatmap_cells(record: Record, layers: Sequence[str]) -> list[list[str]]:
     return [[cell_kind(v) for v in series(record, name)] for name in layers]
 
 
-def report_figure(record: Record) -> Any:
+def report_figure(record: Record, figure: Any = None) -> Any:
     """A matplotlib Figure: top, a heatmap of gradient RMS (layers x monitored steps, log
     colour scale spanning at least :data:`MIN_DECADES`; exactly 0, not measured and
     NaN/Inf each in a colour of their own, named in a legend); bottom, each layer's
     gradient norm over time (log scale, coloured by layer). Finding steps are marked on
-    both."""
+    both. ``figure``: a Figure or SubFigure to draw into (``gradwatch report A B --png``
+    puts two side by side)."""
     Figure = figure_class()
     import matplotlib
     from matplotlib.colors import BoundaryNorm, ListedColormap
@@ -472,7 +473,8 @@ def report_figure(record: Record) -> Any:
 
     layers = gradient_layers(record)
     steps = [s.step for s in record.steps]
-    figure = Figure(figsize=(10, 8), layout="constrained")
+    if figure is None:
+        figure = Figure(figsize=(10, 8), layout="constrained")
     heat_ax, norm_ax = figure.subplots(2, 1, sharex=True)
     values = [series(record, name) for name in layers]
     kinds = heatmap_cells(record, layers)
