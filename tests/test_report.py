@@ -247,6 +247,10 @@ def test_report_json_has_the_findings_summary_and_every_layers_series(recorded, 
     layers = {layer["name"]: layer for layer in document["layers"]}
     assert all(len(layer["grad_rms"]) == 6 for layer in layers.values())
     assert max(layers["linear1"]["grad_rms"]) < 1e-20 < 1e-6 < min(layers["linear30"]["grad_rms"])
+    # docs/output.md names every key of the document
+    described = (Path(__file__).resolve().parents[1] / "docs" / "output.md").read_text()
+    for key in [*document, *document["layers"][0]]:
+        assert f"`{key}`" in described, key
 
 
 def _record_with_gaps(path: Path) -> Path:
