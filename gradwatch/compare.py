@@ -287,6 +287,9 @@ def main(args: argparse.Namespace) -> int:
     """``gradwatch report A.jsonl B.jsonl [--png FILE]`` (wired in :mod:`gradwatch.report`)."""
     paths = (args.record, args.other)
     png = getattr(args, "png", None)
+    if getattr(args, "json", False):
+        print("gradwatch report: --json reads one record at a time", file=sys.stderr)
+        return 2
     try:
         if png is not None:
             check_image_path(png)
