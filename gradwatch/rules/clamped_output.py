@@ -71,12 +71,13 @@ no gradient."""
         noun = "classes" if seen.function == "cross_entropy" else "outputs"
         if dead:
             lost = (
-                f"{dead} of {seen.classes} {noun} are exactly 0 in all {seen.rows} rows: "
-                "they can no longer be predicted and get no gradient"
+                f"{dead} of {seen.classes} {noun} are exactly 0 in all {seen.rows} rows and "
+                f"{percent(seen.zeros)} of all logits are 0, where no gradient passes; a "
+                "class whose logit is 0 for every input can never be predicted again"
             )
         else:
             lost = (
-                f"{percent(seen.zeros)} of the logits are exactly 0, where they pass no gradient"
+                f"{percent(seen.zeros)} of the logits are exactly 0, where no gradient passes"
             )
         return Condition(
             layers=seen.layers,
