@@ -58,6 +58,10 @@ _LOSSES: dict[Any, str] = {
     F.binary_cross_entropy: "binary_cross_entropy",
     F.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits",
 }
+_LOSS_MODULE = nn.modules.loss._Loss
+# The backward pass: run inside the mode's handler, where the mode is off (nothing of the
+# backward pass goes through it), and the losses of the step are complete after it.
+_BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward})
 #: Loss calls measured per monitored step (a model with many heads: the first ones).
 MAX_CALLS = 8
 #: Rows (class losses) / values (binary losses) checked per call: a strided sample beyond.
@@ -279,6 +283,8 @@ class _Mode(TorchFunctionMode):
             return out
         if name is not None:
             self.check.observe(name, args, kwargs or {})
+        elif func in _BACKWARD:
+            self.check.backward_done()
         return out
 
 
@@ -291,12 +297,13 @@ class LossCheck:
     def __init__(self, root: nn.Module, guard: Guard, record: Callable[[], Any]) -> None:
         self._guard = guard
         self._record = record
-        #: id(module) -> (module, name, has parameters), for every module of the model
-        self._modules: dict[int, tuple[nn.Module, str, bool]] = {}
+        #: id(module) -> (module, name, has parameters, is a loss module), for the model's
+        self._modules: dict[int, tuple[nn.Module, str, bool, bool]] = {}
         compiled = False
         for name, module in root.named_modules():
             has_params = next(module.parameters(recurse=False), None) is not None
-            self._modules[id(module)] = (module, name, has_params)
+            is_loss = isinstance(module, _LOSS_MODULE)
+            self._modules[id(module)] = (module, name, has_params, is_loss)
             compiled = compiled or hasattr(module, "_orig_mod")
         # A compiled part would be traced with the hooks in it: stay out (as attention does).
         self._off = compiled
@@ -345,6 +352,11 @@ class LossCheck:
                 self._pushed = False
             # else: another mode sits above ours; ours stays inert (closed) until it can go
 
+    def backward_done(self) -> None:
+        """The step's losses are all computed: stop looking (the mode comes off the stack
+        at the next chance: ``watcher.step()`` or the next forward pass)."""
+        self._open = False
+
     def shut_down(self, error: BaseException | None = None) -> None:
         self._off = True
         if error is not None:
@@ -353,17 +365,22 @@ class LossCheck:
 
     # -- the forward pass ------------------------------------------------------------
 
+    # The global hooks run for every module call of the process while armed: one
+    # dictionary lookup decides whether the module is the model's.
     def _pre(self, module: nn.Module, args: Any) -> None:
         entry = self._modules.get(id(module))
-        mine = entry is not None and entry[0] is module
-        if mine:
-            if in_backward() or is_compiling():
-                return None  # checkpointing recomputes; torch.compile traces
-            if self._depth == 0:
+        if entry is not None and entry[0] is module:
+            if not self._depth:
+                if in_backward() or is_compiling():
+                    return None  # checkpointing recomputes; torch.compile traces
                 self.close_window()  # a new pass of the model: the last one's losses are done
             self._depth += 1
-        if isinstance(module, nn.modules.loss._Loss) and not self._open and grad_enabled():
-            # a loss module inside the model's forward (or one called by another module)
+            if not entry[3]:
+                return None
+        elif not isinstance(module, _LOSS_MODULE):
+            return None
+        if not self._open and grad_enabled():
+            # a loss module called while the mode is off (inside the model's forward)
             self._open_window(module)
         return None
 
@@ -371,9 +388,7 @@ class LossCheck:
         if self._pushed_by is module:
             self._leave()  # the loss module inside the forward is done
         entry = self._modules.get(id(module))
-        if entry is None or entry[0] is not module or self._depth == 0:
-            return None
-        if in_backward() or is_compiling():
+        if entry is None or entry[0] is not module or not self._depth:
             return None
         try:
             self._depth -= 1
@@ -386,7 +401,7 @@ class LossCheck:
                 self._last_layer = entry[1]
             # No tensor: the forward raised (this hook runs anyway, to keep the depth
             # right) or returned nothing a loss could be computed from.
-            if self._depth == 0 and tensor is not None and grad_enabled():
+            if not self._depth and tensor is not None and grad_enabled():
                 self._open_window(None)
         except Exception as error:
             self.shut_down(error)

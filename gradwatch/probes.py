@@ -253,6 +253,11 @@ class Probes:
         if self.loss is not None:
             self.loss.disarm()
 
+    def losses_done(self) -> None:
+        """The step's losses are computed (``watcher.step()`` is called): stop checking them."""
+        if self.loss is not None:
+            self.loss.close_window()
+
     def take(self) -> ProbeRecord:
         """Hand over what was gathered and start afresh."""
         record, self.record = self.record, ProbeRecord(detail=self._detail)

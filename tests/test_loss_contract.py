@@ -367,3 +367,22 @@ def test_loss_inputs_survive_the_json_record():
     assert again.loss_inputs == stats.loss_inputs and math.isclose(
         again.loss_inputs[0].probability_rows, 1.0
     )
+
+
+@pytest.mark.slow
+def test_lightning_training_step_loss_on_a_softmax_output_is_found():
+    """A real Lightning Trainer: the loss is computed in training_step, after forward."""
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    from .dist_scripts.lit_models import Classifier, digits_loader, quiet_trainer
+
+    torch.manual_seed(0)
+    module = Classifier(nn.Sequential(mlp(2), nn.Softmax(dim=1)), lr=0.1)
+    callback = GradWatchCallback(every_n_steps=2)
+    trainer = quiet_trainer(max_steps=10, callbacks=[callback], logger=False)
+    trainer.fit(module, digits_loader())
+    new = [f for f in callback.findings if f.code in LOSS_CODES and f.status == "new"]
+    assert [f.code for f in new] == ["GW301"]
+    assert new[0].layers == ("net.0.2", "net.1")
+    assert "Remove the softmax (net.1, the module after net.0.2)" in new[0].hint
+    assert not _get_current_function_mode_stack()
