@@ -386,3 +386,41 @@ def test_lightning_training_step_loss_on_a_softmax_output_is_found():
     assert new[0].layers == ("net.0.2", "net.1")
     assert "Remove the softmax (net.1, the module after net.0.2)" in new[0].hint
     assert not _get_current_function_mode_stack()
+
+
+def test_a_zero_initialised_output_layer_is_not_a_clamp_or_a_sigmoid():
+    """Every logit exactly 0 before the first update says nothing about the model's form."""
+    torch.manual_seed(0)
+    x, y = digits()
+    for loss_fn, targets in ((nn.CrossEntropyLoss(), y), (nn.BCEWithLogitsLoss(), one_hot(y))):
+        model = mlp(2)
+        nn.init.zeros_(model[2].weight)
+        nn.init.zeros_(model[2].bias)
+        watcher, _ = run(model, loss_fn, x=x, y=targets, steps=1, every=1)
+        (seen,) = watcher.latest.loss_inputs
+        assert seen.zeros == 1.0
+        engine_view = [r.check(_context(watcher)) for r in watcher.rules if r.code in LOSS_CODES]
+        assert all(not conditions for conditions in engine_view)
+
+
+def _context(watcher):
+    from gradwatch.rules import RuleContext
+
+    return RuleContext(stats=watcher.latest, history=watcher.history, model=watcher._facts)
+
+
+def test_a_saturated_start_that_recovers_is_not_stuck():
+    """Output weights x300: a third of the outputs start exactly 0/1 the wrong way, but the
+    model brings them back (the wrong share falls between monitored steps)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10), nn.Sigmoid())
+    with torch.no_grad():
+        model[2].weight.mul_(300.0)
+    x, y = digits()
+    watcher, _ = run(
+        model, nn.BCELoss(), x=x, y=one_hot(y), steps=46, every=15, lr=0.05,
+        thresholds={"GW303": {"saturated": 0.4}},
+    )
+    wrong = [i.wrong_saturated for s in watcher.history for i in s.loss_inputs]
+    assert wrong[0] > 0.1 and wrong[-1] < wrong[0] / 2
+    assert_silent_and_seen(watcher, "binary_cross_entropy")

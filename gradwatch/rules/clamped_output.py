@@ -35,7 +35,8 @@ How to fix it: remove the activation (ReLU, ReLU6, clamp) after the last layer: 
 loss needs logits that can be negative. If outputs must be non-negative for another
 reason, use a smooth map (softplus) and a loss made for it.
 
-When it stays silent: logits that take negative values; probabilities into
+When it stays silent: logits that take negative values; logits that are all exactly 0
+(a zero-initialised output layer before its first update); probabilities into
 cross_entropy (GW301 loss-input-mismatch says that instead); losses on tensors that need
 no gradient."""
     defaults = {"zero_share": 0.25, "min_rows": 8}
@@ -65,6 +66,8 @@ no gradient."""
             return None
         if seen.function == "cross_entropy" and seen.probability_rows > 0.5:
             return None  # probabilities: GW301's finding
+        if seen.zeros >= 0.999:
+            return None  # every logit 0: a zero-initialised output layer, not yet updated
         dead = seen.dead_columns
         if not dead and seen.zeros < self.t("zero_share"):
             return None

@@ -27,7 +27,8 @@ a sample of up to 2,048 rows. It fires when, for `window` monitored steps:
 - cross_entropy gets rows that are all >= 0 and sum to 1 (at least `share` of them):
   probabilities, from a softmax at the end of the model (nn.Softmax or F.softmax);
 - binary_cross_entropy_with_logits gets values that all lie in [0, 1] (at least `share`
-  of them, and at least `min_values` values): a sigmoid's outputs;
+  of them, and at least `min_values` values, most of them not exactly 0): a sigmoid's
+  outputs;
 - nll_loss gets rows whose exp does not sum to 1 (fewer than 1 - `share` of them are
   log-probabilities): raw scores, or probabilities without the log.
 
@@ -52,8 +53,9 @@ smoothing, class weights, ignore_index, soft or probabilistic targets, logits di
 a temperature as in distillation or InfoNCE with tau = 0.07); log_softmax before
 cross_entropy (harmless: log_softmax of log-probabilities changes nothing);
 log_softmax (or the log of a mixture of probabilities) into nll_loss; logits of a
-multilabel model into BCEWithLogitsLoss; a loss on a tensor that needs no gradient (a
-teacher's output, a metric under no_grad). Not seen: losses computed inside a
+multilabel model into BCEWithLogitsLoss; logits that are all exactly 0 (a
+zero-initialised output layer, before its first update); a loss on a tensor that needs
+no gradient (a teacher's output, a metric under no_grad). Not seen: losses computed inside a
 torch.compile'd model, functional losses inside the model's own forward (a loss module
 such as nn.CrossEntropyLoss there is seen), and watchers with activations=False."""
     defaults = {"share": 0.99, "min_values": 32}
@@ -101,6 +103,7 @@ such as nn.CrossEntropyLoss there is seen), and watchers with activations=False.
         if (
             seen.function == "binary_cross_entropy_with_logits"
             and seen.unit_interval >= share
+            and seen.zeros < 0.5  # all 0: a zero-initialised output layer, not a sigmoid
             and seen.rows * seen.classes >= self.t("min_values")
         ):
             return Condition(

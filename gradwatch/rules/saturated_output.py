@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ..loss_input import LossInput
+from ..stats import StepStats
 from .base import POSITIVE, RATIO, SHARE, Condition, Rule, RuleContext
 from .loss_words import loss_evidence, percent, source
 
@@ -28,8 +29,8 @@ exactly 0.0 or 1.0, and the share that are exactly 0.0 or 1.0 while their target
 the other side (|p - target| > 0.5). It fires when, for `window` monitored steps, at
 least `saturated` of the outputs are exactly 0/1, at least `wrong` are so on the wrong
 side, and the loss passed to watcher.step(loss=...) (the Lightning and Transformers
-callbacks pass it), when there is one, is at least `loss` (ln 2: no better than
-predicting 0.5).
+callbacks pass it), when there is one (a number, or a tensor on the CPU: reading a GPU
+tensor would wait for the GPU), is at least `loss` (ln 2: no better than predicting 0.5).
 
 Why it matters: GW202 leaves an output sigmoid alone, because a confident, correct
 model saturates it at no cost. A sigmoid that saturates exactly, the wrong way, is
@@ -49,13 +50,15 @@ targets (multilabel sigmoid outputs, a memorised training set, soft or smoothed 
 that the output approaches); a loss below `loss`; sigmoid outputs into
 BCEWithLogitsLoss (GW301 loss-input-mismatch says that instead); losses on tensors that
 need no gradient."""
-    defaults = {"saturated": 0.5, "wrong": 0.02, "loss": math.log(2.0)}
+    defaults = {"saturated": 0.5, "wrong": 0.02, "loss": math.log(2.0), "recovering": 0.5}
     threshold_docs = {
         "saturated": "share of the outputs exactly 0.0 or 1.0",
         "wrong": "share of the outputs exactly 0.0 or 1.0 with the target on the other side",
         "loss": "the loss (when passed to step) below which the model is learning, not stuck",
+        "recovering": "a wrong share below this fraction of the previous monitored step's "
+        "is recovering, not stuck",
     }
-    threshold_specs = {"saturated": SHARE, "wrong": RATIO, "loss": POSITIVE}
+    threshold_specs = {"saturated": SHARE, "wrong": RATIO, "loss": POSITIVE, "recovering": RATIO}
     window = 2
     clear_after = 3
 
@@ -66,11 +69,15 @@ need no gradient."""
         loss = ctx.stats.loss
         if loss is not None and math.isfinite(loss) and loss < self.t("loss"):
             return []  # learning: saturated outputs are confident, not stuck
+        before = _wrong_shares(ctx.recent(2)[0]) if len(ctx.recent(2)) == 2 else {}
         found: dict[str, Condition] = {}
         for seen in inputs:
             if seen.saturated < self.t("saturated") or seen.wrong_saturated < self.t("wrong"):
                 continue
             key = seen.producer or seen.last_layer or ""
+            earlier = before.get(key)
+            if earlier is not None and seen.wrong_saturated < self.t("recovering") * earlier:
+                continue  # the wrong outputs are coming back: learning, not stuck
             if key not in found:
                 found[key] = self._condition(seen, ctx)
         return list(found.values())
@@ -109,3 +116,12 @@ need no gradient."""
             score=seen.wrong_saturated,
             key=seen.producer or seen.last_layer or "",
         )
+
+
+def _wrong_shares(stats: StepStats) -> dict[str, float]:
+    """Per producing module, the share of wrong, exactly saturated outputs at that step."""
+    return {
+        x.producer or x.last_layer or "": x.wrong_saturated
+        for x in stats.loss_inputs
+        if x.function == "binary_cross_entropy"
+    }
