@@ -65,8 +65,9 @@ _BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward})
 #: Loss calls measured per monitored step (a model with many heads: the first ones).
 MAX_CALLS = 8
 #: Rows (class losses) / values (binary losses) checked per call: a strided sample beyond.
+#: (A large vocabulary gets fewer rows: at most MAX_VALUES values in all, at least 8 rows.)
 MAX_ROWS = 2048
-MAX_VALUES = 65536
+MAX_VALUES = 1 << 20
 #: How far a row sum (probabilities) or a row's log-sum-exp (log-probabilities) may be
 #: from 1 / 0: loose enough for bf16 softmax outputs, far tighter than logits ever land.
 TOLERANCE = 0.02
@@ -139,15 +140,24 @@ def _strided(values: torch.Tensor, limit: int) -> torch.Tensor:
 
 def class_statistics(x: torch.Tensor) -> torch.Tensor:
     """The :data:`~gradwatch.loss_input.VALUES` of an input to a loss over a class axis
-    (axis 1, or 0 for one unbatched sample).
+    (axis 1, or 0 for one unbatched sample), from a strided sample of its rows.
 
     >>> rows = torch.softmax(torch.randn(6, 4), 1)
     >>> [round(v, 2) for v in class_statistics(rows).tolist()]
     [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     """
-    axis = 0 if x.dim() == 1 else 1
-    rows = x.detach().movedim(axis, -1).reshape(-1, x.shape[axis])
-    rows = _strided(rows, MAX_ROWS)
+    classes = x.shape[0 if x.dim() == 1 else 1]
+    limit = max(8, min(MAX_ROWS, MAX_VALUES // classes))
+    values = x.detach()
+    if values.dim() == 1:
+        rows = values.reshape(1, -1)
+    elif values.dim() == 2:
+        rows = _strided(values, limit)
+    else:  # (N, C, d1, ...): sample positions before the copy that brings classes last
+        positions = values.flatten(2)
+        per_sample = max(1, limit // positions.shape[0])
+        positions = positions[..., :: math.ceil(positions.shape[2] / per_sample)]
+        rows = _strided(positions.transpose(1, 2).reshape(-1, classes), limit)
     if rows.dtype != torch.float64:
         rows = rows.to(_F32)
     non_negative = (rows >= 0).all(-1)

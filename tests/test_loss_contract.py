@@ -424,3 +424,20 @@ def test_a_saturated_start_that_recovers_is_not_stuck():
     wrong = [i.wrong_saturated for s in watcher.history for i in s.loss_inputs]
     assert wrong[0] > 0.1 and wrong[-1] < wrong[0] / 2
     assert_silent_and_seen(watcher, "binary_cross_entropy")
+
+
+@pytest.mark.parametrize("squash", [True, False])
+def test_per_pixel_classes_are_judged_along_the_class_axis(squash):
+    """Segmentation-shaped logits (N, C, H, W): rows are pixels, classes on axis 1."""
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 8, 8)
+    masks = (images[:, 0] > 0).long() + (images[:, 1] > 0).long()  # 3 classes per pixel
+    layers = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 3, 1)]
+    model = nn.Sequential(*layers, *([nn.Softmax(dim=1)] if squash else []))
+    watcher, _ = run(model, F.cross_entropy, x=images, y=masks, batch=16, steps=8)
+    if squash:
+        (finding,) = loss_findings(watcher)
+        assert finding.code == "GW301" and finding.layers == ("2", "3")
+        assert finding.evidence["rows"] == 16 * 8 * 8 and finding.evidence["classes"] == 3
+    else:
+        assert_silent_and_seen(watcher, "cross_entropy")
