@@ -61,7 +61,7 @@ _LOSSES: dict[Any, str] = {
 _LOSS_MODULE = nn.modules.loss._Loss
 # The backward pass: run inside the mode's handler, where the mode is off (nothing of the
 # backward pass goes through it), and the losses of the step are complete after it.
-_BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward})
+_BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad})
 #: Loss calls measured per monitored step (a model with many heads: the first ones).
 MAX_CALLS = 8
 #: Rows (class losses) / values (binary losses) checked per call: a strided sample beyond.
