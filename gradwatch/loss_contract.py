@@ -12,9 +12,11 @@ whole classes at 0, and a sigmoid saturated at exactly 0.0/1.0 the wrong way fee
 The loss is usually computed after the model's forward returns, outside its modules. So a
 ``TorchFunctionMode`` goes on the stack when the model's outermost module returns from a
 training forward pass (gradients on, not traced by torch.compile, not recomputed inside
-backward) of a monitored step, and comes off at the next forward pass of the model or at
-``watcher.step()``, whichever is first. While a loss module (``nn.CrossEntropyLoss``, ...)
-runs inside the model's forward, the mode is on too. The global module hooks that decide
+backward) of a monitored step. It stops looking when the backward pass starts (which it
+runs with itself off, so nothing of the backward pass goes through it) and comes off the
+stack at ``watcher.step()`` or the next forward pass of the model, whichever is first.
+While a loss module (``nn.CrossEntropyLoss``, ...) runs inside the model's forward, the
+mode is on too. The global module hooks that decide
 this exist only ahead of monitored steps, as the other probes; other steps never see them.
 
 Each loss call whose input needs a gradient (a teacher's output, or a metric under
