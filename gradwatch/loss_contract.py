@@ -166,7 +166,9 @@ def class_statistics(x: torch.Tensor) -> torch.Tensor:
     sums = rows.sum(-1)
     probability = non_negative & ((sums - 1).abs() <= TOLERANCE)
     spread = torch.logsumexp(rows, -1)
-    log_probability = (spread.abs() <= TOLERANCE) & (rows <= TOLERANCE).all(-1)
+    # <= 0 with exp summing to at most 1: log-probabilities (a masked row, log_softmax plus
+    # -inf on some classes, sums to less)
+    log_probability = (spread <= TOLERANCE) & (rows <= TOLERANCE).all(-1)
     exact_zero = rows == 0
     dead = exact_zero.all(0).sum()
     zero = sums.new_zeros(())

@@ -51,7 +51,7 @@ class LossInput:
     rows: int
     #: class losses: rows that are >= 0 and sum to 1 (probabilities)
     probability_rows: float = 0.0
-    #: class losses: rows that are <= 0 and whose exp sums to 1 (log-probabilities)
+    #: class losses: rows that are <= 0 and whose exp sums to at most 1 (log-probabilities)
     log_probability_rows: float = 0.0
     #: binary losses: values in [0, 1]
     unit_interval: float = 0.0

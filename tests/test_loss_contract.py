@@ -441,3 +441,19 @@ def test_per_pixel_classes_are_judged_along_the_class_axis(squash):
         assert finding.evidence["rows"] == 16 * 8 * 8 and finding.evidence["classes"] == 3
     else:
         assert_silent_and_seen(watcher, "cross_entropy")
+
+
+def test_nll_loss_on_masked_log_probabilities_is_silent():
+    """log_softmax with some classes then masked to -inf (a constrained output): the row's
+    probabilities sum to less than 1, but they are log-probabilities."""
+    banned = torch.zeros(10, dtype=torch.bool)
+    banned[[3, 7]] = True
+
+    def loss_fn(out, y):
+        logp = F.log_softmax(out, 1).masked_fill(banned, float("-inf"))
+        keep = ~banned[y]
+        return F.nll_loss(logp[keep], y[keep])
+
+    torch.manual_seed(0)
+    watcher, _ = run(mlp(2), loss_fn)
+    assert_silent_and_seen(watcher, "nll_loss")

@@ -29,7 +29,7 @@ a sample of up to 2,048 rows. It fires when, for `window` monitored steps:
 - binary_cross_entropy_with_logits gets values that all lie in [0, 1] (at least `share`
   of them, and at least `min_values` values, most of them not exactly 0): a sigmoid's
   outputs;
-- nll_loss gets rows whose exp does not sum to 1 (fewer than 1 - `share` of them are
+- nll_loss gets rows whose exp sums to more than 1 (fewer than 1 - `share` of them are
   log-probabilities): raw scores, or probabilities without the log.
 
 The finding names the module whose output reached the loss and the operation that made
@@ -52,7 +52,8 @@ When it stays silent: logits into cross_entropy however the loss is called (labe
 smoothing, class weights, ignore_index, soft or probabilistic targets, logits divided by
 a temperature as in distillation or InfoNCE with tau = 0.07); log_softmax before
 cross_entropy (harmless: log_softmax of log-probabilities changes nothing);
-log_softmax (or the log of a mixture of probabilities) into nll_loss; logits of a
+log_softmax (or the log of a mixture of probabilities, or log-probabilities with some
+classes masked to -inf) into nll_loss; logits of a
 multilabel model into BCEWithLogitsLoss; logits that are all exactly 0 (a
 zero-initialised output layer, before its first update); a loss on a tensor that needs
 no gradient (a teacher's output, a metric under no_grad). Not seen: losses computed inside a
@@ -129,7 +130,7 @@ such as nn.CrossEntropyLoss there is seen), and watchers with activations=False.
                 message=(
                     f"nll_loss gets {what}, not log-probabilities: "
                     f"{percent(1.0 - seen.log_probability_rows)} of its {seen.rows} rows from "
-                    f"{source(seen)} do not have exp summing to 1; nll_loss only "
+                    f"{source(seen)} have exp summing to more than 1; nll_loss only "
                     "negates the target's entry, so the loss is not a likelihood"
                 ),
                 hint=(

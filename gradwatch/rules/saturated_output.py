@@ -103,8 +103,8 @@ need no gradient."""
                 f"{loss}"
             ),
             hint=(
-                "Remove the sigmoid and use BCEWithLogitsLoss on the logits: its gradient "
-                f"does not vanish on a wrong prediction.{cause}"
+                f"Remove the {_squash(seen)} and use BCEWithLogitsLoss on the logits: its "
+                f"gradient does not vanish on a wrong prediction.{cause}"
             ),
             evidence=loss_evidence(
                 seen,
@@ -125,3 +125,10 @@ def _wrong_shares(stats: StepStats) -> dict[str, float]:
         for x in stats.loss_inputs
         if x.function == "binary_cross_entropy"
     }
+
+
+def _squash(seen: LossInput) -> str:
+    """What bounds the output to [0, 1], as the hint names it."""
+    if seen.via in ("", "sigmoid"):
+        return "sigmoid"
+    return f"{seen.via} that bounds the output"
