@@ -8,6 +8,8 @@ traceback, and that part is switched off; training goes on.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,11 +26,28 @@ class GradwatchWarning(UserWarning):
     """Raised as a warning (never as an error) when part of gradwatch disables itself."""
 
 
-def warn_user(text: str, *, stacklevel: int = 3) -> None:
+def warn_user(text: str, *, stacklevel: int | None = 3) -> None:
     """Say something the person training should see once: a warning on the "gradwatch"
-    logger and a :class:`GradwatchWarning` (shown by default, once per place)."""
+    logger and a :class:`GradwatchWarning` (shown by default, once per place).
+    ``stacklevel=None`` points the warning at the first caller outside gradwatch."""
     logger.warning(text)
+    if stacklevel is None:
+        stacklevel = _caller_level()
     warnings.warn(text, GradwatchWarning, stacklevel=stacklevel)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the nearest frame outside the gradwatch package, as seen from
+    :func:`warn_user`'s call to ``warnings.warn``."""
+    frame = sys._getframe(2)  # warn_user's caller
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def short_error(error: BaseException, limit: int = 200) -> str:

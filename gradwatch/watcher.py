@@ -23,6 +23,7 @@ from .distributed import Reducer
 from .findings import Finding
 from .guard import Guard, logger, warn_user
 from .history import History
+from .keywords import suggest_keywords
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
 from .probes import ProbeRecord, Probes
@@ -39,13 +40,15 @@ from .units import alive_units, dead_fraction, unit_groups
 from .validation import (
     deferred_option,
     flag,
+    loss_argument,
+    optimizer_object,
     reporter_list,
     scripted_parts,
     string_list,
     whole_number,
 )
 
-# Models being watched, so that a second watch() on the same modules fails clearly. The
+# Models being watched, so that a second watch() replaces the first or fails clearly. The
 # watchers are held weakly: one dropped without close() (a re-run notebook cell) is
 # collected, its hooks go with it, and the model can be watched again.
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watcher]] = (
@@ -112,8 +115,10 @@ class Watcher:
       for the host (default ``"auto"``: on CUDA).
 
     Every option is checked here: a wrong value is a ``ValueError`` that names it. A model
-    is watched by one watcher at a time: :meth:`close` (or :func:`gradwatch.release`)
-    frees it; a watcher dropped without ``close()`` is replaced by the next one. A
+    is watched by one watcher at a time: watching it again closes the earlier watcher
+    (with a one-line warning), as does a watcher dropped without ``close()``; watching a
+    part of a watched model (or the reverse) is a ``ValueError``: :meth:`close` (or
+    :func:`gradwatch.release`) frees it first. A
     TorchScript model (``torch.jit.script``/``trace``) cannot be watched (its layers run
     where no Python hook reaches them): watch the eager model, script it afterwards.
 
@@ -126,6 +131,7 @@ class Watcher:
     True
     """
 
+    @suggest_keywords("gradwatch.watch()")
     @_undone_on_failure
     def __init__(
         self,
@@ -157,6 +163,7 @@ class Watcher:
         whole_number("history", history)
         deferred_option(deferred)
         check_scaler(scaler)
+        optimizer_object(optimizer)
         flag("activations", activations)
         flag("sentinel", sentinel)
         flag("sync", sync, allow_none=True)
@@ -254,14 +261,26 @@ class Watcher:
 
         ``step`` overrides the step number (a trainer's global step); by default the
         watcher counts calls from 0. ``optimizer`` tells the rules how gradients are
-        used (Adam rescales them). ``loss`` (this step's loss, a tensor or number) lets
-        the every-step sentinel see a NaN or a spike in the loss itself. ``scaler`` is
+        used (Adam rescales them). ``loss`` (this step's loss: a number or a one-element
+        tensor; a per-sample loss is a ``ValueError``, not reduced, since gradwatch cannot
+        know your reduction) lets the every-step check see a NaN or a spike in the loss
+        itself. ``scaler`` is
         the ``torch.amp.GradScaler`` of fp16 training: statistics are then of unscaled
         gradients, and the Inf gradients of a step the scaler skips are not a NaN
-        error. Returns the findings new at this step.
+        error. Returns the findings new at this step. After :meth:`close` it measures
+        nothing and warns once.
         """
         if self._closed:
+            self._guard.say_once(
+                "step after close",
+                "gradwatch: watcher.step() was called after close(): nothing is measured. "
+                "Start a new watcher with gradwatch.watch(model) to go on watching.",
+                level=logging.WARNING,
+            )
             return []
+        # The caller's own arguments: a wrong one is their mistake, said at the call.
+        optimizer_object(optimizer)
+        loss_argument(loss)
         label = self._count if step is None else int(step)
         if optimizer is not None:
             self._optimizer = optimizer
@@ -703,8 +722,20 @@ class Watcher:
     def _claim(self, root: nn.Module) -> None:
         if _owner(root) is not None:
             gc.collect()  # a dropped watcher caught in a reference cycle goes now
+        earlier = _owner(root)
+        if earlier is not None and earlier.module is root:
+            # The same model watched again (a notebook cell run twice): the newer call is
+            # what the person means; the earlier watcher is closed, not left half-attached.
+            earlier.close()
+            warn_user(
+                f"gradwatch: {type(root).__name__} was already watched; that watcher is "
+                "closed and this one replaces it.",
+                stacklevel=None,
+            )
         owner = _owner(root)
         if owner is not None:
+            # A part of a watched model, or a model with a watched part: closing a watcher
+            # of something else would be a surprise, so say how to free it.
             raise ValueError(
                 f"{type(root).__name__} (or a module inside it) is already watched by "
                 f"{owner!r}. Use that watcher, or free the model first: call that watcher's "
@@ -715,7 +746,7 @@ class Watcher:
             warn_user(
                 f"gradwatch: the previous watcher of {type(root).__name__} was dropped "
                 "without close(); this watcher replaces it.",
-                stacklevel=6,
+                stacklevel=None,
             )
         mine = weakref.ref(self)
         for module in root.modules():
@@ -828,15 +859,87 @@ def _name(reporter: object) -> str:
     return getattr(reporter, "name", type(reporter).__name__)
 
 
-def watch(module: nn.Module, **options: Any) -> Watcher:
-    """Start watching ``module``; see :class:`Watcher` for the options.
+@suggest_keywords("gradwatch.watch()")
+def watch(
+    module: nn.Module,
+    *,
+    every_n_steps: int = 15,
+    rules: Sequence[Rule] | None = None,
+    select: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
+    thresholds: Mapping[str, Mapping[str, float]] | None = None,
+    reporters: Sequence[Reporter] | None = None,
+    layers: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    optimizer: Any = None,
+    history: int = 256,
+    detail_every: int = 200,
+    activations: bool = True,
+    sync: bool | None = None,
+    deferred: bool | Literal["auto"] = "auto",
+    scaler: Any = None,
+    sentinel: bool = True,
+) -> Watcher:
+    """Start watching ``module`` (any ``nn.Module``); returns the :class:`Watcher`.
+
+    Call ``watcher.step()`` after ``loss.backward()`` and before ``optimizer.step()``.
+    Every option is keyword-only; a misspelled one is a ``TypeError`` that suggests the
+    closest name. Watching a model that is already watched (a notebook cell run again)
+    closes the earlier watcher and says so in one line.
+
+    Args:
+        every_n_steps: measure every n-th step (default 15); the steps between cost
+            almost nothing (a NaN/Inf or a surge is still checked every step).
+        rules: the rules to run instead of the built-in set (e.g. to add your own
+            :class:`~gradwatch.rules.Rule`).
+        select, ignore: keep / drop rules by code, code prefix or slug
+            (``select=["GW1"]``, ``ignore=["dead-units"]``).
+        thresholds: per-rule threshold overrides, ``{"GW101": {"ratio": 1e-3}}``.
+        reporters: where findings go (default: the terminal and the ``logging`` logger
+            "gradwatch"; ``[]`` for none).
+        layers, exclude: glob patterns of module names to watch / to skip.
+        optimizer: the optimizer instance (not its class), so that the rules weigh
+            gradients as it will (Adam rescales them; SGD's learning rate sizes the
+            step). Also accepted by ``watcher.step(optimizer=...)``.
+        history: how many monitored steps to keep (default 256).
+        detail_every: steps between the more expensive detail measurements (default 200).
+        activations: False measures gradients only (no forward hooks).
+        sync: combine statistics across ranks (default: when a process group with more
+            than one rank is initialised).
+        deferred: read statistics one monitored step late so a GPU never waits
+            (default ``"auto"``: on CUDA).
+        scaler: the ``torch.amp.GradScaler`` of fp16 training (statistics are then of
+            unscaled gradients, and a step the scaler skips is not a NaN error).
+        sentinel: check every step for NaN/Inf and sudden gradient jumps (default True).
 
     >>> import torch, gradwatch
     >>> model = torch.nn.Linear(3, 1)
     >>> watcher = gradwatch.watch(model, reporters=[])
     >>> watcher.close()
+    >>> gradwatch.watch(model, every_n_step=5)
+    Traceback (most recent call last):
+    ...
+    TypeError: gradwatch.watch() has no option 'every_n_step'; did you mean 'every_n_steps'?
     """
-    return Watcher(module, **options)
+    return Watcher(
+        module,
+        every_n_steps=every_n_steps,
+        rules=rules,
+        select=select,
+        ignore=ignore,
+        thresholds=thresholds,
+        reporters=reporters,
+        layers=layers,
+        exclude=exclude,
+        optimizer=optimizer,
+        history=history,
+        detail_every=detail_every,
+        activations=activations,
+        sync=sync,
+        deferred=deferred,
+        scaler=scaler,
+        sentinel=sentinel,
+    )
 
 
 __all__ = ["Watcher", "logger", "release", "watch"]

@@ -34,7 +34,7 @@ from gradwatch.reporters.metrics import (
 )
 from gradwatch.rules import Rule, resolve_rules, rule_matches
 from gradwatch.stats import StepStats
-from gradwatch.validation import deferred_option, whole_number
+from gradwatch.validation import deferred_option, flag, whole_number
 
 #: Per-layer statistics that ``log_stats=`` may name (fields of :class:`LayerStats`, plus
 #: ``active_fraction``: the share of a ReLU layer's units active in the step's batch).
@@ -74,6 +74,7 @@ class CallbackOptions:
         detail_every: int | None = None,
         activations: bool = True,
         deferred: bool | Literal["auto"] = "auto",
+        sentinel: bool = True,
     ) -> None:
         for name, value in (
             ("every_n_steps", every_n_steps),
@@ -83,6 +84,8 @@ class CallbackOptions:
         ):
             whole_number(name, value, allow_none=True)
         deferred_option(deferred)
+        flag("activations", activations)
+        flag("sentinel", sentinel)
         select = list(select) if select is not None else None
         ignore = list(ignore) if ignore is not None else None
         chosen = resolve_rules(rules, select=select, ignore=ignore, thresholds=thresholds)
@@ -108,6 +111,7 @@ class CallbackOptions:
             "exclude": exclude,
             "activations": activations,
             "deferred": deferred,
+            "sentinel": sentinel,
         }
         # Left out when not given: the watcher's own defaults apply.
         if every_n_steps is not None:
@@ -159,11 +163,17 @@ class StopCondition:
     ) -> StopCondition | None:
         if value is None:
             return None
-        items = [value] if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            items: list[Any] = [value]
+        elif isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+            items = list(value)
+        else:  # True, 1, ...: say what is accepted instead of "not iterable"
+            items = []
         if not items or not all(isinstance(item, str) and item.strip() for item in items):
             raise ValueError(
                 f"stop_on must be a severity ({', '.join(SEVERITIES)}), a rule code or slug, "
-                f"or a list of them; got {value!r}"
+                f"or a list of them (e.g. stop_on=\"error\" or stop_on=[\"GW103\"]); None "
+                f"never stops; got {value!r}"
             )
         severities = [i.strip().lower() for i in items if i.strip().lower() in SEVERITIES]
         patterns = [i.strip() for i in items if i.strip().lower() not in SEVERITIES]

@@ -1,0 +1,180 @@
+"""The first hour of a new user: mistakes caught at the call that made them, a cell run
+twice, logging configured the ordinary way. Real (small) training runs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch import GradwatchWarning
+
+from .support import mlp, train
+
+
+def _deep_sigmoid() -> nn.Sequential:
+    return mlp(12, nn.Sigmoid, width=32)
+
+
+# -- options: explicit, and a misspelling answered with the closest name ----------------
+
+
+def test_a_misspelled_watch_option_suggests_the_closest_name():
+    model = mlp(3)
+    typo = r"has no option 'every_n_step'; did you mean 'every_n_steps'\?"
+    with pytest.raises(TypeError, match=typo) as error:
+        gradwatch.watch(model, every_n_step=5)
+    assert "Watcher" not in str(error.value) and "__init__" not in str(error.value)
+    with pytest.raises(TypeError, match="did you mean 'thresholds'"):
+        gradwatch.Watcher(model, treshold={})
+    gradwatch.watch(model, reporters=[]).close()  # the failed calls left nothing behind
+
+
+def test_watch_options_are_visible_to_help_and_ides():
+    import inspect
+
+    names = set(inspect.signature(gradwatch.watch).parameters)
+    assert {"every_n_steps", "select", "thresholds", "optimizer", "scaler", "sentinel"} <= names
+    assert not any(
+        p.kind is p.VAR_KEYWORD for p in inspect.signature(gradwatch.watch).parameters.values()
+    )
+
+
+def test_an_optimizer_class_or_a_model_is_refused_with_what_to_pass():
+    model = mlp(3)
+    with pytest.raises(ValueError, match=r"optimizer instance, e\.g\. torch\.optim\.SGD\(model"):
+        gradwatch.watch(model, optimizer=torch.optim.SGD)
+    with pytest.raises(ValueError, match="got a model"):
+        gradwatch.watch(model, optimizer=model)
+    watcher = gradwatch.watch(model, reporters=[])
+    with pytest.raises(ValueError, match="not the class Adam"):
+        watcher.step(optimizer=torch.optim.Adam)
+    watcher.close()
+
+
+def test_a_loss_that_is_not_one_number_is_refused_at_the_call():
+    model = mlp(3)
+    with gradwatch.watch(model, every_n_steps=1, reporters=[]) as watcher:
+        out = model(torch.randn(8, 64))
+        labels = torch.zeros(8, dtype=torch.long)
+        per_sample = nn.functional.cross_entropy(out, labels, reduction="none")
+        per_sample.mean().backward()
+        with pytest.raises(ValueError, match="must be a number or a one-element tensor"):
+            watcher.step(loss="high")
+        with pytest.raises(ValueError, match=r"shape \(8,\)"):
+            watcher.step(loss=per_sample)
+        assert watcher.step(loss=per_sample.mean()) == []
+        assert watcher.latest is not None and watcher.latest.loss == pytest.approx(
+            float(per_sample.mean().detach())
+        )
+
+
+def test_step_after_close_warns_once():
+    model = mlp(3)
+    watcher = gradwatch.watch(model, reporters=[])
+    watcher.close()
+    with pytest.warns(GradwatchWarning, match="after close") as seen:
+        watcher.step()
+        watcher.step()
+    assert len([w for w in seen if "after close" in str(w.message)]) == 1
+
+
+def test_lightning_callback_options_are_checked_with_suggestions():
+    pytest.importorskip("lightning")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    typo = r"GradWatchCallback\(\) has no option 'stop_at'; did you mean 'stop_on'"
+    with pytest.raises(TypeError, match=typo):
+        GradWatchCallback(stop_at="error")
+    with pytest.raises(ValueError, match=r"stop_on must be a severity .* got True"):
+        GradWatchCallback(stop_on=True)
+    with pytest.raises(ValueError, match="sentinel must be True or False"):
+        GradWatchCallback(sentinel="yes")
+
+
+def test_transformers_callback_options_are_checked_with_suggestions():
+    pytest.importorskip("transformers")
+    from gradwatch.integrations.transformers import GradWatchCallback
+
+    with pytest.raises(TypeError, match="did you mean 'log_layers'"):
+        GradWatchCallback(log_layer=3)
+    with pytest.raises(ValueError, match="stop_on must be"):
+        GradWatchCallback(stop_on=1)
+
+
+def test_lightning_callback_sentinel_false_checks_only_monitored_steps():
+    """With ``sentinel=False`` a NaN at a step between monitored ones waits for the next
+    monitored step; with the default it is measured at that very step."""
+    pytest.importorskip("lightning")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    from .dist_scripts.lit_models import digits_loader, healthy, quiet_trainer
+
+    def first_nan_step(**options) -> int:
+        module = healthy()
+        original = module.training_step
+
+        def poisoned(batch, batch_idx):
+            loss = original(batch, batch_idx)
+            return loss * float("nan") if batch_idx == 3 else loss
+
+        module.training_step = poisoned
+        callback = GradWatchCallback(every_n_steps=10, reporters=[], log_stats=False, **options)
+        quiet_trainer(max_steps=12, callbacks=[callback], logger=False).fit(module, digits_loader())
+        return min(f.step for f in callback.findings if f.code == "GW103")
+
+    assert first_nan_step() == 3
+    assert first_nan_step(sentinel=False) == 10
+
+
+# -- a notebook cell run twice -------------------------------------------------------------
+
+
+def test_a_cell_run_twice_replaces_the_watcher_in_one_line(capsys):
+    model = _deep_sigmoid()
+    namespace = {"gradwatch": gradwatch, "model": model}
+    cell = "watcher = gradwatch.watch(model, every_n_steps=1, reporters=[])"
+    exec(cell, namespace)
+    first = namespace["watcher"]
+    with pytest.warns(GradwatchWarning, match="was already watched") as seen:
+        exec(cell, namespace)
+    assert len(seen) == 1
+    assert first.closed and not namespace["watcher"].closed
+    train(model, namespace["watcher"], steps=2)
+    namespace["watcher"].close()
+
+
+# -- logging configured the ordinary way ------------------------------------------------------
+
+
+@pytest.fixture
+def root_handlers():
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    yield root
+    root.handlers[:] = before[0]
+    root.setLevel(before[1])
+
+
+def test_basic_config_does_not_print_each_finding_twice(root_handlers, tmp_path, capsys):
+    console = logging.StreamHandler(sys.stderr)  # what basicConfig(level=INFO) installs
+    console.setFormatter(logging.Formatter("LOGGED %(message)s"))
+    log_file = tmp_path / "train.log"
+    to_file = logging.FileHandler(log_file)
+    root_handlers.addHandler(console)
+    root_handlers.addHandler(to_file)
+    root_handlers.setLevel(logging.INFO)
+    model = _deep_sigmoid()
+    watcher = gradwatch.watch(model, every_n_steps=5)  # default reporters
+    train(model, watcher, steps=20)
+    watcher.close()
+    to_file.close()
+    err = capsys.readouterr().err
+    assert "GW101 vanishing-gradient" in err  # the terminal reporter
+    assert not [line for line in err.splitlines() if line.startswith("LOGGED") and "GW101" in line]
+    logged = log_file.read_text()
+    assert logged.count("GW101 vanishing-gradient at step") == 1  # the log file has it
