@@ -3,6 +3,7 @@ and hands findings to the reporters."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -47,6 +48,7 @@ from .validation import (
     string_list,
     whole_number,
 )
+from .wording import FRAMEWORKS, detect_framework, indexed_classes, layer_classes
 
 # Models being watched, so that a second watch() replaces the first or fails clearly. The
 # watchers are held weakly: one dropped without close() (a re-run notebook cell) is
@@ -226,7 +228,11 @@ class Watcher:
         self._deferred_setting = deferred
         self._engine = RuleEngine(self.rules, self._guard)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
-        self._facts = ModelFacts.from_layers(self.layers, all_classes, compiled=self._compiled)
+        self._framework = detect_framework(optimizer, scaler) or "pytorch"
+        self._facts = ModelFacts.from_layers(
+            self.layers, all_classes, compiled=self._compiled, framework=self._framework
+        )
+        self._display = indexed_classes(self.module.named_modules())
         self._history = History(history)
         self._findings: deque[Finding] = deque(maxlen=MAX_FINDINGS)
         self._reporting = ReportingClock()
@@ -283,6 +289,12 @@ class Watcher:
         loss_argument(loss)
         label = self._count if step is None else int(step)
         if optimizer is not None:
+            if (
+                optimizer is not self._optimizer
+                and self._framework == "pytorch"  # an integration's own setting stands
+                and (found := detect_framework(optimizer))
+            ):
+                self.framework = found
             self._optimizer = optimizer
         if scaler is not None and (self._scaler is None or self._scaler.scaler is not scaler):
             check_scaler(scaler)
@@ -349,6 +361,21 @@ class Watcher:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def framework(self) -> str:
+        """What the training runs in, so that advice names its options: ``"pytorch"``,
+        ``"lightning"``, ``"fabric"``, ``"transformers"`` or ``"accelerate"``. The
+        integrations set it; an Accelerate or Fabric optimizer passed to the watcher
+        sets it too."""
+        return self._framework
+
+    @framework.setter
+    def framework(self, value: str) -> None:
+        if value not in FRAMEWORKS:
+            raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}; got {value!r}")
+        self._framework = value
+        self._facts = dataclasses.replace(self._facts, framework=value)
+
     def summary(self) -> list[SummaryRow]:
         """One row per announced problem: code, rule, layers, first step, status."""
         return self._engine.summary()
@@ -364,10 +391,12 @@ class Watcher:
         self._guard.call("statistics", self._read_pending, default=[])
         self._watched.close()
         summary = self._engine.summary()
-        for reporter in self.reporters:
-            close = getattr(reporter, "close", None)
-            if close is not None:
-                self._guard.call(f"reporter {_name(reporter)}", close, summary, default=None)
+        with layer_classes(self._display):
+            for reporter in self.reporters:
+                close = getattr(reporter, "close", None)
+                if close is not None:
+                    part = f"reporter {_name(reporter)}"
+                    self._guard.call(part, close, summary, default=None)
         self._release()
 
     def __enter__(self) -> Watcher:
@@ -510,7 +539,10 @@ class Watcher:
             self._hook_remover()  # the finaliser now removes the new probes' hooks
         self._collector = Collector(self.layers, self._reducer)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
-        self._facts = ModelFacts.from_layers(self.layers, all_classes, compiled=self._compiled)
+        self._facts = ModelFacts.from_layers(
+            self.layers, all_classes, compiled=self._compiled, framework=self._framework
+        )
+        self._display = indexed_classes(self.module.named_modules())
         self._params = [p for layer in self.layers for _, p in layer.params]
         self._index_of = {layer.name: layer.index for layer in self.layers}
         self._depth = {
@@ -575,6 +607,10 @@ class Watcher:
             if trip.loss is not None:
                 stats.loss = trip.loss
         self._history.append(stats)
+        with layer_classes(self._display):  # "0 (Linear)" in what the user reads
+            return self._judge_and_report(stats)
+
+    def _judge_and_report(self, stats: StepStats) -> list[Finding]:
         ctx = RuleContext(stats=stats, history=self._history, model=self._facts)
         new = self._engine.evaluate(ctx)
         if self._probes is not None and self._probes.active:

@@ -129,10 +129,19 @@ class CallbackOptions:
         return [*default_reporters(), *framework_extras()]
 
     def watch(
-        self, module: torch.nn.Module, *, reporters: Sequence[Reporter], **overrides: Any
+        self,
+        module: torch.nn.Module,
+        *,
+        reporters: Sequence[Reporter],
+        framework: str = "pytorch",
+        **overrides: Any,
     ) -> gradwatch.Watcher:
+        """The watcher for ``module``; ``framework`` makes its advice name that
+        framework's options (``gradient_clip_val``, ``max_grad_norm``)."""
         options = {**self.watch_options, **overrides}
-        return gradwatch.watch(module, reporters=list(reporters), **options)
+        watcher = gradwatch.watch(module, reporters=list(reporters), **options)
+        watcher.framework = framework
+        return watcher
 
 
 def parse_log_stats(value: bool | Sequence[str] | None) -> tuple[str, ...]:

@@ -327,7 +327,9 @@ class GradWatchCallback(Callback):
                     counts=lambda: finding_counts(self._watcher),
                 )
                 reporters.append(self._metrics)
-        return self.options.watch(pl_module, reporters=reporters, **overrides)
+        return self.options.watch(
+            pl_module, reporters=reporters, framework="lightning", **overrides
+        )
 
     def _lightning_logs_at(self, label: int) -> bool:
         """Whether Lightning writes its logs after optimizer step ``label`` (the watcher

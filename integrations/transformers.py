@@ -376,7 +376,9 @@ class GradWatchCallback(TrainerCallback, ExportableState):
                 counts=lambda: finding_counts(self._watcher),
             )
             reporters.append(self._metrics)
-        return self.options.watch(model, reporters=reporters, **overrides)
+        return self.options.watch(
+            model, reporters=reporters, framework="transformers", **overrides
+        )
 
     def _end_of_backward(self, model: torch.nn.Module, optimizer: Any) -> _EndOfBackward | None:
         # Under fp16 loss scaling the gradients still carry the scale at the end of

@@ -178,3 +178,96 @@ def test_basic_config_does_not_print_each_finding_twice(root_handlers, tmp_path,
     assert not [line for line in err.splitlines() if line.startswith("LOGGED") and "GW101" in line]
     logged = log_file.read_text()
     assert logged.count("GW101 vanishing-gradient at step") == 1  # the log file has it
+
+
+# -- advice in the user's framework ------------------------------------------------------------
+
+
+def _clip_hint(findings) -> str:
+    hints = [f.hint for f in findings if f.code == "GW102"]
+    assert hints, [f.code for f in findings]
+    return hints[0]
+
+
+def test_plain_pytorch_is_told_clip_grad_norm_():
+    torch.manual_seed(0)
+    model = mlp(4, width=32)
+    watcher = gradwatch.watch(model, every_n_steps=2, reporters=[])
+    train(model, watcher, steps=6, lr=5.0)
+    watcher.close()
+    hint = _clip_hint(watcher.findings)
+    assert "torch.nn.utils.clip_grad_norm_(model.parameters()" in hint
+    assert "Lightning" not in hint and "max_grad_norm" not in hint
+
+
+def test_lightning_is_told_gradient_clip_val():
+    pytest.importorskip("lightning")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    from .dist_scripts.lit_models import Classifier, digits_loader, quiet_trainer
+
+    torch.manual_seed(0)
+    callback = GradWatchCallback(every_n_steps=2, reporters=[], log_stats=False)
+    trainer = quiet_trainer(max_steps=6, callbacks=[callback], logger=False)
+    trainer.fit(Classifier(mlp(4, width=32), lr=5.0), digits_loader())
+    hint = _clip_hint(callback.findings)
+    assert "Trainer(gradient_clip_val=1.0)" in hint and "clip_grad_norm_" not in hint
+
+
+def test_transformers_trainer_is_told_max_grad_norm(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import Trainer
+
+    from gradwatch.integrations.transformers import GradWatchCallback
+
+    from .dist_scripts.hf_models import digit_data, trainer_args
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp(4, width=32)
+
+        def forward(self, x, labels):
+            return {"loss": nn.functional.cross_entropy(self.net(x), labels)}
+
+    torch.manual_seed(0)
+    callback = GradWatchCallback(every_n_steps=2, reporters=[], log_stats=False)
+    args = trainer_args(
+        tmp_path,
+        max_steps=7,
+        optim="sgd",
+        learning_rate=5.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,  # clipping switched off: the advice is to switch it on
+        per_device_train_batch_size=64,
+    )
+    Trainer(model=Net(), args=args, train_dataset=digit_data(), callbacks=[callback]).train()
+    hint = _clip_hint(callback.findings)
+    assert "TrainingArguments(max_grad_norm=1.0)" in hint
+    assert "gradient_clip_val" not in hint and "clip_grad_norm_" not in hint
+
+
+def test_accelerate_is_told_accelerator_clip_grad_norm_():
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = mlp(4, width=32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    watcher = gradwatch.watch(
+        accelerator.unwrap_model(prepared), every_n_steps=2, reporters=[], optimizer=optimizer
+    )
+    assert watcher.framework == "accelerate"
+    from .support import digits
+
+    x, y = digits()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        idx = torch.randint(0, len(x), (64,), generator=generator)
+        loss = nn.functional.cross_entropy(prepared(x[idx]), y[idx])
+        accelerator.backward(loss)
+        watcher.step()
+        optimizer.step()
+        optimizer.zero_grad()
+    watcher.close()
+    assert "accelerator.clip_grad_norm_(model.parameters(), 1.0)" in _clip_hint(watcher.findings)

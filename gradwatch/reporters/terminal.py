@@ -23,6 +23,7 @@ from rich.text import Text
 from ..findings import Finding, severity_rank
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
+from ..wording import display_name
 from .base import Reporter
 from .chart import TERMINAL_ROWS, gradient_flow_table, gradient_flow_text
 
@@ -47,7 +48,7 @@ def evidence_text(finding: Finding) -> str:
 
 def layers_text(names: Sequence[str], limit: int = 12) -> str:
     """Module names for display, the root as ``<root>``, the rest counted."""
-    shown = ", ".join(n or "<root>" for n in names[:limit])
+    shown = ", ".join(display_name(n) for n in names[:limit])
     more = len(names) - limit
     return shown + (f" (+{more} more)" if more > 0 else "")
 

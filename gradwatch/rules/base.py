@@ -40,6 +40,7 @@ from ..findings import Severity, severity_rank
 from ..history import History
 from ..kinds import MATRIX_KINDS, NORM
 from ..stats import LayerStats, StepStats
+from ..wording import display_name
 
 if TYPE_CHECKING:  # layers needs torch; rule metadata must not
     from ..layers import LayerInfo
@@ -54,10 +55,17 @@ class ModelFacts:
     has_normalization: bool
     matrix_layers: int
     compiled: bool = False
+    #: what the training runs in ("pytorch", "lightning", "fabric", "transformers",
+    #: "accelerate"), so hints name its options (see :mod:`gradwatch.wording`)
+    framework: str = "pytorch"
 
     @classmethod
     def from_layers(
-        cls, layers: Sequence[LayerInfo], all_classes: frozenset[str], compiled: bool = False
+        cls,
+        layers: Sequence[LayerInfo],
+        all_classes: frozenset[str],
+        compiled: bool = False,
+        framework: str = "pytorch",
     ) -> ModelFacts:
         kinds = Counter(layer.kind for layer in layers)
         return cls(
@@ -67,6 +75,7 @@ class ModelFacts:
             or any("Norm" in name for name in all_classes),
             matrix_layers=sum(kinds.get(k, 0) for k in MATRIX_KINDS),
             compiled=compiled,
+            framework=framework,
         )
 
     def uses(self, *class_names: str) -> bool:
@@ -319,7 +328,7 @@ def edge_size(n: int) -> int:
 
 
 def format_layers(names: Sequence[str], limit: int = 4) -> str:
-    shown = [name or "<root>" for name in names[:limit]]
+    shown = [display_name(name) for name in names[:limit]]
     more = len(names) - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 

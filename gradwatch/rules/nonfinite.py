@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+from ..wording import clip_gradients
 from .base import POSITIVE, RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
 from .masked_rows import attention_origin
 from .masked_rows import describe as describe_attention
@@ -81,11 +82,12 @@ already NaN, restart from a checkpoint."""
             return [collapse] if collapse is not None else []
         if not bad and math.isfinite(stats.global_grad_norm) and not loss_bad:
             return []
-        return [self._nonfinite(stats, ordered, bad, weights, loss_bad)]
+        return [self._nonfinite(ctx, ordered, bad, weights, loss_bad)]
 
-    def _nonfinite(self, stats, ordered, bad, weights, loss_bad) -> Condition:
+    def _nonfinite(self, ctx, ordered, bad, weights, loss_bad) -> Condition:
+        stats, framework = ctx.stats, ctx.model.framework
         if bad and all(s.grad_nonfinite == 0 for s in bad):
-            return self._overflow(stats, bad)
+            return self._overflow(stats, bad, framework)
         outputs = [s.name for s in ordered if s.output_nonfinite]
         attention = None
         forward_seen = any(s.output_nonfinite is not None for s in ordered)
@@ -159,8 +161,8 @@ already NaN, restart from a checkpoint."""
             origin = names[0]
             hint = (
                 "The forward pass is finite, so the backward pass overflowed or divided by "
-                "zero: clip gradients (clip_grad_norm_), lower the learning rate, add an eps "
-                "where the loss divides or takes a log, or use loss scaling with fp16."
+                f"zero: {clip_gradients(framework)}, lower the learning rate, add an eps "
+                "where the loss divides or takes a log."
             )
         evidence["origin"] = origin
         first = [origin] if origin else []
@@ -193,7 +195,7 @@ already NaN, restart from a checkpoint."""
             score=float(len(bad)),
         )
 
-    def _overflow(self, stats, bad) -> Condition:
+    def _overflow(self, stats, bad, framework: str) -> Condition:
         """Every value is finite, but so large that the norms overflow float32: the step
         before NaN."""
         names = [s.name for s in bad]
@@ -208,7 +210,7 @@ already NaN, restart from a checkpoint."""
                 "overflows float32 (no NaN/Inf values yet): the next step will be NaN"
             ),
             hint=(
-                "Training is diverging: clip gradients (clip_grad_norm_), lower or warm up "
+                f"Training is diverging: {clip_gradients(framework)}, lower or warm up "
                 "the learning rate, and restart from a checkpoint taken before the jump."
             ),
             evidence=evidence,

@@ -7,6 +7,7 @@ import math
 
 from ..kinds import SATURATING_KINDS, SIGMOID, TANH
 from ..units import mostly_dead, recent_blockers
+from ..wording import display_name
 from .base import RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
 from .profile import (
     FLOAT32_RESOLUTION,
@@ -157,7 +158,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
             hints.append(
                 "The backward signal itself reaches the early layers (ratio "
                 f"{signal.ratio:.2g}), but their inputs are small: check the scaling of the "
-                f"data fed to {first.name or '<root>'} (normalise inputs to mean 0, std 1)."
+                f"data fed to {display_name(first.name)} (normalise inputs to mean 0, std 1)."
             )
         sigmoids = activation_names(ctx.stats, (SIGMOID,))
         tanhs = activation_names(ctx.stats, (TANH,))
