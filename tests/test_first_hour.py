@@ -271,3 +271,117 @@ def test_accelerate_is_told_accelerator_clip_grad_norm_():
         optimizer.zero_grad()
     watcher.close()
     assert "accelerator.clip_grad_norm_(model.parameters(), 1.0)" in _clip_hint(watcher.findings)
+
+
+# -- the user's own numbers and causes ------------------------------------------------------------
+
+
+def _first(findings, code):
+    return next(f for f in findings if f.code == code and f.status == "new")
+
+
+@pytest.mark.parametrize("depth", [12, 20])
+def test_vanishing_hint_quotes_the_users_own_depth(depth):
+    torch.manual_seed(0)
+    model = mlp(depth, nn.Sigmoid, width=32)
+    watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
+    train(model, watcher, steps=15)
+    watcher.close()
+    hint = _first(watcher.findings, "GW101").hint
+    n = depth - 1  # sigmoids between the Linear layers
+    assert f"{n} here: at most 0.25^{n} ~ {0.25**n:.1e}" in hint
+    assert "0.25^30" not in hint and "8.7e-19" not in hint
+
+
+def test_vanishing_that_appears_during_training_blames_training_not_init():
+    """A tanh net with the recommended init (xavier, gain 5/3) passes the gradient at
+    first; a learning rate far too high saturates it later."""
+    torch.manual_seed(0)
+    model = mlp(12, nn.Tanh, width=32)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"))
+            nn.init.zeros_(layer.bias)
+    watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
+    train(model, watcher, steps=45, lr=2.0)
+    watcher.close()
+    finding = _first(watcher.findings, "GW101")
+    assert finding.step > 10  # the first monitored steps were healthy
+    assert "collapsed during training" in finding.hint and "lr=2" in finding.hint
+    assert "xavier" not in finding.hint and "kaiming" not in finding.hint
+
+
+def test_vanishing_from_the_start_still_advises_the_init():
+    torch.manual_seed(0)
+    model = mlp(12, nn.Tanh, std=0.05, width=32)
+    watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
+    train(model, watcher, steps=15)
+    watcher.close()
+    hint = _first(watcher.findings, "GW101").hint
+    assert "xavier" in hint and "during training" not in hint
+
+
+# -- NaN: where it begins, said in the user's names ------------------------------------------
+
+
+def _nan_at(step: int):
+    def poison(batch_step: int, x: torch.Tensor) -> torch.Tensor:
+        if batch_step == step:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return x
+
+    return poison
+
+
+def _loop(model, watcher, steps, *, poison=None, skip_nonfinite=True):
+    from .support import digits
+
+    x, y = digits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        batch = x[step * 32 : step * 32 + 32]
+        if poison is not None:
+            batch = poison(step, batch)
+        loss = nn.functional.cross_entropy(model(batch), y[step * 32 : step * 32 + 32])
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss.detach())
+        if not skip_nonfinite or torch.isfinite(loss):
+            opt.step()
+
+
+def test_nan_in_the_root_module_names_it_root_and_the_next_clean_pass_is_reported():
+    model = nn.Linear(64, 10)  # the model is itself the only layer: its name is ""
+    watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
+    _loop(model, watcher, 12, poison=_nan_at(3))
+    watcher.close()
+    nan = _first(watcher.findings, "GW103")
+    assert nan.step == 3 and "(first layer <root>)" in nan.message
+    follow = [f for f in watcher.findings if f.evidence.get("nonfinite_step") == 3]
+    assert len(follow) == 1 and follow[0].step == 5 and follow[0].severity == "info"
+    assert "was finite in every module" in follow[0].message
+
+
+class _BreaksAfter(nn.Module):
+    """Takes the log of its input from its ``after``-th call on: NaN for negative inputs."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.calls = after, 0
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        self.calls += 1
+        return (torch.log(x) if self.calls > self.after else x) * self.scale
+
+
+def test_nan_follow_up_names_the_module_whose_output_breaks():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), _BreaksAfter(3), nn.Linear(32, 10))
+    watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
+    _loop(model, watcher, 8)
+    watcher.close()
+    assert _first(watcher.findings, "GW103").step == 3
+    follow = next(f for f in watcher.findings if f.evidence.get("nonfinite_step") == 3)
+    assert follow.step == 5 and follow.layers[0] == "2"
+    assert "begins in the forward output of 2 (_BreaksAfter)" in follow.message

@@ -244,7 +244,7 @@ class TerminalReporter(Reporter):
         charted = False
         for finding in shown:
             if finding.status == "resolved":
-                line = f"gradwatch: {finding.title} {finding.message} (step {finding.step})"
+                line = f"gradwatch: {finding.title} {finding.message}"
                 self._emit(Text(line, style="cyan"), line)
                 continue
             with_chart = self.chart and not charted

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
+from typing import Any
 
-from ..wording import clip_gradients
+from ..wording import clip_gradients, display_name
 from .base import POSITIVE, RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
 from .masked_rows import attention_origin
 from .masked_rows import describe as describe_attention
@@ -67,7 +69,93 @@ already NaN, restart from a checkpoint."""
     clear_after = 3
     fast = True
 
+    def __init__(self, **thresholds: float) -> None:
+        super().__init__(**thresholds)
+        #: step of a NaN/Inf whose origin is not known yet: the next forward pass that is
+        #: watched says where it begins, or that it was clean
+        self._origin_pending: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"origin_pending": self._origin_pending}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pending = state.get("origin_pending")
+        self._origin_pending = int(pending) if pending is not None else None
+
     def check(self, ctx: RuleContext) -> list[Condition] | None:
+        found = self._check(ctx)
+        follow_up = self._follow_up(ctx)
+        if follow_up is None:
+            return found
+        return [*(found or []), follow_up]
+
+    def _follow_up(self, ctx: RuleContext) -> Condition | None:
+        """What the first watched forward pass after a NaN/Inf of unknown origin showed:
+        the module whose output is non-finite, poisoned weights, or nothing wrong."""
+        since = self._origin_pending
+        ordered = ctx.stats.by_depth()
+        if since is None or ctx.stats.step <= since:
+            return None
+        if not any(s.output_nonfinite is not None for s in ordered):
+            return None  # this step's forward pass was not watched: wait for one that is
+        self._origin_pending = None
+        weights = [
+            s.name for s in ordered if s.param_norm is not None and not math.isfinite(s.param_norm)
+        ]
+        outputs = [s.name for s in ordered if s.output_nonfinite]
+        evidence: dict[str, object] = {"nonfinite_step": since}
+        if weights:
+            evidence["first_nonfinite_weights"] = weights[0]
+            return Condition(
+                key="origin",
+                layers=tuple(weights),
+                message=(
+                    f"after the NaN/Inf gradient of step {since}, the weights of "
+                    f"{format_layers(weights)} are NaN/Inf: the optimizer applied it"
+                ),
+                hint=(
+                    "Skip the optimizer step when the gradients are not finite (check "
+                    "torch.isfinite on the loss or the gradient norm), and restart from a "
+                    "checkpoint taken before it."
+                ),
+                evidence=evidence,
+                window=1,
+            )
+        if outputs:
+            evidence["first_nonfinite_output"] = outputs[0]
+            return Condition(
+                key="origin",
+                layers=tuple(outputs),
+                message=(
+                    f"the NaN/Inf of step {since} begins in the forward output of "
+                    f"{display_name(outputs[0])} (first module in forward order whose output "
+                    "is NaN/Inf)"
+                ),
+                hint=(
+                    f"Check the input and the operation of {display_name(outputs[0])} (log "
+                    "of 0, division by ~0, sqrt of a negative, overflow in fp16)."
+                ),
+                evidence=evidence,
+                window=1,
+            )
+        evidence["clean_forward_step"] = ctx.stats.step
+        return Condition(
+            key="origin",
+            layers=(),
+            message=(
+                f"the forward pass of step {ctx.stats.step} was finite in every module: the "
+                f"NaN/Inf of step {since} came from that step's batch or its backward pass"
+            ),
+            hint=(
+                "Check the batches for NaN/Inf and out-of-range labels, and the operations "
+                "whose derivative can blow up (sqrt near 0, division, log)."
+            ),
+            evidence=evidence,
+            severity="info",
+            window=1,
+        )
+
+    def _check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
         ordered = stats.by_depth()
         bad = [s for s in ordered if s.grad_norm is not None and not math.isfinite(s.grad_norm)]
@@ -129,7 +217,8 @@ already NaN, restart from a checkpoint."""
                 hint = "The input batch itself holds NaN/Inf: clean the data (torch.isfinite)."
             else:
                 hint = (
-                    f"The forward output of {origin} is NaN/Inf: check its input and operation "
+                    f"The forward output of {display_name(origin)} is NaN/Inf: check its input and "
+                    "operation "
                     "(log of 0, division by ~0, overflow in fp16 -> use bf16 or a GradScaler)."
                 )
         elif not forward_seen and (bad or loss_bad):
@@ -143,8 +232,9 @@ already NaN, restart from a checkpoint."""
                 "batch (torch.isfinite(x).all(), labels in range) and operations such as "
                 "log, division, sqrt and exp; skip non-finite batches or clip gradients. "
                 "gradwatch watches the next forward passes to name the first module whose "
-                "output is NaN/Inf."
+                "output is NaN/Inf, and says what it finds."
             )
+            self._origin_pending = stats.step
         elif not bad:
             origin = ""
             if loss_bad:
@@ -178,15 +268,18 @@ already NaN, restart from a checkpoint."""
         if loss_bad and bad:
             message += "; the loss is NaN/Inf"
         if weights:
-            message += f"; first appears in the weights of {origin}"
+            message += f"; first appears in the weights of {display_name(origin)}"
         elif attention is not None:
             message += f"; first appears in {where}"
         elif outputs:
-            message += f"; first appears in the forward output of {origin}"
+            message += f"; first appears in the forward output of {display_name(origin)}"
         elif not forward_seen and names:
-            message += f"; the weights were finite: it began at this step (first layer {origin})"
+            message += (
+                "; the weights were finite: it began at this step (first layer "
+                f"{display_name(origin)})"
+            )
         elif names:
-            message += f"; first layer in forward order: {origin}"
+            message += f"; first layer in forward order: {display_name(origin)}"
         return Condition(
             layers=tuple(layers),
             message=message,
