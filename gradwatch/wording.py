@@ -89,6 +89,16 @@ def clip_gradients(framework: str, max_norm: str = "1.0") -> str:
     return f"clip gradients ({how})"
 
 
+#: Activations whose gradient is not exactly zero for negative inputs, as advice offers them.
+_LEAKY = ("LeakyReLU", "GELU")
+
+
+def alternatives(used: Any, offered: tuple[str, ...] = _LEAKY) -> list[str]:
+    """The activations of ``offered`` the model does not use yet (``used``: anything
+    with ``uses(*class_names)``, such as :class:`~gradwatch.rules.base.ModelFacts`)."""
+    return [name for name in offered if not used.uses(name)]
+
+
 def capitalised(text: str) -> str:
     """``text`` with its first letter upper-case (for advice that starts a sentence)."""
     return text[:1].upper() + text[1:]
@@ -117,6 +127,7 @@ def detect_framework(optimizer: Any = None, scaler: Any = None) -> str | None:
 __all__ = [
     "FRAMEWORKS",
     "Framework",
+    "alternatives",
     "capitalised",
     "clip_gradients",
     "detect_framework",

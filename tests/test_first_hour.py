@@ -385,3 +385,27 @@ def test_nan_follow_up_names_the_module_whose_output_breaks():
     follow = next(f for f in watcher.findings if f.evidence.get("nonfinite_step") == 3)
     assert follow.step == 5 and follow.layers[0] == "2"
     assert "begins in the forward output of 2 (_BreaksAfter)" in follow.message
+
+
+def test_dead_units_of_a_gelu_net_are_called_gelu_and_gelu_is_not_advised():
+    torch.manual_seed(0)
+    model = mlp(5, nn.GELU, width=32)
+    with torch.no_grad():
+        model[4].bias.fill_(-30.0)  # GELU(x) and its derivative are exactly 0 down there
+    watcher = gradwatch.watch(model, every_n_steps=3, reporters=[])
+    train(model, watcher, steps=12)
+    watcher.close()
+    finding = _first(watcher.findings, "GW201")
+    assert "dead GELU units" in finding.message and "ReLU" not in finding.message
+    assert "LeakyReLU" in finding.hint and "GELU" not in finding.hint.replace("LeakyReLU", "")
+
+
+def test_dead_units_of_a_relu_net_are_still_called_relu():
+    from .zoo import relu_with_dead_layer
+
+    model = relu_with_dead_layer()
+    watcher = gradwatch.watch(model, every_n_steps=3, reporters=[])
+    train(model, watcher, steps=12)
+    watcher.close()
+    finding = _first(watcher.findings, "GW201")
+    assert "dead ReLU units" in finding.message and "LeakyReLU/GELU" in finding.hint

@@ -58,6 +58,8 @@ class ModelFacts:
     #: what the training runs in ("pytorch", "lightning", "fabric", "transformers",
     #: "accelerate"), so hints name its options (see :mod:`gradwatch.wording`)
     framework: str = "pytorch"
+    #: class name of each watched module, by qualified name
+    classes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_layers(
@@ -76,6 +78,7 @@ class ModelFacts:
             matrix_layers=sum(kinds.get(k, 0) for k in MATRIX_KINDS),
             compiled=compiled,
             framework=framework,
+            classes={layer.name: type(layer.module).__name__ for layer in layers},
         )
 
     def uses(self, *class_names: str) -> bool:

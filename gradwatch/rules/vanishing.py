@@ -249,7 +249,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
             )
         if dead:
             hints.append(
-                f"Most units of {format_layers(dead, 3)} are dead ReLUs (see GW201): no "
+                f"Most units of {format_layers(dead, 3)} are dead (see GW201): no "
                 "gradient passes them, so the layers before them starve."
             )
         if not ctx.model.has_normalization:
