@@ -27,6 +27,7 @@ from .history import History
 from .keywords import suggest_keywords
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
+from .precision import AutocastProbe, has_fp16_weights
 from .probes import ProbeRecord, Probes
 from .reporters import LoggingReporter, Reporter, default_reporters
 from .reporters.timing import ReportingClock, slow_reporter_notice
@@ -229,8 +230,19 @@ class Watcher:
         self._engine = RuleEngine(self.rules, self._guard)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
         self._framework = detect_framework(optimizer, scaler) or "pytorch"
+        self._fp16 = has_fp16_weights(self.module)
         self._facts = ModelFacts.from_layers(
-            self.layers, all_classes, compiled=self._compiled, framework=self._framework
+            self.layers,
+            all_classes,
+            compiled=self._compiled,
+            framework=self._framework,
+            fp16=self._fp16,
+        )
+        # fp16 autocast shows in the first forward pass only (one hook, then none).
+        self._autocast = (
+            AutocastProbe(self.module, _call_weakly(self, "_note_fp16"))
+            if not self._fp16 and not self._compiled
+            else None
         )
         self._display = indexed_classes(self.module.named_modules())
         self._history = History(history)
@@ -369,6 +381,10 @@ class Watcher:
         sets it too."""
         return self._framework
 
+    def _note_fp16(self) -> None:
+        self._fp16 = True
+        self._facts = dataclasses.replace(self._facts, fp16=True)
+
     @framework.setter
     def framework(self, value: str) -> None:
         if value not in FRAMEWORKS:
@@ -386,6 +402,8 @@ class Watcher:
         if self._closed:
             return
         self._closed = True
+        if self._autocast is not None:
+            self._autocast.remove()
         if self._probes is not None:
             self._probes.disarm()
         self._guard.call("statistics", self._read_pending, default=[])
@@ -540,7 +558,11 @@ class Watcher:
         self._collector = Collector(self.layers, self._reducer)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
         self._facts = ModelFacts.from_layers(
-            self.layers, all_classes, compiled=self._compiled, framework=self._framework
+            self.layers,
+            all_classes,
+            compiled=self._compiled,
+            framework=self._framework,
+            fp16=self._fp16,
         )
         self._display = indexed_classes(self.module.named_modules())
         self._params = [p for layer in self.layers for _, p in layer.params]
@@ -805,6 +827,7 @@ class Watcher:
             teardown = self.__dict__["_teardown"] = _Teardown()
         teardown.probes = self.__dict__.get("_probes")
         teardown.watched = self.__dict__.get("_watched")
+        teardown.autocast = self.__dict__.get("_autocast")
         return teardown
 
     def _abandon(self) -> None:
@@ -831,8 +854,11 @@ class _Teardown:
     def __init__(self) -> None:
         self.probes: Probes | None = None
         self.watched: WatchedSet | None = None
+        self.autocast: AutocastProbe | None = None
 
     def __call__(self) -> None:
+        if self.autocast is not None:
+            self.autocast.remove()
         if self.probes is not None:
             self.probes.disarm()
         if self.watched is not None:
@@ -883,6 +909,19 @@ def _loss_value(loss: Any) -> float | None:
     if isinstance(loss, torch.Tensor) and loss.numel() == 1 and not loss.is_cuda:
         return float(loss.detach())
     return None
+
+
+def _call_weakly(owner: object, method: str) -> Callable[[], None]:
+    """A callable that calls ``owner.method()`` while ``owner`` lives, without keeping it
+    alive (for hooks that a watcher dropped without close() leaves behind)."""
+    ref = weakref.ref(owner)
+
+    def call() -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, method)()
+
+    return call
 
 
 def _has_nonfinite(values: list[float], layout: Layout) -> bool:

@@ -409,3 +409,54 @@ def test_dead_units_of_a_relu_net_are_still_called_relu():
     watcher.close()
     finding = _first(watcher.findings, "GW201")
     assert "dead ReLU units" in finding.message and "LeakyReLU/GELU" in finding.hint
+
+
+# -- fp16 without the scaler ----------------------------------------------------------------------
+
+
+def _fp16_run(pass_scaler: bool, steps: int = 8):
+    """fp16 autocast (on the CPU) with a GradScaler whose first scales overflow."""
+    from .support import digits
+
+    torch.manual_seed(0)
+    model = mlp(3, width=32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watcher = gradwatch.watch(
+        model, every_n_steps=4, reporters=[], scaler=scaler if pass_scaler else None
+    )
+    x, y = digits()
+    for step in range(steps):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x[step * 32 : step * 32 + 32]), y[:32])
+        scaler.scale(loss).backward()
+        watcher.step(loss=loss.detach())
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    watcher.close()
+    return watcher
+
+
+def test_fp16_without_the_scaler_says_to_pass_it_and_is_no_error():
+    watcher = _fp16_run(pass_scaler=False)
+    nan = _first(watcher.findings, "GW103")
+    assert nan.step == 0 and nan.severity == "warning"
+    assert "scaler=scaler" in nan.hint and "calibrates" in nan.hint
+    assert not [f for f in watcher.findings if f.code == "GW103" and f.severity == "error"]
+
+
+def test_fp16_with_the_scaler_passed_is_silent_while_it_calibrates():
+    watcher = _fp16_run(pass_scaler=True)
+    assert not [f for f in watcher.findings if f.code == "GW103"]
+
+
+def test_bf16_autocast_is_not_taken_for_fp16():
+    from gradwatch.precision import AutocastProbe
+
+    model = mlp(2)
+    seen = []
+    AutocastProbe(model, lambda: seen.append(True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 64))
+    assert seen == []

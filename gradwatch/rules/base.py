@@ -60,6 +60,8 @@ class ModelFacts:
     framework: str = "pytorch"
     #: class name of each watched module, by qualified name
     classes: Mapping[str, str] = field(default_factory=dict)
+    #: trains in float16 (autocast or fp16 weights), see :mod:`gradwatch.precision`
+    fp16: bool = False
 
     @classmethod
     def from_layers(
@@ -68,6 +70,7 @@ class ModelFacts:
         all_classes: frozenset[str],
         compiled: bool = False,
         framework: str = "pytorch",
+        fp16: bool = False,
     ) -> ModelFacts:
         kinds = Counter(layer.kind for layer in layers)
         return cls(
@@ -79,6 +82,7 @@ class ModelFacts:
             compiled=compiled,
             framework=framework,
             classes={layer.name: type(layer.module).__name__ for layer in layers},
+            fp16=fp16,
         )
 
     def uses(self, *class_names: str) -> bool:

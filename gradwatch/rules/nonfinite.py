@@ -170,7 +170,33 @@ already NaN, restart from a checkpoint."""
             return [collapse] if collapse is not None else []
         if not bad and math.isfinite(stats.global_grad_norm) and not loss_bad:
             return []
+        if ctx.model.fp16 and stats.loss_scale is None and bad and not weights and not loss_bad:
+            return [self._fp16_without_scaler(bad)]
         return [self._nonfinite(ctx, ordered, bad, weights, loss_bad)]
+
+    def _fp16_without_scaler(self, bad) -> Condition:
+        """fp16 with no loss scaler known: a GradScaler overflows the gradients on purpose
+        while it calibrates, so Inf gradients at a finite loss are first of all a sign
+        that gradwatch was not given the scaler."""
+        names = [s.name for s in bad]
+        return Condition(
+            key="fp16",
+            layers=tuple(names),
+            message=(
+                f"Inf/NaN gradients in {len(bad)} layer(s) under float16 with a finite loss, "
+                "and no loss scaler known to gradwatch"
+            ),
+            hint=(
+                "If you use a torch.amp.GradScaler, pass it: gradwatch.watch(model, "
+                "scaler=scaler) or watcher.step(scaler=scaler). Its first steps overflow on "
+                "purpose while it calibrates (it skips them), and gradwatch then reports "
+                "only a scale that keeps falling. Without a GradScaler, fp16 gradients "
+                "overflow and underflow: use one, or train in bfloat16."
+            ),
+            evidence={"layers_with_nonfinite_gradient": len(bad), "fp16": True},
+            severity="warning",
+            score=float(len(bad)),
+        )
 
     def _nonfinite(self, ctx, ordered, bad, weights, loss_bad) -> Condition:
         stats, framework = ctx.stats, ctx.model.framework
