@@ -460,3 +460,23 @@ def test_bf16_autocast_is_not_taken_for_fp16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 64))
     assert seen == []
+
+
+def test_an_attention_call_with_nothing_unmasked_is_no_largest_logit_of_zero():
+    """GW203's evidence series showed a stray 0: a call whose sampled rows held no
+    unmasked logit was read as a largest |logit| of 0. It is "not measured" now."""
+    import math
+
+    from gradwatch.attention_sample import AttentionCall, pack, read_back
+
+    def call(sample):
+        return AttentionCall("attn", "", "softmax", keys=2, rows=len(sample), depth=None,
+                             sample=sample)
+
+    masked = torch.full((4, 2), -math.inf)
+    sums, maxima, calls = pack([call(masked)])
+    stats = read_back(calls, torch.cat(sums).tolist(), torch.cat(maxima).tolist())
+    assert stats["attn"].max_logit is None
+    sums, maxima, calls = pack([call(masked), call(torch.tensor([[40.0, 1.0]]))])
+    stats = read_back(calls, torch.cat(sums).tolist(), torch.cat(maxima).tolist())
+    assert stats["attn"].max_logit == 40.0
