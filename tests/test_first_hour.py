@@ -480,3 +480,44 @@ def test_an_attention_call_with_nothing_unmasked_is_no_largest_logit_of_zero():
     sums, maxima, calls = pack([call(masked), call(torch.tensor([[40.0, 1.0]]))])
     stats = read_back(calls, torch.cat(sums).tolist(), torch.cat(maxima).tolist())
     assert stats["attn"].max_logit == 40.0
+
+
+# -- records: refused when built, read back strictly --------------------------------------------
+
+
+def test_jsonl_recorder_on_a_folder_or_under_a_file_is_refused_when_built(tmp_path):
+    with pytest.raises(ValueError, match="is a folder; give a file path"):
+        gradwatch.JsonlRecorder(tmp_path)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="is a file, so no folder can be made there"):
+        gradwatch.JsonlRecorder(blocker / "runs" / "run.jsonl")
+    recorder = gradwatch.JsonlRecorder(tmp_path / "new" / "run.jsonl")  # made at first write
+    recorder.close([])
+    assert gradwatch.read_record(tmp_path / "new" / "run.jsonl").summary == []
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+    reason="root may write anywhere",
+)
+def test_jsonl_recorder_in_a_read_only_folder_is_refused_when_built(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match="not writable"):
+            gradwatch.JsonlRecorder(locked / "run.jsonl")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_read_record_refuses_a_file_that_is_not_a_record(tmp_path):
+    other = tmp_path / "metrics.jsonl"
+    other.write_text('{"loss": 0.3}\n{"loss": 0.2}\n')
+    with pytest.raises(ValueError, match="has no gradwatch lines"):
+        gradwatch.read_record(other)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        gradwatch.read_record(empty)
