@@ -79,8 +79,9 @@ def module_kind(module: nn.Module) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip wrappers that only add a name prefix: DDP/DataParallel (``module.``) and
-    ``torch.compile`` (``_orig_mod.``)."""
+    """Strip wrappers that only add a name prefix: DDP/DataParallel (``module.``),
+    ``torch.compile`` (``_orig_mod.``) and Lightning Fabric's ``fabric.setup()`` wrapper
+    (``_forward_module.``; recognised by its attributes, without importing Lightning)."""
     seen = 0
     while seen < 8:
         seen += 1
@@ -88,9 +89,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
+        elif (fabric := _fabric_inner(model)) is not None:
+            model = fabric
         else:
             break
     return model
+
+
+def _fabric_inner(model: nn.Module) -> nn.Module | None:
+    """The module inside Lightning Fabric's ``_FabricModule``: the user's own module when
+    Fabric kept it, else the one its strategy wrapped (DDP, unwrapped next)."""
+    if type(model).__name__ != "_FabricModule":
+        return None
+    for name in ("_original_module", "_forward_module"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            return inner
+    return None
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -521,3 +521,34 @@ def test_read_record_refuses_a_file_that_is_not_a_record(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="is empty"):
         gradwatch.read_record(empty)
+
+
+# -- unusual but real setups ----------------------------------------------------------------------
+
+
+def test_lightning_fabric_module_is_unwrapped_and_fabric_advice_given():
+    fabric_mod = pytest.importorskip("lightning.fabric")
+    from .support import digits
+
+    fabric = fabric_mod.Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    model = mlp(4, width=32)
+    module, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=5.0))
+    watcher = gradwatch.watch(
+        module, optimizer=optimizer, every_n_steps=2, reporters=[], exclude=["6"]
+    )
+    assert watcher.module is model and watcher.framework == "fabric"
+    x, y = digits()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        idx = torch.randint(0, len(x), (64,), generator=generator)
+        fabric.backward(nn.functional.cross_entropy(module(x[idx]), y[idx]))
+        watcher.step()
+        optimizer.step()
+        optimizer.zero_grad()
+    watcher.close()
+    names = set(watcher.latest.layers)
+    assert "0" in names and "6" not in names  # the model's own names; exclude= works
+    assert not any(name.startswith("_forward_module") for name in names)
+    assert "fabric.clip_gradients(model, optimizer, max_norm=1.0)" in _clip_hint(watcher.findings)
+    assert gradwatch.release(module) is False  # unwrapped there too: nothing left open
