@@ -179,6 +179,9 @@ class Probes:
             for layer in self._layers
             if not layer.is_leaf
         }
+        self._root = root
+        #: a forward pass of the root module has started and not finished
+        self._in_forward = False
         # id(module) -> (module, hook), for the modules hooked in the current arming
         self._post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
         self._pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
@@ -222,6 +225,12 @@ class Probes:
             elif layer.index in self._core_hooks and layer.index not in self.skip_core:
                 post[id(module)] = (module, self._core_hooks[layer.index])
         self._post, self._pre = post, pre
+        self._in_forward = False
+        if self._root is not None and (pre or post):
+            # Two cheap hooks on the root tell a forward pass that an exception aborted
+            # (the out-of-memory pattern: catch, skip the batch, go on) from a finished one.
+            self._handles.append(self._root.register_forward_pre_hook(self._root_starts))
+            self._handles.append(self._root.register_forward_hook(self._root_ends))
         if pre:
             self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
         if post:
@@ -274,6 +283,24 @@ class Probes:
         entry = self._pre.get(id(module))
         if entry is not None and entry[0] is module:
             entry[1](module, args)
+        return None
+
+    def _root_starts(self, module: nn.Module, args: Any) -> None:
+        if self._off or is_compiling() or in_backward() or not grad_enabled():
+            return None
+        if self._in_forward:
+            # The last forward pass never returned: what it left (modules counted, output
+            # norms of a batch that was dropped) must not mix with this batch's. The
+            # forward order stays: it is the model's, and the global hooks (which run
+            # before this one) may already have placed the root in it.
+            order = self.record.order
+            self.record = ProbeRecord(detail=self._detail, order=order)
+            self._producer = None
+        self._in_forward = True
+        return None
+
+    def _root_ends(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._in_forward = False
         return None
 
     def _make_order_hook(self, index: int) -> Callable[..., None]:

@@ -552,3 +552,52 @@ def test_lightning_fabric_module_is_unwrapped_and_fabric_advice_given():
     assert not any(name.startswith("_forward_module") for name in names)
     assert "fabric.clip_gradients(model, optimizer, max_norm=1.0)" in _clip_hint(watcher.findings)
     assert gradwatch.release(module) is False  # unwrapped there too: nothing left open
+
+
+class _FailsOnce(nn.Module):
+    """Raises (like an out-of-memory error) at its ``when``-th call, half-way through."""
+
+    def __init__(self, when: int) -> None:
+        super().__init__()
+        self.when, self.calls = when, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.when:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return x
+
+
+@pytest.mark.parametrize("every_n_steps", [1, 2])  # detail and core statistics
+def test_a_forward_pass_aborted_by_an_exception_leaves_nothing_in_the_step(every_n_steps):
+    from .support import digits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), _FailsOnce(when=3), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watcher = gradwatch.watch(model, every_n_steps=every_n_steps, detail_every=1, reporters=[])
+    x, y = digits()
+    good = {}
+    for step in range(4):
+        for attempt in range(2):
+            batch = x[(step * 2 + attempt) * 16 :][:16]
+            try:
+                loss = nn.functional.cross_entropy(model(batch), y[:16])
+            except RuntimeError:
+                continue  # skip the batch, as out-of-memory recovery does
+            good[step] = batch
+            break
+        if step == 2:
+            with torch.no_grad():
+                rms_at_step_2 = model[0](good[2]).pow(2).mean().sqrt().item()
+        opt.zero_grad()
+        loss.backward()
+        watcher.step()
+        opt.step()
+    watcher.close()
+    # Call 3 (step 2, first attempt) failed after the first Linear and the ReLU had run.
+    stats = next(s for s in watcher.history if s.step == 2)
+    assert stats.layers["1"].calls == 1  # the ReLU is counted once, not twice
+    assert stats.layers["0"].output_rms is not None
+    # the Linear's output RMS is that of the batch that went through, at its weights then
+    assert stats.layers["0"].output_rms == pytest.approx(rms_at_step_2, rel=1e-4)
