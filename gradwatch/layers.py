@@ -171,13 +171,14 @@ def discover(
         kind = module_kind(module)
         params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         is_leaf = next(iter(module.children()), None) is None
-        if params:
-            probe = True
-        elif kind in (RELU, SIGMOID, TANH):
-            probe = not any(_is_inside(name, frozen) for frozen in frozen_subtrees)
-        else:
+        if not params and (
+            kind not in (RELU, SIGMOID, TANH)
+            # a frozen sub-network (a teacher, a frozen backbone): nothing is trained
+            # there, so its activations are neither measured nor listed
+            or any(_is_inside(name, frozen) for frozen in frozen_subtrees)
+        ):
             continue
-        layers.append(LayerInfo(len(layers), name, module, kind, params, is_leaf, probe))
+        layers.append(LayerInfo(len(layers), name, module, kind, params, is_leaf, True))
     return layers
 
 

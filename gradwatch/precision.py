@@ -7,17 +7,19 @@ gradients under fp16 are first of all a reason to pass it (``scaler=``), not pro
 broken model: the NaN/Inf rule words its finding so (see
 :attr:`gradwatch.rules.base.ModelFacts.fp16`).
 
-Autocast is a property of the forward pass, not of the model: one hook on the root
-module looks at the first forward pass that builds a graph, then removes itself.
+Autocast is a property of the forward pass, not of the model: one hook looks at the
+root module's first forward pass that builds a graph, then removes itself.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 
 def has_fp16_weights(module: nn.Module) -> bool:
@@ -40,13 +42,16 @@ class AutocastProbe:
 
     def __init__(self, root: nn.Module, found: Callable[[], None]) -> None:
         self._found = found
+        self._root = weakref.ref(root)
         self._device = next((p.device.type for p in root.parameters()), "cpu")
-        self._handle: Any = root.register_forward_pre_hook(self._look)
+        # A global hook, not one in the model's own tables: a watched model must stay
+        # picklable, copyable and scriptable.
+        self._handle: Any = register_module_forward_pre_hook(self._look)
         self.done = False
 
     def _look(self, module: nn.Module, args: Any) -> None:
-        if not torch.is_grad_enabled():
-            return None  # an evaluation pass says nothing about training precision
+        if module is not self._root() or not torch.is_grad_enabled():
+            return None  # another module, or an evaluation pass (it says nothing)
         self.remove()
         try:
             fp16 = torch.is_autocast_enabled(self._device) and (

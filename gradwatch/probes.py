@@ -226,12 +226,10 @@ class Probes:
                 post[id(module)] = (module, self._core_hooks[layer.index])
         self._post, self._pre = post, pre
         self._in_forward = False
-        if self._root is not None and (pre or post):
-            # Two cheap hooks on the root tell a forward pass that an exception aborted
-            # (the out-of-memory pattern: catch, skip the batch, go on) from a finished one.
-            self._handles.append(self._root.register_forward_pre_hook(self._root_starts))
-            self._handles.append(self._root.register_forward_hook(self._root_ends))
-        if pre:
+        # The global hooks also see the root start and end: that tells a forward pass an
+        # exception aborted (the out-of-memory pattern: catch, skip the batch, go on) from
+        # a finished one. (Global hooks, so the model's own hook tables stay untouched.)
+        if pre or (post and self._root is not None):
             self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
         if post:
             self._handles.append(register_module_forward_hook(self._dispatch_post))
@@ -277,31 +275,28 @@ class Probes:
         entry = self._post.get(id(module))
         if entry is not None and entry[0] is module:
             entry[1](module, args, output)
+        if module is self._root:
+            self._in_forward = False
         return None
 
     def _dispatch_pre(self, module: nn.Module, args: Any) -> None:
+        if module is self._root:
+            self._root_starts()
         entry = self._pre.get(id(module))
         if entry is not None and entry[0] is module:
             entry[1](module, args)
         return None
 
-    def _root_starts(self, module: nn.Module, args: Any) -> None:
+    def _root_starts(self) -> None:
         if self._off or is_compiling() or in_backward() or not grad_enabled():
-            return None
+            return
         if self._in_forward:
             # The last forward pass never returned: what it left (modules counted, output
             # norms of a batch that was dropped) must not mix with this batch's. The
-            # forward order stays: it is the model's, and the global hooks (which run
-            # before this one) may already have placed the root in it.
-            order = self.record.order
-            self.record = ProbeRecord(detail=self._detail, order=order)
+            # forward order stays: it is the model's own.
+            self.record = ProbeRecord(detail=self._detail, order=self.record.order)
             self._producer = None
         self._in_forward = True
-        return None
-
-    def _root_ends(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._in_forward = False
-        return None
 
     def _make_order_hook(self, index: int) -> Callable[..., None]:
         def order_hook(module: nn.Module, args: Any) -> None:

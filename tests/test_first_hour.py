@@ -601,3 +601,44 @@ def test_a_forward_pass_aborted_by_an_exception_leaves_nothing_in_the_step(every
     assert stats.layers["0"].output_rms is not None
     # the Linear's output RMS is that of the batch that went through, at its weights then
     assert stats.layers["0"].output_rms == pytest.approx(rms_at_step_2, rel=1e-4)
+
+
+class _Distilled(nn.Module):
+    """A student trained towards a frozen teacher's outputs, both inside one module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = mlp(3, nn.ReLU, width=32).requires_grad_(False)
+        self.student = mlp(2, nn.ReLU, width=16)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = self.teacher(x).softmax(-1)
+        return self.student(x), target
+
+
+def test_a_frozen_teacher_is_not_listed_as_layers_without_numbers(tmp_path):
+    from .support import digits
+
+    model = _Distilled()
+    path = tmp_path / "run.jsonl"
+    watcher = gradwatch.watch(
+        model, every_n_steps=1, reporters=[gradwatch.JsonlRecorder(path)]
+    )
+    opt = torch.optim.SGD(model.student.parameters(), lr=0.05)
+    x, _ = digits()
+    for step in range(3):
+        out, target = model(x[step * 32 : step * 32 + 32])
+        loss = nn.functional.cross_entropy(out, target)
+        opt.zero_grad()
+        loss.backward()
+        watcher.step()
+        opt.step()
+    watcher.close()
+    assert [layer.name for layer in watcher.layers] == [
+        "student.0", "student.1", "student.2"
+    ]
+    recorded = gradwatch.read_record(path).steps[-1].layers
+    assert not [name for name in recorded if name.startswith("teacher")]
+    assert all(recorded[name].grad_norm is not None for name in ("student.0", "student.2"))
+    assert not watcher.findings  # a healthy student, and no missing-gradient alarm
