@@ -226,15 +226,14 @@ class StopCondition:
 
 
 def finding_counts(watcher: gradwatch.Watcher | None) -> tuple[dict[str, int], int]:
-    """Announcements so far per rule code (every watched rule, 0 included), and how many
-    problems are still active."""
+    """Problems active now per rule code (every watched rule, 0 included: a chart of it
+    shows when each problem was present and when it cleared), and how many in all."""
     if watcher is None:
         return {}, 0
-    counts = Counter(f.code for f in watcher.findings if f.status in _ACTIVE)
-    codes = {rule.code: counts.get(rule.code, 0) for rule in watcher.rules}
-    codes.update(counts)
-    active = sum(1 for row in watcher.summary() if row.status == "active")
-    return codes, active
+    active = Counter(row.code for row in watcher.summary() if row.status == "active")
+    codes = {rule.code: active.get(rule.code, 0) for rule in watcher.rules}
+    codes.update(active)
+    return codes, sum(active.values())
 
 
 class MetricsBuffer(Reporter):
@@ -244,8 +243,9 @@ class MetricsBuffer(Reporter):
     the Trainer's ``logging_steps``) and adds the result to that row. Keys:
     ``gradwatch/<stat>/<layer>`` per layer (at most ``max_layers`` of them, spread evenly
     in depth, chosen once), ``gradwatch/global_grad_norm``, ``gradwatch/global_param_norm``
-    (on detail steps), ``gradwatch/findings/<code>`` (findings announced so far, per rule)
-    and ``gradwatch/active_findings`` (problems not yet resolved).
+    (on detail steps), ``gradwatch/findings/<code>`` (that rule's problems active at this
+    step: 1 while a problem is present, back to 0 once it is resolved) and
+    ``gradwatch/active_findings`` (problems not yet resolved, all rules).
     """
 
     name = "framework-metrics"

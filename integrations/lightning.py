@@ -13,7 +13,7 @@ What it does during ``trainer.fit``:
   problem present from the start is announced within 45 steps, and also at every step
   after which Lightning writes its logs (``log_every_n_steps``). Validation, test and
   predict loops are never measured (they run without gradients);
-- adds per-layer statistics, the global gradient norm and finding counts under
+- adds per-layer statistics, the global gradient norm and active problems per rule under
   ``gradwatch/`` keys to the rows Lightning logs (``self.log`` from the callback, never to
   the progress bar), so they share the step and epoch of your own metrics in every
   attached logger (CSV, TensorBoard, W&B, ...). Each row holds the statistics of the step

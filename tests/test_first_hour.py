@@ -642,3 +642,36 @@ def test_a_frozen_teacher_is_not_listed_as_layers_without_numbers(tmp_path):
     assert not [name for name in recorded if name.startswith("teacher")]
     assert all(recorded[name].grad_norm is not None for name in ("student.0", "student.2"))
     assert not watcher.findings  # a healthy student, and no missing-gradient alarm
+
+
+# -- gradwatch/findings/<code>: the problems active at the step ------------------------------------
+
+
+def test_findings_metric_is_the_active_state_and_drops_to_zero_once_resolved():
+    from gradwatch.integrations._callback import MetricsBuffer, finding_counts
+
+    torch.manual_seed(0)
+    model = mlp(12, nn.Tanh, width=32)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"))
+            nn.init.zeros_(layer.bias)
+    holder: dict = {}
+    buffer = MetricsBuffer(counts=lambda: finding_counts(holder["watcher"]))
+    watcher = holder["watcher"] = gradwatch.watch(model, every_n_steps=5, reporters=[buffer])
+    logged = {}
+
+    def log_row(step: int) -> None:
+        measured = buffer.pending_step
+        if measured is not None:
+            logged[measured] = buffer.take()
+
+    train(model, watcher, steps=36, lr=5.0, before_step=log_row)
+    watcher.close()
+    exploding = [f for f in watcher.findings if f.code == "GW102"]
+    resolved = next(f.step for f in exploding if f.status == "resolved")
+    started = min(f.step for f in exploding if f.status == "new")
+    series = {step: row["gradwatch/findings/GW102"] for step, row in logged.items()}
+    assert series[min(series)] == 0.0
+    assert all(v >= 1.0 for s, v in series.items() if started <= s < resolved)
+    assert series[resolved] == 0.0  # the problem cleared: no longer 1
