@@ -675,3 +675,18 @@ def test_findings_metric_is_the_active_state_and_drops_to_zero_once_resolved():
     assert series[min(series)] == 0.0
     assert all(v >= 1.0 for s, v in series.items() if started <= s < resolved)
     assert series[resolved] == 0.0  # the problem cleared: no longer 1
+
+
+def test_saturation_that_appears_during_training_blames_training_not_init():
+    torch.manual_seed(0)
+    model = mlp(12, nn.Tanh, width=32)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"))
+            nn.init.zeros_(layer.bias)
+    watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
+    train(model, watcher, steps=25, lr=2.0)
+    watcher.close()
+    finding = _first(watcher.findings, "GW202")
+    assert "saturated tanh outputs" in finding.message and "1 (Tanh)" in finding.message
+    assert "saturated during training" in finding.hint and "xavier" not in finding.hint
