@@ -268,7 +268,7 @@ def test_resume_from_checkpoint_does_not_announce_again(tmp_path, restore_flag, 
     saved = json.loads((tmp_path / "checkpoint-30" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["GradWatchCallback"]["args"] == {
         "every_n_steps": 5, "log_stats": True, "log_layers": 50, "activations": True,
-        "deferred": "auto",
+        "deferred": "auto", "sentinel": True,
     }
 
     second = GradWatchCallback(every_n_steps=5)
