@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .logsink import log_off_terminal
+
 logger = logging.getLogger("gradwatch")
 # A library must not print through logging unless the application asks for it; the
 # terminal reporter is gradwatch's own voice.
@@ -29,8 +31,10 @@ class GradwatchWarning(UserWarning):
 def warn_user(text: str, *, stacklevel: int | None = 3) -> None:
     """Say something the person training should see once: a warning on the "gradwatch"
     logger and a :class:`GradwatchWarning` (shown by default, once per place).
-    ``stacklevel=None`` points the warning at the first caller outside gradwatch."""
-    logger.warning(text)
+    ``stacklevel=None`` points the warning at the first caller outside gradwatch. The
+    warning shows in the terminal, so the log record skips terminal handlers (one line
+    under ``logging.basicConfig``, and the record still reaches log files)."""
+    log_off_terminal(logger, logging.WARNING, text)
     if stacklevel is None:
         stacklevel = _caller_level()
     warnings.warn(text, GradwatchWarning, stacklevel=stacklevel)
@@ -95,7 +99,7 @@ class Guard:
         reason = short_error(error)
         self._disabled[part] = reason
         text = f"gradwatch: {part} failed and is now disabled; training continues. ({reason})"
-        logger.error(text)
+        log_off_terminal(logger, logging.ERROR, text)  # the warning below shows it there
         logger.debug("gradwatch: %s failed", part, exc_info=error)
         warnings.warn(text, GradwatchWarning, stacklevel=3)
 

@@ -171,6 +171,8 @@ def test_basic_config_does_not_print_each_finding_twice(root_handlers, tmp_path,
     model = _deep_sigmoid()
     watcher = gradwatch.watch(model, every_n_steps=5)  # default reporters
     train(model, watcher, steps=20)
+    with pytest.warns(GradwatchWarning):
+        watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])  # the cell again
     watcher.close()
     to_file.close()
     err = capsys.readouterr().err
@@ -178,6 +180,9 @@ def test_basic_config_does_not_print_each_finding_twice(root_handlers, tmp_path,
     assert not [line for line in err.splitlines() if line.startswith("LOGGED") and "GW101" in line]
     logged = log_file.read_text()
     assert logged.count("GW101 vanishing-gradient at step") == 1  # the log file has it
+    # the notice of a second watch(): shown as a warning, logged to the file, not twice
+    assert not [line for line in err.splitlines() if line.startswith("LOGGED")]
+    assert logged.count("was already watched") == 1
 
 
 # -- advice in the user's framework ------------------------------------------------------------

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ..findings import Finding
+from ..logsink import log_off_terminal
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
 from .base import Reporter
@@ -62,33 +62,7 @@ class LoggingReporter(Reporter):
         )
 
     def _log(self, level: int, text: str, extra: dict[str, Any] | None = None) -> None:
-        logger = self.logger
         if self.console:
-            logger.log(level, text, extra=extra)
-            return
-        if not logger.isEnabledFor(level):
-            return
-        record = logger.makeRecord(logger.name, level, "gradwatch", 0, text, (), None, extra=extra)
-        if not logger.filter(record):
-            return
-        # What Logger.callHandlers does, minus the handlers printing to the terminal.
-        current: logging.Logger | None = logger
-        while current is not None:
-            for handler in current.handlers:
-                if record.levelno >= handler.level and not prints_to_terminal(handler):
-                    handler.handle(record)
-            if not current.propagate:
-                break
-            current = current.parent
-
-
-def prints_to_terminal(handler: logging.Handler) -> bool:
-    """True for a handler that writes to ``sys.stderr`` or ``sys.stdout`` (a plain
-    ``StreamHandler``, or rich's ``RichHandler`` through its console)."""
-    streams = {id(s) for s in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)}
-    if isinstance(handler, logging.FileHandler):
-        return False
-    if isinstance(handler, logging.StreamHandler):
-        return id(handler.stream) in streams
-    console = getattr(handler, "console", None)
-    return console is not None and id(getattr(console, "file", None)) in streams
+            self.logger.log(level, text, extra=extra)
+        else:
+            log_off_terminal(self.logger, level, text, extra=extra)
