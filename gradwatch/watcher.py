@@ -381,16 +381,17 @@ class Watcher:
         sets it too."""
         return self._framework
 
-    def _note_fp16(self) -> None:
-        self._fp16 = True
-        self._facts = dataclasses.replace(self._facts, fp16=True)
-
     @framework.setter
     def framework(self, value: str) -> None:
         if value not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}; got {value!r}")
         self._framework = value
         self._facts = dataclasses.replace(self._facts, framework=value)
+
+    def _note_fp16(self) -> None:
+        """The first forward pass ran under float16 autocast (see gradwatch.precision)."""
+        self._fp16 = True
+        self._facts = dataclasses.replace(self._facts, fp16=True)
 
     def summary(self) -> list[SummaryRow]:
         """One row per announced problem: code, rule, layers, first step, status."""
