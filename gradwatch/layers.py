@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# The kinds are torch-free strings (gradwatch.kinds); re-exported here, where they began.
 from .kinds import (  # noqa: F401
     ACTIVATION,
     ATTENTION,
@@ -25,6 +24,9 @@ from .kinds import (  # noqa: F401
     TANH,
     UNIT_ROW_KINDS,
 )
+
+# The kinds are torch-free strings (gradwatch.kinds); re-exported here, where they began.
+from .wording import with_class
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -145,7 +147,8 @@ class LayerInfo:
 
     @property
     def display_name(self) -> str:
-        return self.name or "<root>"
+        """The name as shown to the user: ``<root>``, or ``0 (Linear)`` for a bare index."""
+        return with_class(self.name, type(self.module).__name__)
 
 
 def discover(

@@ -37,10 +37,19 @@ def display_name(name: str) -> str:
     if not name:
         return "<root>"
     classes = _CLASSES.get()
-    if classes:
-        kind = classes.get(name)
-        if kind is not None:
-            return f"{name} ({kind})"
+    return with_class(name, classes.get(name) if classes else None)
+
+
+def with_class(name: str, class_name: str | None) -> str:
+    """``name`` shown with ``class_name`` when the name is a bare index (``0 (Linear)``).
+
+    >>> with_class("0", "Linear"), with_class("head", "Linear"), with_class("", "Net")
+    ('0 (Linear)', 'head', '<root>')
+    """
+    if not name:
+        return "<root>"
+    if class_name and name.rsplit(".", 1)[-1].isdigit():
+        return f"{name} ({class_name})"
     return name
 
 
@@ -134,4 +143,5 @@ __all__ = [
     "display_name",
     "indexed_classes",
     "layer_classes",
+    "with_class",
 ]
