@@ -868,10 +868,12 @@ class _Teardown:
 
 def release(module: nn.Module) -> bool:
     """Close the watcher that holds ``module`` or a module inside it, so that the model
-    can be watched again; True if there was one. For a notebook cell that is run again::
+    can be watched again; True if there was one. Watching the same model again needs no
+    release (the new watcher replaces the old one); watching a part of it, or the whole
+    when a part is watched, does::
 
         gradwatch.release(model)
-        watcher = gradwatch.watch(model)
+        watcher = gradwatch.watch(model.encoder)
 
     Closing prints the watcher's summary, as :meth:`Watcher.close` does.
 
