@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..stats import LayerStats, StepStats
+from ..wording import display_name
 from .base import RATIO, Condition, Rule, RuleContext, format_layers
 from .profile import Cut, find_cuts, forward_order_known, gets_gradient
 
@@ -295,7 +296,7 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
 
     def _blocked(self, group: list[Absent], stats: StepStats) -> Condition:
         last = group[-1]
-        before, after = last.before, last.after
+        before, after = display_name(last.before), display_name(last.after)
         names = [e.name for e in group]
         zero = any(e.zero for e in group)
         span = self._span(group, stats)
@@ -330,8 +331,8 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
                 "soft = softmax(logits)), or Gumbel-softmax."
             )
         evidence: dict[str, Any] = {
-            "before": before,
-            "after": after,
+            "before": last.before,
+            "after": last.after,
             "modules": len(names),
             "gradient": "zero" if zero else "none",
             "seen_in": last.seen_in,
@@ -345,7 +346,7 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
             hint=hint,
             evidence=evidence,
             score=float(len(names)),
-            key=f"blocked:{before}",
+            key=f"blocked:{last.before}",
             window=1,  # the evidence was gathered over the monitored steps counted above
         )
 
