@@ -9,9 +9,9 @@ from ..stats import StepStats
 from .base import SHARE, Condition, Rule, RuleContext, whole_at_least
 from .loss_words import fix_place, loss_evidence, percent, source
 
-
 #: Operations whose output lies in [0, 1] (see ``loss_contract.made_by``).
 _SQUASHING = frozenset({"sigmoid", "softmax", "hardsigmoid", "clamp"})
+
 
 class LossInputMismatch(Rule):
     code = "GW301"
