@@ -644,6 +644,15 @@ def _per_module(
     return total
 
 
+_NEVER_RAN = math.inf  # sorts after every measured depth (positions are finite)
+
+
+def _by_depth(layers: list[LayerInfo], depth: dict[int, float]) -> list[LayerInfo]:
+    """``layers`` in forward order, modules that never ran last in registration order (as
+    :meth:`StepStats.by_depth` orders them; a stable sort keeps equal keys in order)."""
+    return sorted(layers, key=lambda info: depth.get(info.index, _NEVER_RAN))
+
+
 def read(
     values: list[float],
     layout: Layout,
@@ -714,44 +723,67 @@ def read(
         return mask
 
     by_index = {layer.index: layer for layer in layers}
-    # every watched module appears, measured this step or not
-    stats = {
-        info.index: LayerStats(
-            name=info.name, kind=info.kind, depth=depth.get(info.index), fan_in=info.fan_in
-        )
-        for info in layers
-    }
+    # every watched module appears, measured this step or not, in forward order
+    stats: dict[int, LayerStats] = {}
+    named: dict[str, LayerStats] = {}
+    for info in _by_depth(layers, depth):
+        # name, kind and depth by position: keywords cost more than the rest of the step
+        ls = LayerStats(info.name, info.kind, depth.get(info.index))
+        if info.fan_in is not None:
+            ls.fan_in = info.fan_in
+        stats[info.index] = named[info.name] = ls
 
     acc: dict[int, list[float]] = {}  # sumsq, numel, nonzero, param sumsq, max, nonfinite
-    per_slot: list[list[float]] = []
-    max_pos = 0
     detailed = nonzero is not None and param_sumsq is not None
     checked = nonfinite_counts is not None and checked_param_sumsq is not None
-    for k, slot in enumerate(slots):
-        a = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
-        if detailed:
-            a[2] = nonzero[k]  # type: ignore[index]
-            a[3] = param_sumsq[k]  # type: ignore[index]
-            if slot.has_values:
-                a[4] = maxes[max_pos]
-                max_pos += 1
-        if checked:
-            a[5] = nonfinite_counts[k]  # type: ignore[index]
-            a[3] += checked_param_sumsq[k]  # type: ignore[index]
-        per_slot.append(a)
-        mine = acc.get(slot.layer)
-        if mine is None:
-            acc[slot.layer] = list(a)
-        else:
-            _add(mine, a)
-        if slot.rows:
-            ls = stats[slot.layer]
-            ls.units = slot.rows
-            ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
-    total_sumsq = sum(a[0] for a in per_slot)
-    total_psq = sum(a[3] for a in per_slot)
+    if not detailed and not checked:
+        # The usual step: gradient norms only (same sums, in the same order, as below).
+        for k, slot in enumerate(slots):
+            mine = acc.get(slot.layer)
+            if mine is None:
+                acc[slot.layer] = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
+            else:
+                mine[0] += sumsq[k]
+                mine[1] += slot.numel
+            if slot.rows:
+                ls = stats[slot.layer]
+                ls.units = size = slot.rows
+                ls.zero_grad_units = UnitMask(take_mask(size) ^ ((1 << size) - 1), size)
+        per_slot = [
+            [sumsq[k], float(slots[k].numel), 0.0, 0.0, 0.0, 0.0] for _, k in layout.aliases
+        ]
+        aliases = [(index, j) for j, (index, _) in enumerate(layout.aliases)]
+        total_sumsq = sum(sumsq)
+        total_psq = 0.0
+    else:
+        per_slot = []
+        max_pos = 0
+        for k, slot in enumerate(slots):
+            a = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
+            if detailed:
+                a[2] = nonzero[k]  # type: ignore[index]
+                a[3] = param_sumsq[k]  # type: ignore[index]
+                if slot.has_values:
+                    a[4] = maxes[max_pos]
+                    max_pos += 1
+            if checked:
+                a[5] = nonfinite_counts[k]  # type: ignore[index]
+                a[3] += checked_param_sumsq[k]  # type: ignore[index]
+            per_slot.append(a)
+            mine = acc.get(slot.layer)
+            if mine is None:
+                acc[slot.layer] = list(a)
+            else:
+                _add(mine, a)
+            if slot.rows:
+                ls = stats[slot.layer]
+                ls.units = slot.rows
+                ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
+        total_sumsq = sum(a[0] for a in per_slot)
+        total_psq = sum(a[3] for a in per_slot)
+        aliases = layout.aliases
     # A tied parameter shows in every module that owns it, counted once in the totals.
-    for index, k in layout.aliases:
+    for index, k in aliases:
         if index in stats:
             mine = acc.get(index)
             if mine is None:
@@ -803,9 +835,6 @@ def read(
     for index, units in layout.positive_units:
         stats[index].positive_units = UnitMask(take_mask(units), units)
 
-    ordered = sorted(
-        stats.values(), key=lambda s: (s.depth is None, s.depth if s.depth is not None else 0.0)
-    )
     missing_names = tuple(
         f"{by_index[i].name}.{p}" if by_index[i].name else p
         for i, names in layout.missing.items()
@@ -817,7 +846,7 @@ def read(
         global_psq = previous.global_param_norm if previous is not None else None
     return StepStats(
         step=layout.step,
-        layers={s.name: s for s in ordered},
+        layers=named,
         global_grad_norm=_sqrt(total_sumsq),
         global_param_norm=global_psq,
         missing=missing_names,
