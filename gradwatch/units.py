@@ -130,6 +130,18 @@ def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     visible only at the last detail step)."""
     if not steps:
         return {}
+    # Asked by several rules at each step, about the same recent steps: worked out once.
+    # (Keyed by the steps' ids, not the steps: a step holding its predecessors would keep
+    # the whole history alive.)
+    memo = steps[-1].__dict__.setdefault("_dead_share", {})
+    key = tuple(map(id, steps))
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = _dead_share(steps)
+    return dict(found)
+
+
+def _dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     out = {}
     for group in unit_groups(steps[-1]):
         for stats in reversed(steps):
