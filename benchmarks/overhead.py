@@ -262,6 +262,7 @@ DASH = "\u2013"
 #: Column titles of the README table, by model.
 MODEL_TITLES = {
     "mlp": "MLP 24 x (Linear(256) + ReLU)",
+    "mlp64": "the same MLP, batch 64",
     "cnn": "residual CNN with BatchNorm",
     "transformer": "4-layer transformer encoder",
     "gpt2": "GPT-2-shaped LM, 12 blocks",
