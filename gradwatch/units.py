@@ -145,9 +145,10 @@ def _dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     out = {}
     for group in unit_groups(steps[-1]):
         for stats in reversed(steps):
-            share = dead_fraction(group, stats)
-            if share is not None:
-                out[group] = share
+            seen = alive_units(group, stats)  # dead_fraction(), without its calls
+            if seen is not None and seen[0].size:
+                mask = seen[0]
+                out[group] = 1.0 - mask.bits.bit_count() / mask.size
                 break
     return out
 
