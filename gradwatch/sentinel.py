@@ -114,6 +114,7 @@ class Sentinel:
         self._one_dtype = len({p.dtype for p in self.params}) <= 1
         self._sample_size = sum(p.numel() for p in self.params)
         self._buffer: torch.Tensor | None = None  # made at the first step, where grads are
+        self._norm_out: torch.Tensor | None = None  # the norm, written in place
         self.window = window
         self.surge = surge
         self.min_history = min_history
@@ -166,7 +167,9 @@ class Sentinel:
             first = grads[0]
             if buffer is None or buffer.device != first.device or buffer.dtype != first.dtype:
                 buffer = self._buffer = first.new_empty(self._sample_size)
-            return _norm(torch.cat(grads, out=buffer))
+                wide = first.dtype in (torch.float32, torch.float64)
+                self._norm_out = first.new_empty((), dtype=first.dtype if wide else _F32)
+            return _norm(torch.cat(grads, out=buffer), out=self._norm_out)
         return _norm(torch.cat(grads))
 
     def _observe_on_device(
@@ -266,10 +269,10 @@ class Sentinel:
         return {"grads": list(self._grads), "losses": list(self._losses)}
 
 
-def _norm(values: torch.Tensor) -> torch.Tensor:
+def _norm(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     if values.dtype in (torch.float32, torch.float64):
-        return torch.linalg.vector_norm(values)
-    return torch.linalg.vector_norm(values, dtype=_F32)
+        return torch.linalg.vector_norm(values, out=out)
+    return torch.linalg.vector_norm(values, dtype=_F32, out=out)
 
 
 def _cat32(tensors: list[torch.Tensor]) -> torch.Tensor:
