@@ -329,6 +329,15 @@ def matrix_layers(stats: StepStats) -> list[LayerStats]:
     return list(cached)
 
 
+def gradients_finite(stats: StepStats) -> bool:
+    """True when no layer's gradient norm is NaN/Inf (worked out once per step: several
+    rules ask)."""
+    cached = stats.__dict__.get("_gradients_finite")
+    if cached is None:
+        cached = stats.__dict__["_gradients_finite"] = all(s.grad_finite for s in stats)
+    return cached
+
+
 def edge_size(n: int) -> int:
     """How many layers make the 'early' (and the 'late') end of an n-layer profile."""
     return max(1, round(n / 4))

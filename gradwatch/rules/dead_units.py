@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..kinds import ACTIVATION, RELU, SIGMOID, TANH, UNIT_ROW_KINDS
-from ..stats import StepStats, UnitMask
+from ..stats import StepStats
 from ..units import UnitGroup, alive_units, dead_fraction, unit_groups
 from ..wording import alternatives, clip_gradients, display_name
 from .base import SHARE, Condition, Rule, RuleContext, format_layers, whole_at_least
@@ -131,20 +131,21 @@ re-initialise (kaiming) and check biases and input scaling."""
         hooked, else from the producer's non-zero gradient rows (a layer with no gradient
         at all cannot be judged: that is vanishing or missing gradient, not dead units).
         """
-        alive: UnitMask | None = None
+        bits, size = 0, None
         sources: set[str] = set()
-        for stats in recent:
-            seen = alive_units(group, stats)
+        for stats in recent:  # the union of the alive units, as plain ints (a mask per
+            seen = alive_units(group, stats)  # layer and step would cost more than this)
             if seen is None:
                 return None
             mask, source = seen
-            if alive is not None and alive.size != mask.size:
+            if size is not None and size != mask.size:
                 return None
-            alive = mask if alive is None else alive | mask
+            bits |= mask.bits
+            size = mask.size
             sources.add(source)
-        if alive is None or alive.size == 0:
+        if not size:
             return None
-        return alive.size - alive.count(), alive.size, ",".join(sorted(sources))
+        return size - bits.bit_count(), size, ",".join(sorted(sources))
 
     def _hint(self, ctx: RuleContext, flagged: list) -> str:
         info = ctx.stats.optimizer

@@ -13,6 +13,7 @@ from .base import (
     Rule,
     RuleContext,
     format_layers,
+    gradients_finite,
     greater_than,
     matrix_layers,
     median,
@@ -87,7 +88,7 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
-        if not all(s.grad_finite for s in stats) or not math.isfinite(stats.global_grad_norm):
+        if not gradients_finite(stats) or not math.isfinite(stats.global_grad_norm):
             return None  # GW103's business
         hint = (
             f"{capitalised(clip_gradients(ctx.model.framework))}, lower or warm up the "

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..stats import LayerStats, StepStats
 from ..wording import display_name
-from .base import RATIO, Condition, Rule, RuleContext, format_layers
+from .base import RATIO, Condition, Rule, RuleContext, format_layers, gradients_finite
 from .profile import Cut, find_cuts, forward_order_known, gets_gradient
 
 #: Module classes that can hold alternatives (experts, heads, branches) a router picks from.
@@ -145,7 +145,7 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
-        if not all(s.grad_finite for s in stats):
+        if not gradients_finite(stats):
             return None  # GW103's business
         cuts = {name: cut for cut in find_cuts(stats, ctx.recent(16)) for name in cut.blocked}
         known = forward_order_known(stats)

@@ -10,7 +10,15 @@ from typing import Any
 from ..kinds import SATURATING_KINDS, SIGMOID, TANH
 from ..units import mostly_dead, recent_blockers
 from ..wording import display_name
-from .base import RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
+from .base import (
+    RATIO,
+    Condition,
+    Rule,
+    RuleContext,
+    format_layers,
+    gradients_finite,
+    whole_at_least,
+)
 from .profile import (
     FLOAT32_RESOLUTION,
     HE_GAIN,
@@ -74,7 +82,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
-        if not all(s.grad_finite for s in stats):
+        if not gradients_finite(stats):
             return None  # GW103's business
         # Layers behind a cut get no gradient because an operation blocks it, not because
         # it fades: that is GW104's finding; the layers after the cut are judged here.
