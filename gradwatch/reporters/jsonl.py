@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._version import __version__
+from ..coverage import Coverage
 from ..findings import Finding
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
@@ -78,8 +79,15 @@ class JsonlRecorder(Reporter):
         for finding in findings:
             self._write({"type": "finding", **finding.to_dict()})
 
+    def coverage(self, coverage: Coverage) -> None:
+        self._coverage = coverage
+
     def close(self, summary: Sequence[SummaryRow]) -> None:
-        self._write({"type": "summary", "rows": [asdict(row) for row in summary]})
+        record: dict[str, Any] = {"type": "summary", "rows": [asdict(row) for row in summary]}
+        coverage = getattr(self, "_coverage", None)
+        if coverage is not None:
+            record["coverage"] = coverage.to_dict()
+        self._write(record)
         if self._file is not None:
             self._file.close()
             self._file = None

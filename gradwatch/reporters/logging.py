@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from ..coverage import Coverage
 from ..findings import Finding
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
@@ -45,8 +46,18 @@ class LoggingReporter(Reporter):
     def notice(self, text: str) -> None:
         self.logger.info(text)
 
+    def coverage(self, coverage: Coverage) -> None:
+        self._coverage = coverage
+
     def close(self, summary: Sequence[SummaryRow]) -> None:
         active = [row for row in summary if row.status == "active"]
+        coverage = getattr(self, "_coverage", None)
+        if coverage is not None and coverage.nothing_measured:
+            self.logger.warning("gradwatch closed: %s", coverage.describe())
+            return
         self.logger.info(
-            "gradwatch closed: %d finding(s), %d still active", len(summary), len(active)
+            "gradwatch closed: %d finding(s), %d still active%s",
+            len(summary),
+            len(active),
+            f", {coverage.describe()}" if coverage is not None else "",
         )
