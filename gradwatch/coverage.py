@@ -25,7 +25,7 @@ class Coverage:
     """Counts for the close summary.
 
     >>> Coverage(steps=180, measured=12, layers=20).describe()
-    'in 12 measured steps of 180 (20 layers)'
+    '12 measured steps of 180 (20 layers)'
     >>> Coverage(steps=40, measured=0, layers=20, empty=40, reason=NO_GRADIENT).describe()
     'nothing was measured: watcher.step() ran 40 times and never saw a gradient'
     """
@@ -59,7 +59,7 @@ class Coverage:
                 f"nothing was measured: watcher.step() ran {self.steps} times and never "
                 "saw a gradient"
             )
-        text = f"in {self.measured - self.empty} measured steps"
+        text = f"{self.measured - self.empty} measured steps"
         if self.steps > self.measured:
             text += f" of {self.steps}"
         text += f" ({self.layers} layers)"

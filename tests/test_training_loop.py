@@ -55,7 +55,7 @@ def test_one_line_plain_pytorch_finds_vanishing_through_the_optimizer_hook():
     assert "GW101" in _codes(watcher)
     assert [s.step for s in watcher.history] == [0, 5, 10, 15, 20, 25]
     assert watcher.coverage.measured == 6 and watcher.coverage.steps == 30
-    assert "in 6 measured steps of 30 (20 layers)" in out.getvalue()
+    assert "over 6 measured steps of 30 (20 layers)" in out.getvalue()
     # close() removed the optimizer's hooks: stepping on does nothing of ours
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
@@ -164,7 +164,7 @@ def test_summary_counts_measured_steps_and_layers(caplog):
             opt.step()
         watcher.close()
     closing = [r.getMessage() for r in caplog.records if "gradwatch closed" in r.getMessage()]
-    assert closing and "in 3 measured steps of 12 (20 layers)" in closing[0]
+    assert closing and "over 3 measured steps of 12 (20 layers)" in closing[0]
 
 
 # -- gradients carried across optimizer steps (GW107) -----------------------------------
@@ -321,3 +321,47 @@ def test_a_balanced_moe_whose_experts_skip_steps_is_silent():
            for e in range(8)]
     assert any(not all(pattern) for pattern in got)  # experts do skip monitored steps
     assert "GW104" not in _codes(watcher)
+
+
+# -- intended accumulation under the frameworks -----------------------------------------
+
+
+def _carry_checked(watcher) -> int:
+    return sum(s.carry_checked for s in watcher.history)
+
+
+@pytest.mark.slow
+def test_lightning_accumulate_grad_batches_is_silent():
+    pytest.importorskip("lightning")
+    from gradwatch.integrations.lightning import GradWatchCallback
+
+    from .dist_scripts.lit_models import digits_loader, healthy, quiet_trainer
+
+    callback = GradWatchCallback(every_n_steps=3, reporters=[])
+    trainer = quiet_trainer(max_steps=15, accumulate_grad_batches=4, callbacks=[callback])
+    trainer.fit(healthy(), digits_loader(batch_size=16))
+    assert [s.step for s in callback.watcher.history][:3] == [0, 3, 6]  # optimizer steps
+    assert _carry_checked(callback.watcher) > 0  # checked across optimizer steps ...
+    assert "GW107" not in [f.code for f in callback.findings]  # ... and always cleared
+
+
+@pytest.mark.slow
+def test_transformers_gradient_accumulation_steps_is_silent(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import Trainer
+
+    from gradwatch.integrations.transformers import GradWatchCallback
+
+    from .dist_scripts.hf_models import tiny_gpt2, token_data, trainer_args
+
+    callback = GradWatchCallback(every_n_steps=3, reporters=[])
+    trainer = Trainer(
+        model=tiny_gpt2(),
+        args=trainer_args(tmp_path, max_steps=10, gradient_accumulation_steps=4,
+                          per_device_train_batch_size=4),
+        train_dataset=token_data(n=256),
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert _carry_checked(callback.watcher) > 0
+    assert "GW107" not in [f.code for f in callback.findings]

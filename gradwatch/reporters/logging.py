@@ -59,5 +59,5 @@ class LoggingReporter(Reporter):
             "gradwatch closed: %d finding(s), %d still active%s",
             len(summary),
             len(active),
-            f", {coverage.describe()}" if coverage is not None else "",
+            f", over {coverage.describe()}" if coverage is not None else "",
         )

@@ -141,13 +141,15 @@ def summary_text(rows: Sequence[SummaryRow], coverage: Coverage | None = None) -
             return "gradwatch summary: no findings"
         if coverage.nothing_measured:
             return f"gradwatch summary: {coverage.describe()}"
-        return f"gradwatch summary: no findings {coverage.describe()}"
-    lines = [f"gradwatch summary ({coverage.describe()}):" if coverage else "gradwatch summary:"]
+        return f"gradwatch summary: no findings in {coverage.describe()}"
+    lines = ["gradwatch summary:"]
     for row in rows:
         lines.append(
             f"  {row.code} {row.rule} [{row.severity}] first at step {row.first_step}, "
             f"{_row_status(row)}: {layers_text(row.layers, 4)}"
         )
+    if coverage is not None:
+        lines.append(f"  over {coverage.describe()}")
     return "\n".join(lines)
 
 
@@ -282,7 +284,7 @@ class TerminalReporter(Reporter):
             return
         table = summary_table(rows)
         if coverage is not None:
-            table.caption = coverage.describe()
+            table.caption = f"over {coverage.describe()}"
         self._emit(table, summary_text(rows, coverage))
 
 
