@@ -7,10 +7,21 @@ GradScaler's unscaling) and not yet used, which is where ``watcher.step()`` belo
 cannot be misplaced, and it counts optimizer steps, not backward passes, so gradient
 accumulation needs nothing either.
 
-``watcher.step(loss=...)`` keeps working alongside: it no longer counts a step, it hands
-its arguments (the loss, a step number, a scaler) to the optimizer step that follows, so
-no step is counted twice. A step that a GradScaler skips (Inf/NaN gradients) does not
-call ``opt.step()`` and is not counted: the optimizer did not step.
+``watcher.step(loss=...)`` keeps working alongside, and is never counted twice:
+
+- called after ``backward()`` and before ``optimizer.step()`` (where it belongs), it
+  counts and measures the step itself, as without the hook (its return value holds this
+  step's new findings); the hook then leaves that optimizer step alone;
+- called where it sees no new backward pass (before ``backward()``, after
+  ``zero_grad()``, after ``optimizer.step()``) or a second time before the optimizer
+  steps (once per micro-batch of an accumulation), it counts nothing: its arguments
+  (the loss, a step number, a scaler) go to the hook's measurement at the next
+  ``optimizer.step()``, and it returns the findings the hook found since the last call.
+
+"A new backward pass" is read from one gradient tensor: a different tensor than at the
+last optimizer step, or its version counter up by at least two (zeroed in place, then
+added to). A step that a GradScaler skips (Inf/NaN gradients) does not call
+``opt.step()`` and is not counted by the hook: the optimizer did not step.
 
 An optimizer called with a closure (LBFGS) computes its gradients inside ``step()``:
 those are measured in the step's post hook instead.
@@ -18,8 +29,11 @@ those are measured in the step's post hook instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 from .guard import Guard
 
@@ -70,13 +84,37 @@ class OptimizerStepHooks:
         self.optimizer = inner_optimizer(optimizer)
         self._on_step = on_step
         self._guard = guard
+        #: the watched parameters (the watcher updates it when the model changes)
+        self.params: Sequence[torch.Tensor] = ()
         #: optimizer steps seen (each counted once, skipped GradScaler steps excluded)
         self.steps = 0
         self._after: bool = False  # this step has a closure: measure in the post hook
+        self._claimed = False  # an explicit watcher.step() counted this optimizer step
+        # One gradient as it was at the last optimizer step: (parameter, its .grad, version).
+        self._mark: tuple[torch.Tensor, weakref.ref[torch.Tensor], int] | None = None
         self._handles = [
             self.optimizer.register_step_pre_hook(self._before),
             self.optimizer.register_step_post_hook(self._after_step),
         ]
+
+    def claim(self) -> bool:
+        """Whether an explicit ``watcher.step()`` made now counts this step itself (a new
+        backward pass ran since the last optimizer step, and no explicit call counted it
+        yet). Otherwise the step is left to the hook."""
+        if self._claimed:
+            return False
+        mark = self._mark
+        if mark is None:
+            fresh = any(p.grad is not None for p in self.params)
+        else:
+            param, grad, version = mark
+            now = param.grad
+            if now is None:
+                fresh = any(p.grad is not None for p in self.params)
+            else:
+                fresh = grad() is not now or now._version >= version + 2
+        self._claimed = fresh
+        return fresh
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         closure = kwargs.get("closure") if kwargs else None
@@ -94,9 +132,22 @@ class OptimizerStepHooks:
 
     def _run(self) -> None:
         self.steps += 1
-        # The step runs under the watcher's guard as well; this catches anything else,
-        # so that nothing raised here can reach the training loop.
-        self._guard.call("optimizer step hook", self._on_step, default=None)
+        if self._claimed:
+            self._claimed = False  # counted by the explicit call
+        else:
+            # The step runs under the watcher's guard as well; this catches anything
+            # else, so that nothing raised here can reach the training loop.
+            self._guard.call("optimizer step hook", self._on_step, default=None)
+        self._guard.call("optimizer step hook", self._remember, default=None)
+
+    def _remember(self) -> None:
+        """Note one gradient as it is at this step, to recognise the next backward pass."""
+        for param in self.params:
+            grad = param.grad
+            if grad is not None:
+                self._mark = (param, weakref.ref(grad), grad._version)
+                return
+        self._mark = None
 
     def remove(self) -> None:
         for handle in self._handles:

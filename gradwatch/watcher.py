@@ -252,6 +252,8 @@ class Watcher:
         self._carry = CarryCheck(checked_parameters(self.layers), self._guard)
         self._routing = self._follow_routing()
         self._no_grad_steps = 0  # monitored steps where every .grad was None
+        self._no_grad_streak = 0  # such calls in a row
+        self._stray_calls = 0  # such calls not counted as steps
         self._zero_grad_steps = 0  # measured steps where every gradient was exactly 0
         self._told: set[str] = set()
         self._empty_reason: str | None = None
@@ -283,14 +285,18 @@ class Watcher:
         """
         if self._closed:
             return []
-        if self._step_hooks is not None and self._step_hooks.attached:
+        hooks = self._step_hooks
+        if hooks is not None and hooks.attached and not hooks.claim():
             # The optimizer's step hook counts and measures this step; what is passed
             # here goes with it (see gradwatch.optimizer_hooks).
             self._handover = (step, optimizer, loss, scaler)
             found = list(self._from_hooks)
             self._from_hooks.clear()
             return found
-        return self._step(step, optimizer, loss, scaler)
+        self._handover = None
+        found = list(self._from_hooks)
+        self._from_hooks.clear()
+        return found + self._step(step, optimizer, loss, scaler)
 
     def _step(self, step: int | None, optimizer: Any, loss: Any, scaler: Any) -> list[Finding]:
         """One training step: count it, measure it if it is monitored."""
@@ -439,6 +445,7 @@ class Watcher:
                     self._probes.take()
                 return [], True
             return [], False  # no backward since the last monitored step: nothing to read
+        self._no_grad_streak = 0
         info = describe(self._optimizer)
         record = self._probes.take() if self._probes is not None else None
         if record is not None and record.empty and self._probes is not None and trip is None:
@@ -541,6 +548,8 @@ class Watcher:
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
         self._facts = ModelFacts.from_layers(self.layers, all_classes, compiled=self._compiled)
         self._params = [p for layer in self.layers for _, p in layer.params]
+        if self._step_hooks is not None:
+            self._step_hooks.params = self._params
         self._index_of = {layer.name: layer.index for layer in self.layers}
         self._depth = {
             layer.index: depth
@@ -670,7 +679,7 @@ class Watcher:
         """How many steps were counted and measured, over how many layers (the close
         summary says it)."""
         return Coverage(
-            steps=self._count,
+            steps=self._count + self._stray_calls,
             measured=self._monitored + self._no_grad_steps,
             layers=sum(1 for layer in self.layers if layer.params),
             empty=self._no_grad_steps + self._zero_grad_steps,
@@ -689,7 +698,9 @@ class Watcher:
                 "before optimizer.step().",
             )
             return None
-        return OptimizerStepHooks(optimizer, _weak_method(self, "_on_optimizer_step"), self._guard)
+        hooks = OptimizerStepHooks(optimizer, _weak_method(self, "_on_optimizer_step"), self._guard)
+        hooks.params = self._params
+        return hooks
 
     def _on_optimizer_step(self) -> None:
         """Inside ``optimizer.step()``, before the update: this step's gradients."""
@@ -709,11 +720,16 @@ class Watcher:
         return evidence
 
     def _no_gradient_at_all(self) -> bool:
-        """Every watched ``.grad`` is None at a monitored step: say once why, and where
-        ``step()`` belongs. True when so."""
+        """Every watched ``.grad`` is None at a monitored step, twice in a row (or the
+        optimizer steps inside backward): say once why, and where ``step()`` belongs.
+        True when so: the step is then counted, so that no hook stays armed."""
         if any(p.grad is not None for p in self._params):
             return False
         reason = IN_BACKWARD if step_in_backward(self._params) else NO_GRADIENT
+        self._no_grad_streak += 1
+        if reason == NO_GRADIENT and self._no_grad_streak < 2:
+            self._stray_calls += 1
+            return False  # once may be a stray call; twice in a row is the loop
         self._no_grad_steps += 1
         self._empty_reason = reason
         self._tell(reason, misplaced_text(reason, hooked=self._step_hooks is not None))

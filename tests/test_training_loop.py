@@ -74,9 +74,38 @@ def test_explicit_step_with_the_optimizer_is_counted_once():
     watcher.close()
     history = list(watcher.history)
     assert [s.step for s in history] == [0, 5, 10, 15]  # one count per optimizer step
-    assert all(s.loss is not None and s.loss > 0 for s in history)  # the loss was handed over
+    assert all(s.loss is not None and s.loss > 0 for s in history)  # its own loss
     assert watcher.coverage.steps == 20
     assert [f.code for f in returned if f.status == "new"] == ["GW101"]
+
+
+@pytest.mark.parametrize("where", ["before-backward", "after-optimizer-step", "per-micro-batch"])
+def test_explicit_step_in_other_places_leaves_the_step_to_the_optimizer_hook(where):
+    model = _sigmoid_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watcher = gradwatch.watch(model, optimizer=opt, every_n_steps=5, reporters=[])
+    micro = 2 if where == "per-micro-batch" else 1
+    batches = _batches(20 * micro)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say: the hook measures in the right place
+        for _ in range(20):
+            opt.zero_grad()
+            if where == "before-backward":
+                watcher.step()
+            for _micro in range(micro):
+                x, y = next(batches)
+                loss = nn.functional.cross_entropy(model(x), y) / micro
+                loss.backward()
+                if where == "per-micro-batch":
+                    watcher.step(loss=loss)
+            opt.step()
+            if where == "after-optimizer-step":
+                watcher.step(loss=loss)
+    watcher.close()
+    assert [s.step for s in watcher.history] == [0, 5, 10, 15]
+    assert all(s.global_grad_norm > 0 for s in watcher.history)
+    assert watcher.coverage.steps == 20 and not watcher.coverage.nothing_measured
+    assert "GW101" in _codes(watcher)
 
 
 def test_a_failing_step_hook_never_raises_into_training(monkeypatch):
