@@ -17,6 +17,7 @@ from ._version import __version__
 from .demo.options import add_arguments as add_demo_arguments
 from .report import add_arguments as add_report_arguments
 from .rules import BUILTIN_RULES, find_rule
+from .topics import TOPICS, find_topic
 
 
 def _rules(args: argparse.Namespace) -> int:
@@ -56,8 +57,14 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         cls = find_rule(args.rule)
     except ValueError as error:
-        print(f"gradwatch: {error}", file=sys.stderr)
-        return 2
+        topic = find_topic(args.rule)
+        if topic is None:
+            topics = ", ".join(t.slug for t in TOPICS)
+            print(f"gradwatch: {error}; training-loop topics: {topics}", file=sys.stderr)
+            return 2
+        Console().print(f"[bold]{topic.slug}[/bold]: {topic.summary}\n")
+        Console().print(reflow(topic.explanation), markup=False, highlight=False)
+        return 0
     console = Console()
     console.print(f"[bold]{cls.code} {cls.slug}[/bold] ({cls.severity}): {cls.summary}\n")
     console.print(reflow(cls.explanation), markup=False, highlight=False)

@@ -96,7 +96,8 @@ def misplaced_text(reason: str, *, hooked: bool) -> str:
             "watcher.step() runs no gradient is left to measure: gradwatch measures "
             "nothing in this run. To watch the gradients, run some steps with the usual "
             "loop (loss.backward(); watcher.step(); optimizer.step(); "
-            "optimizer.zero_grad()), e.g. a short diagnostic run."
+            "optimizer.zero_grad()), e.g. a short diagnostic run. (gradwatch explain "
+            "optimizer-in-backward)"
         )
     where = (
         "The optimizer stepped with no gradient: its parameters' gradients are freed or "
@@ -105,7 +106,7 @@ def misplaced_text(reason: str, *, hooked: bool) -> str:
         else "Call watcher.step() after loss.backward() and before optimizer.step() and "
         "optimizer.zero_grad(), or pass the optimizer to gradwatch.watch(model, "
         "optimizer=opt) and drop the call: gradwatch then measures inside "
-        "optimizer.step()."
+        "optimizer.step(). (gradwatch explain step-placement)"
     )
     if reason == ZERO_GRADIENT:
         return (

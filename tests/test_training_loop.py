@@ -394,3 +394,23 @@ def test_transformers_gradient_accumulation_steps_is_silent(tmp_path):
     trainer.train()
     assert _carry_checked(callback.watcher) > 0
     assert "GW107" not in [f.code for f in callback.findings]
+
+
+# -- gradwatch explain --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("GW107", "zero_grad()"),
+        ("carried-gradient", "accumulate_grad_batches"),
+        ("step-placement", "optimizer=opt"),
+        ("optimizer-in-backward", "post-accumulate-grad"),
+        ("GW104", "followed at every step"),
+    ],
+)
+def test_explain_covers_the_training_loop(capsys, name, words):
+    from gradwatch.cli import main
+
+    assert main(["explain", name]) == 0
+    assert words in " ".join(capsys.readouterr().out.split())
