@@ -117,9 +117,10 @@ class OptimizerStepHooks:
         return fresh
 
     def _before(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # ``args`` are step()'s own positional arguments, the optimizer first.
         closure = kwargs.get("closure") if kwargs else None
-        if closure is None and args:
-            closure = args[0]
+        if closure is None and len(args) > 1:
+            closure = args[1]
         self._after = closure is not None
         if not self._after:
             self._run()

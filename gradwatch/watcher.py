@@ -294,6 +294,8 @@ class Watcher:
             self._from_hooks.clear()
             return found
         self._handover = None
+        if not self._from_hooks:
+            return self._step(step, optimizer, loss, scaler)
         found = list(self._from_hooks)
         self._from_hooks.clear()
         return found + self._step(step, optimizer, loss, scaler)

@@ -60,6 +60,49 @@ def test_one_line_plain_pytorch_finds_vanishing_through_the_optimizer_hook():
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
 
+class _WeightAtReport(gradwatch.Reporter):
+    """What the first layer's weight was when gradwatch measured."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.layer = layer
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def report(self, stats, findings):
+        self.seen[stats.step] = self.layer.weight.detach().clone()
+
+
+def test_the_hook_measures_before_the_update_and_with_a_closure():
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    seen = _WeightAtReport(model[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    watcher = gradwatch.watch(model, optimizer=opt, every_n_steps=2, reporters=[seen])
+    before = {}
+    for step, (x, y) in enumerate(_batches(4)):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        before[step] = model[0].weight.detach().clone()
+        opt.step()
+    watcher.close()
+    assert sorted(seen.seen) == [0, 2]
+    assert all(torch.equal(seen.seen[s], before[s]) for s in seen.seen)  # not yet updated
+
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1)
+    watcher = gradwatch.watch(model, optimizer=lbfgs, every_n_steps=1, reporters=[])
+    x, y = next(_batches(1))
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        lbfgs.step(closure)  # the gradients exist only once the closure ran
+    watcher.close()
+    assert [s.step for s in watcher.history] == [0, 1, 2]
+    assert all(s.global_grad_norm > 0 for s in watcher.history)
+
+
 def test_explicit_step_with_the_optimizer_is_counted_once():
     model = _sigmoid_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
