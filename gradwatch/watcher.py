@@ -92,9 +92,10 @@ class Watcher:
     """Watches one model. Create it with :func:`gradwatch.watch`.
 
     Call :meth:`step` once per optimizer step, after ``backward()`` and before
-    ``optimizer.step()``. Every ``every_n_steps``-th call is a monitored step: gradients
-    and the activations of that step's forward pass are measured, the rules run, and
-    new findings are returned and reported. Other calls only count.
+    ``optimizer.step()`` (or pass ``optimizer=`` and let the optimizer's step hook do it).
+    Every ``every_n_steps``-th call is a monitored step: gradients and the activations
+    of that step's forward pass are measured, the rules run, and new findings are
+    returned and reported. Other calls only count.
 
     Options:
 
@@ -109,7 +110,10 @@ class Watcher:
     - ``reporters``: where findings go (default: terminal and ``logging``; ``[]``: none).
     - ``layers``, ``exclude``: glob patterns of module names to watch / skip.
     - ``optimizer``: lets the rules weigh gradients as the optimizer will (Adam rescales
-      them; SGD's learning rate sizes the update). Also accepted by :meth:`step`.
+      them; SGD's learning rate sizes the update). Also accepted by :meth:`step`. Given
+      here, gradwatch also steps itself from the optimizer's step hook, inside each
+      ``optimizer.step()``: no :meth:`step` call is needed (see
+      :mod:`gradwatch.optimizer_hooks`; an explicit call is never counted twice).
     - ``detail_every``: the forward/backward signal norms, parameter norms, max |g| and
       zero share (estimated from a strided sample of 4,096 entries in larger tensors) are
       measured on the first three monitored steps and then at least this many steps

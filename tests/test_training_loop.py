@@ -151,6 +151,26 @@ def test_explicit_step_in_other_places_leaves_the_step_to_the_optimizer_hook(whe
     assert "GW101" in _codes(watcher)
 
 
+def test_a_watcher_dropped_without_close_leaves_no_hook_on_the_optimizer():
+    import gc
+    import sys
+
+    model = zoo.TopOneMoE(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watcher = gradwatch.watch(model, optimizer=opt, every_n_steps=1, reporters=[])
+    x, y = next(_batches(1))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # measured: the carried-gradient check is now waiting for the next step
+    assert opt._optimizer_step_pre_hooks
+    del watcher
+    gc.collect()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    assert not sys.modules["torch.optim.optimizer"]._global_optimizer_post_hooks
+    with pytest.warns(gradwatch.GradwatchWarning, match="dropped without close"):
+        gradwatch.watch(model, reporters=[]).close()  # the model is free again
+
+
 def test_a_failing_step_hook_never_raises_into_training(monkeypatch):
     model = _sigmoid_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
