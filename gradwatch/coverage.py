@@ -10,7 +10,7 @@ backward pass) is said once, with where ``step()`` belongs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,17 @@ class Coverage:
         if self.empty:
             text += f"; {self.empty} more monitored steps had no gradient at all"
         return text
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Coverage:
+        """Read back :meth:`to_dict` (a JSONL summary record's ``coverage``)."""
+        empty = int(data.get("empty_steps", 0))
+        return cls(
+            steps=int(data.get("steps", 0)),
+            measured=int(data.get("measured_steps", 0)) + empty,
+            layers=int(data.get("layers", 0)),
+            empty=empty,
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -226,7 +226,7 @@ def test_misplaced_step_is_said_once_and_the_summary_says_nothing_was_measured(w
     assert "no findings" not in out.getvalue()
 
 
-def test_step_after_zero_grad_without_set_to_none_is_said(tmp_path):
+def test_step_after_zero_grad_without_set_to_none_is_said(tmp_path, capsys):
     model = _sigmoid_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     path = tmp_path / "run.jsonl"
@@ -241,7 +241,13 @@ def test_step_after_zero_grad_without_set_to_none_is_said(tmp_path):
     assert watcher.coverage.nothing_measured
     summary = [line for line in path.read_text().splitlines() if '"summary"' in line]
     assert '"nothing_measured": true' in summary[0]
-    assert read_record(path).summary == []
+    record = read_record(path)
+    assert record.summary == [] and record.coverage is not None
+    assert record.coverage.nothing_measured and record.coverage.steps == 12
+    from gradwatch.cli import main
+
+    assert main(["report", str(path)]) == 0
+    assert "nothing was measured" in " ".join(capsys.readouterr().out.split())
 
 
 def test_summary_counts_measured_steps_and_layers(caplog):

@@ -129,6 +129,8 @@ class Record:
     steps: list[StepStats] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     summary: list[SummaryRow] = field(default_factory=list)
+    #: what the run measured (steps, measured steps, layers), from the summary record
+    coverage: Coverage | None = None
     #: the last line was cut short (a crash while writing it) and was left out
     truncated: bool = False
     version: str | None = None
@@ -223,6 +225,8 @@ def _add(record: Record, data: dict[str, Any]) -> bool:
                 SummaryRow(**{**row, "layers": tuple(row.get("layers", ()))})
                 for row in data.get("rows", [])
             ]
+            if isinstance(data.get("coverage"), dict):
+                record.coverage = Coverage.from_dict(data["coverage"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
     return True
