@@ -336,20 +336,25 @@ def test_intended_accumulation_in_plain_pytorch_is_silent(hooked):
     assert "GW107" not in _codes(watcher)  # ... and found every step cleared
 
 
-def test_carried_gradients_keep_the_relu_hooks_on_a_dead_layer():
-    # With piled-up gradients no weight-gradient row is ever zero: the dead ReLU layer
-    # must still be watched through its activations.
+def test_carried_gradients_keep_the_relu_hooks_on_a_dying_layer():
+    # With piled-up gradients a unit that dies keeps its old, non-zero weight-gradient
+    # row: the rows no longer show dead units, so the ReLU must stay watched through its
+    # activations (without that, this layer's death goes unreported).
     torch.manual_seed(0)
-    model = zoo.relu_with_dead_layer()
+    model = mlp(4, nn.ReLU, init="kaiming")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     watcher = gradwatch.watch(model, every_n_steps=3, reporters=[])
-    for x, y in _batches(40, batch=32):
+    for step, (x, y) in enumerate(_batches(45, batch=32)):
+        if step == 12:
+            with torch.no_grad():
+                model[2].bias.fill_(-100.0)  # every unit of the second ReLU layer dies
         nn.functional.cross_entropy(model(x), y).backward()
         watcher.step()
         opt.step()  # zero_grad forgotten
     watcher.close()
-    codes = _codes(watcher)
-    assert "GW107" in codes and "GW201" in codes
+    found = {f.code: f for f in watcher.findings if f.status == "new"}
+    assert found["GW107"].step == 3
+    assert found["GW201"].step >= 12 and "2" in found["GW201"].layers
 
 
 # -- optimizer-in-backward ---------------------------------------------------------------
