@@ -21,8 +21,9 @@ import torch
 
 from . import attention_sample as _attention
 from .distributed import Reducer
-from .layers import UNIT_ROW_KINDS, LayerInfo
+from .layers import RECURRENT, UNIT_ROW_KINDS, LayerInfo
 from .probes import ProbeRecord
+from .recurrent import split_gradients
 from .stats import LayerStats, OptimizerInfo, StepStats, UnitMask
 
 _F32 = torch.float32
@@ -81,6 +82,8 @@ class Layout:
     #: attention calls measured (their sums follow the input norm, their largest logits
     #: the extras)
     attention: list[_attention.AttentionCall] = field(default_factory=list)
+    #: some watched module is recurrent (its weight_hh / weight_ih are read apart)
+    recurrent: bool = False
 
 
 def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -290,6 +293,7 @@ class Collector:
         self.table, self.aliases = param_tables([layer for layer in layers if layer.params])
         self.reducer = reducer
         self._segment_cache: dict[tuple, torch.Tensor] = {}
+        self.recurrent = any(layer.kind == RECURRENT for layer in layers)
 
     def measure(
         self,
@@ -400,6 +404,7 @@ class Collector:
             layers=self.layers,
             aliases=self._alias_slots(slots),
             attention=attention,
+            recurrent=self.recurrent,
         )
         return packed, layout
 
@@ -632,6 +637,8 @@ def read(
         if layout.detail:
             ls.grad_zero_fraction = 1.0 - nz / numel if numel else 0.0
             ls.grad_max = mx
+    if layout.recurrent:
+        split_gradients(slots, per_slot, {i: by_index[i].kind for i in by_index}, stats)
     for index, names in layout.missing.items():
         stats[index].missing_grad = tuple(names)
 

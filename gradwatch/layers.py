@@ -19,6 +19,7 @@ from .kinds import (  # noqa: F401
     MATRIX_KINDS,
     NORM,
     OTHER,
+    RECURRENT,
     RELU,
     SATURATING_KINDS,
     SIGMOID,
@@ -39,6 +40,8 @@ def module_kind(module: nn.Module) -> str:
 
     >>> module_kind(nn.Linear(2, 3)), module_kind(nn.ReLU()), module_kind(nn.GELU())
     ('linear', 'relu', 'activation')
+    >>> module_kind(nn.LSTM(2, 3)), module_kind(nn.GRUCell(2, 3))
+    ('recurrent', 'recurrent')
     """
     if isinstance(module, nn.Linear):
         return LINEAR
@@ -50,6 +53,8 @@ def module_kind(module: nn.Module) -> str:
         return NORM
     if isinstance(module, nn.MultiheadAttention):
         return ATTENTION
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return RECURRENT
     if isinstance(module, (nn.ReLU, nn.ReLU6)):
         return RELU
     if isinstance(module, nn.Sigmoid):
