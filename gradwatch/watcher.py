@@ -31,6 +31,7 @@ from .reporters.timing import ReportingClock, slow_reporter_notice
 from .rules import resolve_rules
 from .rules.base import ModelFacts, Rule, RuleContext
 from .rules.engine import RuleEngine, SummaryRow
+from .rules.zero_gradient import wants_detail
 from .sentinel import Sentinel, Trip
 from .stats import OptimizerInfo, StepStats
 from .structure import WatchedSet
@@ -443,6 +444,10 @@ class Watcher:
             self._arm_for(layout.step + 1)
             if fresh and not self._transfer.deferred:  # the gradients are still there
                 nonfinite = self._collector.inspect_nonfinite(layout.slots)
+        elif not layout.detail and wants_detail(values[: len(layout.slots)], self._history):
+            # Every gradient exactly 0: the backward signal shows where it stops.
+            self._force_detail = True
+            self._arm_for(layout.step + 1)
         return self._process(layout, context, values, nonfinite)
 
     def _read_ready(self) -> list[Finding]:

