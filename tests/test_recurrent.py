@@ -139,7 +139,6 @@ def test_packed_sequences_are_measured():
     watcher.close()
 
 
-@pytest.mark.slow
 def test_vanilla_rnn_with_a_large_recurrent_init_explodes_through_time():
     model = SequenceClassifier("rnn", steps=32, hidden=64, recurrent_gain=3.0)
     watcher, losses = _train(model, steps=46, lr=1e-3, optimizer="adam")
@@ -154,7 +153,17 @@ def test_vanilla_rnn_with_a_large_recurrent_init_explodes_through_time():
     assert min(losses[-10:]) > 1.9  # it does not learn: the finding is no false alarm
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gated_layers_with_a_pathological_recurrent_init_explode_too(cell):
+    model = SequenceClassifier(cell, steps=64, hidden=64, recurrent_gain=6.0)
+    watcher, _ = _train(model, steps=16, lr=1e-3, optimizer="adam")
+    found = [f for f in watcher.findings if f.code == "GW102" and f.severity != "info"]
+    assert found and found[0].layers == ("rnn",)
+    assert found[0].evidence["growth"] > 100
+    assert "nn.RNN" not in found[0].hint  # already gated: no advice to switch to LSTM/GRU
+    assert "orthogonal" in found[0].hint
+
+
 def test_sgd_step_on_an_exploding_rnn_is_announced_with_time_step_hints():
     model = SequenceClassifier("rnn", steps=64, hidden=64, recurrent_gain=2.0)
     watcher, _ = _train(model, steps=16, lr=0.05)
@@ -164,7 +173,6 @@ def test_sgd_step_on_an_exploding_rnn_is_announced_with_time_step_hints():
     assert "weight_hh" in found[0].hint and "time step" in found[0].hint
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "cell, steps, options",
     [
@@ -182,7 +190,6 @@ def test_healthy_recurrent_classifiers_stay_silent(cell, steps, options):
     assert losses[-1] < losses[0] * 0.7  # they learn
 
 
-@pytest.mark.slow
 def test_healthy_rnn_cell_loop_stays_silent_with_sgd():
     watcher, losses = _train(CellLoop(), steps=90, lr=0.05)
     assert _codes(watcher) == set(), watcher.findings

@@ -62,7 +62,9 @@ gradient zero makes the next monitored step one):
   the loss itself) returns exactly 0;
 - at a module: the last module in forward order whose output still gets a
   non-zero gradient passes none on (a sigmoid/tanh saturated at exactly 0/1 or
-  -1/1, a ReLU with every unit inactive, a clamp);
+  -1/1, a ReLU with every unit inactive, a clamp); when that module has weights
+  of its own, the gradients were cleared (zero_grad) before watcher.step() read
+  them;
 - nowhere to be seen: no module's output got a gradient at all (the model's
   output was detached and another term kept backward() running).
 
