@@ -121,6 +121,16 @@ def test_without_the_loss_a_gradient_zero_from_the_first_step_is_still_found():
     assert found and found[0].evidence["loss"] is None
 
 
+def test_without_the_loss_a_gradient_stopped_inside_the_model_is_still_found():
+    # step 0 learns (and ruins the weights); from then on the loss sends a huge gradient
+    # to the saturated sigmoid and nothing passes it: no optimum looks like that
+    x, y = digits(standardize=False)
+    watcher, _ = _train(_sigmoid_net(), _one_hot_bce, x=x * 16, y=y, lr=0.5, pass_loss=False)
+    found = _found(watcher)
+    assert found and found[0].evidence["stops_at"] == "3"
+    assert "not passed" in found[0].message
+
+
 def _separable(n=256):
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 2, (n,), generator=g)

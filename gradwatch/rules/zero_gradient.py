@@ -84,9 +84,12 @@ When it stays silent: a loss of exactly 0 (within `zero_loss`): a model that fit
 its data exactly has nothing to learn from it, as with a hinge or margin loss once
 every margin is met; steps with NaN/Inf gradients (GW103's, or a step a GradScaler
 skips); frozen parameters (requires_grad=False) and parameters whose gradient is
-None (GW104's). Without the loss (watcher.step() without loss=), a converged model
-cannot be told from a stuck one, so it fires only when the gradient has been
-exactly 0 at every monitored step since the first: no model starts at its optimum."""
+None (GW104's). Without the loss (watcher.step() without loss=), a model that
+converged to a zero loss looks the same as a stuck one where the gradient is 0
+already at the model's output, so it fires only when the gradient has been
+exactly 0 at every monitored step since the first (no model starts at its
+optimum), or when a module's output still gets a non-zero gradient that goes no
+further (a model at its optimum gets none at its output)."""
     defaults = {"zero_loss": 1e-7}
     threshold_docs = {
         "zero_loss": "a loss whose absolute value is at most this counts as zero "
@@ -117,22 +120,22 @@ exactly 0 at every monitored step since the first: no model starts at its optimu
                 return None
             if abs(loss) <= self.t("zero_loss"):
                 return []  # fits its data exactly: nothing left to learn
-        elif self._moved:
-            return None  # without the loss, convergence and a stall look alike
+        elif self._moved and _stop(ctx) in (None, OUTPUT, NOWHERE):
+            # Without the loss, a model that learnt and now sits at a zero loss looks
+            # the same, unless the loss visibly still sends a gradient into the model.
+            return None
         return [self._condition(ctx, loss)]
 
     def _condition(self, ctx: RuleContext, loss: float | None) -> Condition:
         stats = ctx.stats
-        detail = next(
-            (
-                s
-                for s in reversed(ctx.recent(16))
-                if s.detail and s.activations_observed and all_zero(s)
-            ),
-            None,
-        )
+        detail = _zero_detail(ctx)
         where = _where(detail) if detail is not None else None
-        loss_text = f"the loss is {loss:.4g}" if loss is not None else "since the first step"
+        if loss is not None:
+            loss_text = f"the loss is {loss:.4g}"
+        elif self._moved:
+            loss_text = "the loss was not passed to step(), but it still sends a gradient"
+        else:
+            loss_text = "at every monitored step since the first"
         evidence: dict[str, Any] = {
             "global_grad_norm": 0.0,
             "loss": loss,
@@ -171,6 +174,30 @@ exactly 0 at every monitored step since the first: no model starts at its optimu
         self._moved = bool(state.get("moved", False))
 
 
+#: ``evidence["stops_at"]`` when no module's output gets a gradient / gets any at all
+OUTPUT = "output"
+NOWHERE = "nowhere"
+
+
+def _zero_detail(ctx: RuleContext) -> StepStats | None:
+    """The most recent detail step (with forward hooks) at which every gradient was 0."""
+    return next(
+        (
+            s
+            for s in reversed(ctx.recent(16))
+            if s.detail and s.activations_observed and all_zero(s)
+        ),
+        None,
+    )
+
+
+def _stop(ctx: RuleContext) -> str | None:
+    """Where the gradient stops, as last measured (None: not measured)."""
+    detail = _zero_detail(ctx)
+    where = _where(detail) if detail is not None else None
+    return where[0] if where is not None else None
+
+
 _HINT_OUTPUT = (
     "Something between the model's output and the loss has a derivative of exactly 0: "
     "a sigmoid/softmax output saturated at exactly 0/1 under BCELoss/NLLLoss (use "
@@ -192,7 +219,7 @@ def _where(detail: StepStats) -> tuple[str, tuple[str, ...], str, str] | None:
         last = ran[-1]
         if all(s.output_grad_rms is None for s in ran):
             return (
-                "nowhere",
+                NOWHERE,
                 (),
                 "no module's output got any gradient: the model's output is cut from the "
                 "loss (.detach(), .data, torch.no_grad()) and another term keeps "
@@ -202,7 +229,7 @@ def _where(detail: StepStats) -> tuple[str, tuple[str, ...], str, str] | None:
                 "such as a regulariser on a constant, lets backward() run without it).",
             )
         return (
-            "output",
+            OUTPUT,
             (last.name,),
             f"the gradient is already 0 where it reaches the model's output ({last.name}, "
             "the last module to run): the operation between the output and the loss, or "
