@@ -12,55 +12,7 @@ from torch import nn
 import gradwatch
 from gradwatch.layers import RECURRENT, module_kind
 from tests.support import digits
-
-CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
-
-
-class SequenceClassifier(nn.Module):
-    """Digits read as a sequence: ``steps`` time steps of 64/steps pixels each."""
-
-    def __init__(
-        self,
-        cell: str = "lstm",
-        *,
-        steps: int = 8,
-        hidden: int = 32,
-        layers: int = 1,
-        recurrent_gain: float | None = None,
-        read_state: bool = False,
-    ) -> None:
-        super().__init__()
-        self.steps = steps
-        self.read_state = read_state
-        self.rnn = CELLS[cell](64 // steps, hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Linear(hidden, 10)
-        if recurrent_gain is not None:
-            # Gaussian weight_hh with spectral radius ~ recurrent_gain
-            for name, param in self.rnn.named_parameters():
-                if name.startswith("weight_hh"):
-                    nn.init.normal_(param, 0.0, recurrent_gain / math.sqrt(param.shape[1]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, state = self.rnn(x.view(len(x), self.steps, -1))
-        if self.read_state:
-            h = state[0] if isinstance(state, tuple) else state
-            return self.head(h[-1])
-        return self.head(out[:, -1])
-
-
-class CellLoop(nn.Module):
-    """An nn.RNNCell driven by a Python loop over 8 time steps."""
-
-    def __init__(self, hidden: int = 32) -> None:
-        super().__init__()
-        self.cell = nn.RNNCell(8, hidden)
-        self.head = nn.Linear(hidden, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = None
-        for t in range(8):
-            h = self.cell(x[:, 8 * t : 8 * t + 8], h)
-        return self.head(h)
+from tests.zoo import CellLoop, SequenceClassifier
 
 
 def _train(model, *, steps, lr, optimizer="sgd", every=5, seed=0, **watch):
