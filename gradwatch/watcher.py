@@ -444,11 +444,12 @@ class Watcher:
             self._arm_for(layout.step + 1)
             if fresh and not self._transfer.deferred:  # the gradients are still there
                 nonfinite = self._collector.inspect_nonfinite(layout.slots)
-        elif not layout.detail and wants_detail(values[: len(layout.slots)], self._history):
+        findings = self._process(layout, context, values, nonfinite)
+        if wants_detail(self._history):
             # Every gradient exactly 0: the backward signal shows where it stops.
             self._force_detail = True
             self._arm_for(layout.step + 1)
-        return self._process(layout, context, values, nonfinite)
+        return findings
 
     def _read_ready(self) -> list[Finding]:
         findings = []

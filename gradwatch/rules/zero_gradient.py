@@ -17,9 +17,10 @@ gradient is already zero where it leaves the loss.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from ..history import History
 from ..kinds import RELU, SATURATING_KINDS
 from ..stats import LayerStats, StepStats
 from .base import RATIO, Condition, Rule, RuleContext
@@ -31,18 +32,21 @@ def all_zero(stats: StepStats) -> bool:
     return stats.global_grad_norm == 0.0 and any(s.grad_norm is not None for s in stats)
 
 
-def wants_detail(squared_norms: Iterable[float], history: Iterable[StepStats]) -> bool:
-    """Whether the next monitored step should measure the backward signal (detail), given
-    this step's squared gradient norms: yes when they are all exactly zero, unless the
-    last detail step already saw every gradient zero (it showed where it stops)."""
-    norms = list(squared_norms)
-    if not norms or any(v != 0.0 for v in norms):
+def wants_detail(history: History) -> bool:
+    """Whether the next monitored step should measure the backward signal (detail): yes
+    when every gradient of the step just measured (the last of ``history``) is exactly
+    zero, unless the last detail step already saw that (it showed where it stops).
+    O(1) on a step with a gradient."""
+    if not history:
         return False
-    last = None
-    for stats in history:
+    latest = history[-1]
+    if latest.detail or not all_zero(latest):
+        return False
+    for k in range(len(history) - 2, -1, -1):
+        stats = history[k]
         if stats.detail and stats.activations_observed:
-            last = stats
-    return last is None or not all_zero(last)
+            return not all_zero(stats)
+    return True
 
 
 class ZeroGradient(Rule):
