@@ -7,6 +7,7 @@ Only ``demo`` (which trains) imports torch: ``--help``, ``rules``, ``explain`` a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,11 @@ from .rules import BUILTIN_RULES, find_rule
 
 
 def _rules(args: argparse.Namespace) -> int:
+    if args.json:
+        from .docs.rules import all_rule_facts
+
+        print(json.dumps(all_rule_facts(BUILTIN_RULES), indent=2))
+        return 0
     console = Console()
     table = Table(title="gradwatch rules", title_justify="left")
     for column in ("code", "slug", "severity", "what it means"):
@@ -27,7 +33,7 @@ def _rules(args: argparse.Namespace) -> int:
     for cls in BUILTIN_RULES:
         table.add_row(cls.code, cls.slug, cls.severity, cls.summary)
     console.print(table)
-    console.print("Details: gradwatch explain <code or slug>")
+    console.print("Details: gradwatch explain <code or slug>; as JSON: gradwatch rules --json")
     return 0
 
 
@@ -95,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
 
     rules = sub.add_parser("rules", help="list the built-in rules")
+    rules.add_argument(
+        "--json",
+        action="store_true",
+        help="print every rule as JSON: code, slug, severity, summary, explanation, thresholds",
+    )
     rules.set_defaults(func=_rules)
 
     explain = sub.add_parser("explain", help="what a rule measures, why, and how to fix it")

@@ -13,6 +13,8 @@ with the per-layer gradient norms below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -25,10 +27,11 @@ from rich.console import Console
 from rich.text import Text
 
 from .demo.extras import MissingExtra, figure_class
-from .demo.figure import check_image_path, save_figure, write_error
+from .demo.figure import check_image_path, floor_for, save_figure, write_error
 from .demo.table import Cell, print_table
 from .findings import Finding
 from .reporters.jsonl import Record, read_record
+from .reporters.jsonl import _clean as json_safe  # NaN/Inf as strings, tuples as lists
 from .reporters.terminal import SEVERITY_STYLE, finding_panel, finding_text
 from .rules.engine import SummaryRow
 
@@ -40,6 +43,10 @@ SPARK_WIDTH = 24
 _SPARK = "▁▂▃▄▅▆▇█"
 #: Plain-text levels, low to high; "-" is kept for "not measured", " " for exactly 0.
 _SPARK_PLAIN = ".:=+*#%@"
+#: The fewest orders of magnitude a colour or character scale spans: a healthy layer's
+#: gradient wobbles by a factor of 2 or 3 from step to step, and on a scale fitted to
+#: that wobble alone it would look like a collapse.
+MIN_DECADES = 4.0
 
 
 class ReportError(Exception):
@@ -155,6 +162,31 @@ def log_range(rows: Sequence[Sequence[float | None]]) -> tuple[float, float]:
         math.log10(v) for row in rows for v in row if v is not None and v > 0 and math.isfinite(v)
     ]
     return (min(logs), max(logs)) if logs else (0.0, 0.0)
+
+
+def widened(scale: tuple[float, float], decades: float = MIN_DECADES) -> tuple[float, float]:
+    """``scale`` (low, high in log10) stretched about its middle to span at least
+    ``decades``; a wider one is left as it is.
+
+    >>> widened((-3.0, -2.0))
+    (-4.5, -0.5)
+    >>> widened((-28.0, -1.0))
+    (-28.0, -1.0)
+    """
+    low, high = scale
+    if high - low >= decades:
+        return low, high
+    middle = (low + high) / 2
+    return middle - decades / 2, middle + decades / 2
+
+
+def decade_text(log10_value: float) -> str:
+    """A log10 position as the value it stands for.
+
+    >>> decade_text(-4.5), decade_text(0.0)
+    ('3e-05', '1e+00')
+    """
+    return f"{10**log10_value:.0e}"
 
 
 def sparkline(
@@ -323,17 +355,18 @@ def _print_gradients(console: Console, record: Record) -> None:
     picks = sample_indices(len(record.steps), max(2, min(TEXT_COLUMNS, room // 10)))
     columns = ["layer", *(f"step {record.steps[i].step}" for i in picks), "over time"]
     per_layer = {name: series(record, name) for name in layers}
-    scale = log_range(per_layer.values())
+    scale = widened(log_range(per_layer.values()))
     rows: list[list[Cell]] = []
     for name, values in per_layer.items():
         line = sparkline([values[i] for i in spark_steps], plain=plain, scale=scale)
         rows.append([name or "<root>", *(value_text(values[i]) for i in picks), line])
     norms: list[float | None] = [s.global_grad_norm for s in record.steps]
+    norm_scale = widened(log_range([norms]))
     rows.append(
         [
             "(global norm)",
             *(value_text(norms[i]) for i in picks),
-            sparkline([norms[i] for i in spark_steps], plain=plain),
+            sparkline([norms[i] for i in spark_steps], plain=plain, scale=norm_scale),
         ]
     )
     every = (
@@ -341,6 +374,7 @@ def _print_gradients(console: Console, record: Record) -> None:
         if len(spark_steps) == len(record.steps)
         else f"{len(spark_steps)} of {len(record.steps)} monitored steps, evenly spaced"
     )
+    ramp = _SPARK_PLAIN if plain else _SPARK
     low, high = scale
     print_table(
         console,
@@ -349,62 +383,193 @@ def _print_gradients(console: Console, record: Record) -> None:
         rows,
         right=columns[1:-1],
         keep_whole=("layer", "over time"),
-        caption=f"over time: {every}, on one log scale for all layers "
-        f"(1e{low:.0f} to 1e{high:.0f}; the global norm on its own); "
-        "blank = exactly 0, '-' = not measured, '!' = NaN/Inf",
+        caption=f"over time: {every}, on one log scale for all layers: "
+        f"'{ramp[0]}' = {decade_text(low)} or less, '{ramp[-1]}' = {decade_text(high)} "
+        f"(the global norm on its own scale: {decade_text(norm_scale[0])} to "
+        f"{decade_text(norm_scale[1])}); blank = exactly 0, '-' = not measured, "
+        "'!' = NaN/Inf",
+    )
+
+
+# -- JSON ---------------------------------------------------------------------------------
+
+
+def record_json(record: Record, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The record as one JSON-ready document, for scripts: what ``--json`` prints.
+
+    Per layer (input side first), one value per monitored step in ``steps``: ``null``
+    where the layer was not measured, ``0`` where its gradient was exactly 0, the
+    string ``"nan"``/``"inf"`` where it was not finite.
+    """
+    rows = summary_rows(record)
+    return json_safe(
+        {
+            "file": os.fspath(path),
+            "gradwatch_version": record.version,
+            "meta": record.meta,
+            "truncated": record.truncated,
+            "skipped_lines": record.skipped_lines,
+            "steps": [s.step for s in record.steps],
+            "findings": [f.to_dict() for f in record.findings],
+            "summary": [dataclasses.asdict(row) for row in rows],
+            "summary_rebuilt": not record.summary and bool(rows),
+            "layers": [
+                {
+                    "name": name,
+                    "grad_rms": series(record, name),
+                    "grad_norm": series(record, name, "grad_norm"),
+                }
+                for name in gradient_layers(record)
+            ],
+            "global_grad_norm": [s.global_grad_norm for s in record.steps],
+        }
     )
 
 
 # -- figure -------------------------------------------------------------------------------
 
 
-def report_figure(record: Record) -> Any:
-    """A matplotlib Figure: top, a heatmap of log10 gradient RMS (layers x monitored
-    steps; exact zeros in grey); bottom, each layer's gradient norm over time (log
-    scale, coloured by depth). Finding steps are marked on both."""
+#: Heatmap cells that hold no value to colour, each drawn in a colour of its own that the
+#: value scale (magma: black to pale yellow) does not use: label and colour.
+CELL_KINDS: dict[str, tuple[str, str]] = {
+    "zero": ("exactly 0", "#3b9ddd"),
+    "unmeasured": ("not measured", "#e4e4e4"),
+    "nonfinite": ("NaN/Inf", "#2ca02c"),
+}
+#: Layers named on the depth colour bar at most (evenly spread, first and last included).
+DEPTH_TICKS = 12
+
+
+def cell_kind(value: float | None) -> str:
+    """What a heatmap cell shows: ``"value"`` or one of :data:`CELL_KINDS`.
+
+    >>> [cell_kind(v) for v in (1e-3, 0.0, None, float("nan"))]
+    ['value', 'zero', 'unmeasured', 'nonfinite']
+    """
+    if value is None:
+        return "unmeasured"
+    if not math.isfinite(value):
+        return "nonfinite"
+    return "zero" if value <= 0 else "value"
+
+
+def heatmap_cells(record: Record, layers: Sequence[str]) -> list[list[str]]:
+    """:func:`cell_kind` of each layer (row) at each monitored step (column)."""
+    return [[cell_kind(v) for v in series(record, name)] for name in layers]
+
+
+def report_figure(record: Record, figure: Any = None) -> Any:
+    """A matplotlib Figure: top, a heatmap of gradient RMS (layers x monitored steps, log
+    colour scale spanning at least :data:`MIN_DECADES`; exactly 0, not measured and
+    NaN/Inf each in a colour of their own, named in a legend); bottom, each layer's
+    gradient norm over time (log scale, coloured by layer). Finding steps are marked on
+    both. ``figure``: a Figure or SubFigure to draw into (``gradwatch report A B --png``
+    puts two side by side)."""
     Figure = figure_class()
     import matplotlib
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     layers = gradient_layers(record)
     steps = [s.step for s in record.steps]
-    figure = Figure(figsize=(10, 8), layout="constrained")
+    if figure is None:
+        figure = Figure(figsize=(10, 8), layout="constrained")
     heat_ax, norm_ax = figure.subplots(2, 1, sharex=True)
-    grid = [[_log10(v) for v in series(record, name)] for name in layers]
-    finite = [v for row in grid for v in row if v is not None and math.isfinite(v)]
-    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    cmap = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
-    data = [[v if v is not None and math.isfinite(v) else math.nan for v in row] for row in grid]
+    values = [series(record, name) for name in layers]
+    kinds = heatmap_cells(record, layers)
+    grid = [
+        [math.log10(v) if kind == "value" and v is not None else math.nan for v, kind in zip(r, k)]
+        for r, k in zip(values, kinds)
+    ]
+    low, high = widened(log_range(values))
+    extent = _extent(steps, len(layers))
     image = heat_ax.imshow(
-        data or [[math.nan]],
+        grid or [[math.nan]],
         aspect="auto",
         interpolation="nearest",
-        cmap=cmap,
+        cmap=matplotlib.colormaps["magma"].with_extremes(bad=(0, 0, 0, 0)),
         vmin=low,
-        vmax=high if high > low else low + 1,
-        extent=_extent(steps, len(layers)),
+        vmax=high,
+        extent=extent,
         origin="upper",
     )
-    figure.colorbar(image, ax=heat_ax, label="log10 gradient RMS")
+    # The cells without a value, on top, one flat colour per kind.
+    names = list(CELL_KINDS)
+    others = [[names.index(k) if k in CELL_KINDS else math.nan for k in row] for row in kinds]
+    heat_ax.imshow(
+        others or [[math.nan]],
+        aspect="auto",
+        interpolation="nearest",
+        cmap=ListedColormap([colour for _, colour in CELL_KINDS.values()]).with_extremes(
+            bad=(0, 0, 0, 0)
+        ),
+        vmin=-0.5,
+        vmax=len(names) - 0.5,
+        extent=extent,
+        origin="upper",
+    )
+    present = [name for name in names if any(name in row for row in kinds)]
+    if present:
+        heat_ax.legend(
+            handles=[
+                Patch(facecolor=CELL_KINDS[n][1], edgecolor="dimgray", label=CELL_KINDS[n][0])
+                for n in present
+            ],
+            loc="lower right",
+            bbox_to_anchor=(1.0, 1.0),
+            ncols=len(present),
+            frameon=False,
+            fontsize=8,
+        )
+    bar = figure.colorbar(image, ax=heat_ax, label="gradient RMS (log scale)")
+    bar.locator = MaxNLocator(integer=True)
+    bar.formatter = FuncFormatter(lambda x, _: f"1e{x:.0f}")
+    bar.update_ticks()
     heat_ax.set_ylabel("layer (input side at top)")
     if len(layers) <= 40:
         heat_ax.set_yticks([len(layers) - i - 0.5 for i in range(len(layers))])
         heat_ax.set_yticklabels([n or "<root>" for n in layers], fontsize=6)
     title = record.meta.get("model") or record.meta.get("label") or "recorded run"
-    heat_ax.set_title(f"gradwatch report: {title} - gradient RMS (grey: exactly 0 or not measured)")
+    heat_ax.set_title(f"gradwatch report: {title} - gradient RMS per layer", loc="left")
 
-    colors = matplotlib.colormaps["viridis"]
-    depth = Normalize(0, max(1, len(layers) - 1))
-    for index, name in enumerate(layers):
+    # One colour per layer, input side first; the colour bar names the layers.
+    count = max(1, len(layers))
+    colours = matplotlib.colormaps["viridis"].resampled(count)
+    by_layer = BoundaryNorm([i - 0.5 for i in range(count + 1)], count)
+    all_norms = [[_positive(v) for v in series(record, name, "grad_norm")] for name in layers]
+    positive = [v for row in all_norms for v in row if not math.isnan(v)]
+    floor = floor_for(positive)
+    any_zero = False
+    for index, (name, norms) in enumerate(zip(layers, all_norms)):
+        colour = colours(by_layer(index))
         # NaN breaks the line where the norm is 0 or unmeasured (a log axis has no 0).
-        norms = [_positive(v) for v in series(record, name, "grad_norm")]
         if any(not math.isnan(v) for v in norms):
-            norm_ax.plot(steps, norms, color=colors(depth(index)), linewidth=1, label=name)
+            norm_ax.plot(steps, norms, color=colour, linewidth=1, label=name)
+        zeros = [s for s, v in zip(steps, series(record, name, "grad_norm")) if v == 0]
+        if zeros:
+            any_zero = True
+            norm_ax.plot(zeros, [floor] * len(zeros), "v", color=colour, markersize=4,
+                         label="_zero")
     norm_ax.set_yscale("log")
     norm_ax.set_xlabel("step")
-    norm_ax.set_ylabel("gradient norm per layer\n(gaps: exactly 0)")
-    mappable = matplotlib.cm.ScalarMappable(norm=depth, cmap=colors)
-    figure.colorbar(mappable, ax=norm_ax, label="layer depth (0 = input side)")
+    norm_ax.set_ylabel("gradient norm per layer")
+    if any_zero:
+        from matplotlib.lines import Line2D
+
+        norm_ax.axhline(floor, color="dimgray", linestyle=":", linewidth=0.8, label="_floor")
+        marker = Line2D([], [], color="dimgray", marker="v", linestyle=":", markersize=4)
+        norm_ax.legend(
+            [marker],
+            [f"exactly 0 (drawn at {floor:.0e}); a gap: not measured"],
+            loc="best",
+            fontsize=8,
+        )
+    mappable = matplotlib.cm.ScalarMappable(norm=by_layer, cmap=colours)
+    ticks = sample_indices(len(layers), DEPTH_TICKS)
+    depth_bar = figure.colorbar(mappable, ax=norm_ax, ticks=ticks, label="layer (input side first)")
+    depth_bar.ax.set_yticklabels([layers[i] or "<root>" for i in ticks], fontsize=7)
+    depth_bar.minorticks_off()
     for finding in record.findings:
         if finding.status in ("new", "worse"):
             for ax in (heat_ax, norm_ax):
@@ -427,12 +592,6 @@ def _positive(value: float | None) -> float:
     return value
 
 
-def _log10(value: float | None) -> float | None:
-    if value is None or not math.isfinite(value) or value <= 0:
-        return None
-    return math.log10(value)
-
-
 def _extent(steps: Sequence[int], n_layers: int) -> tuple[float, float, float, float]:
     """Cells centred on their steps; rows from the bottom (last layer) to the top."""
     if not steps:
@@ -453,6 +612,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="draw a layers x steps heatmap of gradient RMS and the per-layer norms over "
         "time (needs the 'plot' extra: matplotlib)",
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the record as one JSON document (findings, summary, each layer's "
+        "gradient RMS and norm per monitored step) instead of the text report",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -469,7 +634,11 @@ def main(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"gradwatch report: {write_error(error)}", file=sys.stderr)
         return 2
-    print_report(record, path, Console())
+    as_json = getattr(args, "json", False)
+    if as_json:
+        print(json.dumps(record_json(record, path), indent=2, allow_nan=False))
+    else:
+        print_report(record, path, Console())
     if png is not None:
         figure = report_figure(record)
         try:
@@ -477,5 +646,6 @@ def main(args: argparse.Namespace) -> int:
         except OSError as error:
             print(f"gradwatch report: {write_error(error)}", file=sys.stderr)
             return 2
-        print(f"figure: {png}")
+        # with --json, standard output holds the document only
+        print(f"figure: {png}", file=sys.stderr if as_json else sys.stdout)
     return 0

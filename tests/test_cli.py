@@ -1,6 +1,7 @@
 """`gradwatch rules` and `gradwatch explain`."""
 
 import itertools
+import json
 import subprocess
 import sys
 
@@ -73,3 +74,19 @@ def test_help_names_the_experiment_in_words_a_user_knows(capsys):
         out = capsys.readouterr().out
         assert "sigmoid" in out and "ReLU" in out and "residual" in out
         assert "seed document" not in out
+
+
+def test_rules_json_lists_every_rule_with_its_texts_and_thresholds(capsys):
+    from gradwatch.rules import BUILTIN_RULES
+
+    assert main(["rules", "--json"]) == 0
+    rules = json.loads(capsys.readouterr().out)
+    assert [r["code"] for r in rules] == sorted(cls.code for cls in BUILTIN_RULES)
+    by_code = {r["code"]: r for r in rules}
+    vanishing = by_code["GW101"]
+    assert vanishing["slug"] == "vanishing-gradient" and vanishing["severity"] == "warning"
+    assert "0.25^30" in vanishing["explanation"]
+    assert {"name": "ratio", "default": 0.01, "accepts": "a number in (0, 1)"}.items() <= (
+        vanishing["thresholds"][0].items()
+    )
+    assert vanishing["window"] == 3

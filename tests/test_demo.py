@@ -144,6 +144,14 @@ def test_the_figure_has_one_panel_per_depth_and_a_curve_per_network(demo):
     # The sigmoid net's first layer (~1e-28) is far below its last.
     ys = list(curves["sigmoid"].get_ydata())
     assert ys[0] < 1e-20 < 1e-6 < ys[-1]
+    # Exact zeros (relu-high-lr's dead layers) are named in the panel that draws them.
+    from gradwatch.demo.figure import ZERO_LABEL
+
+    def legend(ax):
+        return [text.get_text() for text in ax.get_legend().get_texts()]
+
+    assert any(text.startswith(ZERO_LABEL) for text in legend(shallow))
+    assert not any(text.startswith(ZERO_LABEL) for text in legend(deep))
 
 
 def test_records_hold_each_run_and_report_reads_them(demo, capsys):
@@ -316,7 +324,8 @@ def test_missing_scikit_learn_names_the_demo_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # simulate: not installed
     assert cli.main(["demo", "--only", "relu-high-lr"]) == 2
     captured = capsys.readouterr()
-    assert "pip install 'gradwatch[demo]'" in captured.err
+    assert 'pip install "scikit-learn>=1.2"' in captured.err
+    assert 'pip install -e ".[demo]"' in captured.err
     assert "Traceback" not in captured.err
 
 
@@ -325,7 +334,7 @@ def test_missing_matplotlib_names_the_plot_extra_before_training(monkeypatch, ca
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     assert cli.main(["demo", "--only", "relu-high-lr", "--png", str(tmp_path / "f.png")]) == 2
     captured = capsys.readouterr()
-    assert "pip install 'gradwatch[plot]'" in captured.err
+    assert 'pip install -e ".[plot]"' in captured.err
     assert "[1/1]" not in captured.out  # failed before training
     assert not (tmp_path / "f.png").exists()
 

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 import gradwatch
+from gradwatch.install import install_hint
 from gradwatch.integrations.lightning import GradWatchCallback
 
 from .dist_scripts.lit_models import Classifier, deep_tanh, digits_loader, healthy, quiet_trainer
@@ -434,8 +435,11 @@ def test_without_the_framework_the_import_says_how_to_install_it(
         importlib.import_module(f"gradwatch.integrations.{integration}")
     assert str(raised.value) == (
         f"gradwatch.integrations.{integration} needs {package}, which is not installed: "
-        f"pip install 'gradwatch[{extra}]'"
+        f"{install_hint(extra)}"
     )
+    # a line to paste that works from a clone: the packages, and the extra in clone form
+    assert f'pip install "{package}>=' in str(raised.value)
+    assert f'pip install -e ".[{extra}]"' in str(raised.value)
     assert raised.value.name == package
     assert raised.value.__suppress_context__  # one line, no chained "No module named ..."
 
@@ -448,7 +452,7 @@ def test_without_wandb_the_reporter_says_how_to_install_it(monkeypatch):
         WandbReporter()
     assert str(raised.value) == (
         "gradwatch.integrations.wandb needs wandb, which is not installed: "
-        "pip install 'gradwatch[wandb]'"
+        'pip install "wandb>=0.16" (or, in your gradwatch clone: pip install -e ".[wandb]")'
     )
     assert raised.value.__suppress_context__
 

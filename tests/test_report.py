@@ -229,3 +229,85 @@ def test_report_reads_a_record_with_nonfinite_values(tmp_path, capsys):
     assert cli.main(["report", str(path)]) == 0
     out = capsys.readouterr().out
     assert "nan" in out and "!" in out
+
+
+def test_report_json_has_the_findings_summary_and_every_layers_series(recorded, capsys):
+    assert cli.main(["report", str(recorded), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)  # standard output is the document only
+    record = load(recorded)
+    assert document["meta"] == {"model": "sigmoid"}
+    assert document["steps"] == [s.step for s in record.steps] == [0, 15, 30, 45, 60, 75]
+    assert [(f["code"], f["step"]) for f in document["findings"]] == [
+        (f.code, f.step) for f in record.findings
+    ]
+    assert document["findings"][0]["hint"] == record.findings[0].hint
+    assert [row["code"] for row in document["summary"]] == ["GW101"]
+    names = [layer["name"] for layer in document["layers"]]
+    assert names == [f"linear{i}" for i in range(1, 31)]
+    layers = {layer["name"]: layer for layer in document["layers"]}
+    assert all(len(layer["grad_rms"]) == 6 for layer in layers.values())
+    assert max(layers["linear1"]["grad_rms"]) < 1e-20 < 1e-6 < min(layers["linear30"]["grad_rms"])
+    # docs/output.md names every key of the document
+    described = (Path(__file__).resolve().parents[1] / "docs" / "output.md").read_text()
+    for key in [*document, *document["layers"][0]]:
+        assert f"`{key}`" in described, key
+
+
+def _record_with_gaps(path: Path) -> Path:
+    """fc1 measured, then exactly 0, then not measured, then NaN; fc2 a healthy wobble."""
+    lines = [{"type": "run", "format": "gradwatch-jsonl/1", "version": "0", "meta": {}}]
+    fc1 = [1e-3, 0.0, None, "nan"]
+    for step, value in enumerate(fc1):
+        layers = {"fc2": {"name": "fc2", "kind": "linear", "grad_rms": 2e-3 * (1 + step % 2),
+                          "grad_norm": 0.1, "depth": 1.0}}
+        if value is not None:
+            layers["fc1"] = {"name": "fc1", "kind": "linear", "grad_rms": value,
+                             "grad_norm": value, "depth": 0.0}
+        lines.append({"type": "step", "step": step * 10, "global_grad_norm": 1.0,
+                      "layers": layers})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_report_json_tells_zero_from_not_measured(tmp_path, capsys):
+    path = _record_with_gaps(tmp_path / "gaps.jsonl")
+    assert cli.main(["report", str(path), "--json"]) == 0
+    layers = {layer["name"]: layer for layer in json.loads(capsys.readouterr().out)["layers"]}
+    assert layers["fc1"]["grad_rms"] == [1e-3, 0.0, None, "nan"]
+
+
+def test_png_gives_zero_not_measured_and_nan_their_own_labelled_colours(tmp_path):
+    pytest.importorskip("matplotlib", reason="--png needs the 'plot' extra (matplotlib)")
+    from gradwatch.report import CELL_KINDS, MIN_DECADES, heatmap_cells, report_figure
+
+    record = load(_record_with_gaps(tmp_path / "gaps.jsonl"))
+    assert heatmap_cells(record, ["fc1", "fc2"]) == [
+        ["value", "zero", "unmeasured", "nonfinite"],
+        ["value"] * 4,
+    ]
+    figure = report_figure(record)
+    heat_ax, norm_ax = figure.axes[0], figure.axes[1]
+    values, others = heat_ax.images
+    # each kind of cell without a value gets its own colour index, and a legend entry
+    kinds = others.get_array()
+    assert [kinds[0][i] for i in (1, 2, 3)] == [0, 1, 2]
+    assert kinds.mask[0][0] and kinds.mask[1].all()
+    legend = [text.get_text() for text in heat_ax.get_legend().get_texts()]
+    assert legend == [label for label, _ in CELL_KINDS.values()]
+    assert len({colour for _, colour in CELL_KINDS.values()}) == len(CELL_KINDS)
+    # a 2x wobble does not fill the colour scale
+    low, high = values.get_clim()
+    assert high - low >= MIN_DECADES
+    # the layer colour bar names the layers at whole positions
+    depth_bar = figure.axes[-1]
+    assert list(depth_bar.get_yticks()) == [0, 1]
+    assert [t.get_text() for t in depth_bar.get_yticklabels()] == ["fc1", "fc2"]
+    # an exact zero of the norm is drawn and named, not left as a gap
+    assert "exactly 0" in norm_ax.get_legend().get_texts()[0].get_text()
+
+
+def test_the_text_chart_says_what_its_characters_mean(recorded, capsys):
+    assert cli.main(["report", str(recorded)]) == 0
+    caption = " ".join(capsys.readouterr().out.split())
+    assert "'.' = " in caption and "'@' = " in caption
+    assert "blank = exactly 0, '-' = not measured, '!' = NaN/Inf" in caption

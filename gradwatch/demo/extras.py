@@ -11,13 +11,15 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ..install import install_hint
+
 
 class MissingExtra(RuntimeError):
     """An optional dependency is not installed; the message says how to install it."""
 
 
 def require(module: str, *, extra: str, purpose: str) -> ModuleType:
-    """Import ``module`` or raise :class:`MissingExtra` naming ``gradwatch[extra]``.
+    """Import ``module`` or raise :class:`MissingExtra` saying how to install the extra.
 
     >>> require("json", extra="demo", purpose="reading records").__name__
     'json'
@@ -28,7 +30,7 @@ def require(module: str, *, extra: str, purpose: str) -> ModuleType:
         package = module.split(".")[0]
         raise MissingExtra(
             f"{purpose} needs {package}, which is not installed ({error}). "
-            f"Install it with: pip install 'gradwatch[{extra}]'"
+            f"Install it with: {install_hint(extra)}"
         ) from None
 
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:  # run.py trains with torch; drawing a figure does not need it
 
 #: How far below the smallest non-zero value an exact zero is drawn (log axes have no 0).
 FLOOR_DECADES = 2
+#: The legend entry of the line where zeros are drawn.
+ZERO_LABEL = "exactly 0 or NaN"
 
 
 def floor_for(values: Sequence[float]) -> float:
@@ -54,7 +56,6 @@ def gradient_flow_figure(runs: Sequence[NetRun]) -> Any:
     floor = floor_for(values)
     # One colour per network across the panels.
     colours = {run.net.name: f"C{index % 10}" for index, run in enumerate(runs)}
-    any_zero = False
     for ax, (depth, members) in zip(axes, groups):
         panel_zero = False
         for run in members:
@@ -80,22 +81,19 @@ def gradient_flow_figure(runs: Sequence[NetRun]) -> Any:
         ax.set_xlabel(f"weight layer (1 = input side, {depth} = output)")
         ax.set_title(f"{depth}-layer networks", fontsize="medium")
         ax.grid(True, which="major", alpha=0.3)
+        if panel_zero:  # said in the panel that has them, as an entry of its legend
+            ax.axhline(
+                floor,
+                color="dimgray",
+                linestyle=":",
+                linewidth=0.8,
+                label=f"{ZERO_LABEL} (drawn at {floor:.0e})",
+            )
         ax.legend(fontsize="small", loc="best")
-        if panel_zero:
-            ax.axhline(floor, color="dimgray", linestyle=":", linewidth=0.8, label="_floor")
-        any_zero = any_zero or panel_zero
     axes[0].set_ylabel("gradient RMS")
     steps = sorted({run.rms_step for run in runs if run.rms_step is not None})
     at = f"step {steps[0]}" if len(steps) == 1 else "the last monitored step"
     figure.suptitle(f"gradwatch demo: gradient RMS by depth at {at}")
-    if any_zero:
-        axes[0].annotate(
-            f"exact zeros (and NaN) drawn at {floor:.0e}",
-            xy=(0.01, 0.01),
-            xycoords="axes fraction",
-            fontsize="small",
-            color="dimgray",
-        )
     return figure
 
 

@@ -30,8 +30,8 @@ class ExplodingGradient(Rule):
     explanation = """\
 What it measures, five ways (each must hold for `window` monitored steps unless it says
 "at once"):
-- growth with depth: the backward signal (RMS of the gradient with respect to each
-  weight layer's output; the weight-gradient RMS where that is not observed) in the
+- growth with depth: the gradient flowing back into each weight layer's output (its
+  RMS; the weight-gradient RMS where that is not observed) in the
   first quarter of layers is more than 1/`ratio` times that of the last quarter;
 - updates larger than the weights: for SGD-like optimizers, lr * |grad| / |weight| of
   a weight layer above `update_ratio` (with the optimizer unknown, lr is taken as
@@ -41,7 +41,7 @@ What it measures, five ways (each must hold for `window` monitored steps unless 
   waiting would only report the NaN that follows; above 10x it is an error;
 - a spike: the global gradient norm above `spike_factor` times the median of the
   previous monitored steps, held for `window` steps;
-- a surge, at once: between monitored steps a cheap sentinel reads a small sample of
+- a surge, at once: between monitored steps a cheap check reads a small sample of
   gradients every step; when it jumps above `spike_factor` times its median over the
   last 16 steps, the whole model is measured at that step and this fires without the
   window, naming the layers whose gradient grew most since the last measurement. It
@@ -77,7 +77,7 @@ order of the head's) and leaves NaN/Inf gradients to GW103."""
         "time_ratio": 100.0,
     }
     threshold_docs = {
-        "ratio": "late/early ratio of the backward signal below which growth with depth fires",
+        "ratio": "late/early ratio of the gradient at layer outputs below which growth fires",
         "update_ratio": "lr * |grad| / |weight| of one layer above which a step is too large",
         "assumed_lr": "learning rate assumed when the optimizer is not known",
         "spike_factor": "global norm / median of recent steps above which it is a spike",

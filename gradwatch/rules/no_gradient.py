@@ -68,12 +68,13 @@ has received a gradient at any monitored step is in use even if it misses some
 
 It reports one of three things, naming the modules:
 - a blocked gradient: the modules run, but the gradient stops at an operation
-  autograd cannot pass. It names the boundary: the last module before the cut
+  autograd cannot pass. It names the boundary: the last module before the block
   and the first one after it that gets a normal gradient. Vanishing (GW101)
-  fades, so the layers next to an exactly-zero gradient are starved too; a cut
+  fades, so the layers next to an exactly-zero gradient are starved too; a block
   does not: the module right after it gets at least 1% of the late layers'
-  gradient, or the backward signal (measured on detail steps) never reaches the
-  output before the cut, or is exactly 0 there and normal right after it. Dead
+  gradient, or the gradient with respect to module outputs (measured on detail
+  steps) never reaches the output before the block, or is exactly 0 there and
+  normal right after it. Dead
   or saturated units at the boundary are GW201's or GW202's finding instead.
 - a module never routed to: a member of a ModuleList (e.g. "experts.3") whose
   siblings get gradients never got one and was never seen running with input.

@@ -18,7 +18,7 @@ class NonFiniteGradient(Rule):
     explanation = """\
 What it measures: whether any gradient (or the loss, when passed to
 watcher.step(loss=...)) holds NaN or Inf. Every step, not only monitored ones: a cheap
-sentinel reads a small sample of gradients (and the loss), and at the first NaN/Inf the
+check reads a small sample of gradients (and the loss), and at the first NaN/Inf the
 whole model is measured at that very step, while the weights are still clean. It counts
 the non-finite values, checks whether the weights themselves are already non-finite,
 and watches the next forward passes (the first module whose output is non-finite). The

@@ -42,8 +42,8 @@ Vanishing fades: each layer gets a fraction of what the next one gets, so the la
 next to an exactly-zero gradient are starved too (a 30-layer sigmoid stack has ~1e-21
 of the late gradient there). Where the gradient instead drops from normal to exactly
 zero at once, an operation blocks it (rounding, argmax, detach): those layers are
-reported as a blocked gradient under GW104, and only the layers after the cut are
-compared here.
+reported as a blocked gradient under GW104, and only the layers after the blocking
+operation are compared here.
 
 Why it matters: backpropagation multiplies one local derivative per layer. The
 sigmoid's derivative is at most 0.25, so 30 sigmoid layers scale the gradient by at
