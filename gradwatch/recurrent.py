@@ -9,7 +9,7 @@ fairly with that layer's gradient, whatever the scale of the data.
 
 Their outputs are tuples (the output sequence, or a ``PackedSequence``, and the final
 state ``h_n`` / ``(h_n, c_n)``); a classifier often reads only the final state, so the
-backward signal is the gradient reaching any of them.
+gradient flowing back into the layer's output is the gradient reaching any of them.
 """
 
 from __future__ import annotations

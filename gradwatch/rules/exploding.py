@@ -64,8 +64,8 @@ time: clip gradients, initialise weight_hh orthogonally or as a scaled identity 
 at most 1), use LSTM/GRU instead of a vanilla RNN, or backpropagate through fewer time
 steps (truncated BPTT).
 
-It stays silent on healthy recurrent classifiers (their weight_hh gradient is of the
-order of the head's) and leaves NaN/Inf gradients to GW103."""
+When it stays silent: through time, on healthy RNN/LSTM/GRU classifiers (their
+weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's."""
     defaults = {
         "ratio": 1e-3,
         "update_ratio": 1.0,

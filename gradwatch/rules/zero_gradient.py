@@ -7,8 +7,8 @@ an operation on the way multiplied everything by exactly 0: a sigmoid saturated 
 exactly 0.0/1.0 under ``BCELoss``, ``torch.round``/``sign``/``floor`` in the graph, a
 clamp whose every input lies outside its range, a mask that zeroes the loss input.
 
-Where it stops is read from the backward signal (the gradient with respect to each
-module's output, measured on detail steps; a step with all-zero gradients asks for the
+Where it stops is read from the gradient flowing back into each module's output
+(measured on detail steps; a step with all-zero gradients asks for the
 next monitored step to be one): the last module in forward order whose output still
 gets a non-zero gradient is where it dies; when no module's output gets one, the
 gradient is already zero where it leaves the loss.
@@ -33,7 +33,8 @@ def all_zero(stats: StepStats) -> bool:
 
 
 def wants_detail(history: History) -> bool:
-    """Whether the next monitored step should measure the backward signal (detail): yes
+    """Whether the next monitored step should measure the gradient at module outputs
+    (a detail step): yes
     when every gradient of the step just measured (the last of ``history``) is exactly
     zero, unless the last detail step already saw that (it showed where it stops).
     O(1) on a step with a gradient."""
@@ -58,9 +59,9 @@ class ZeroGradient(Rule):
 What it measures: the global gradient norm, exactly 0.0 (not small: zero), with
 at least one trainable parameter holding a gradient, while the loss passed to
 watcher.step(loss=...) is finite and not zero, for `window` monitored steps.
-It names where the gradient stops, from the backward signal (the gradient with
-respect to each module's output, measured on detail steps; a step with every
-gradient zero makes the next monitored step one):
+It names where the gradient stops, from the gradient flowing back into each
+module's output (measured on detail steps; a step with every gradient zero makes
+the next monitored step one):
 - at the model's output: no module gets a non-zero gradient at its output, so
   what comes after the model (an operation between the output and the loss, or
   the loss itself) returns exactly 0;
