@@ -146,3 +146,26 @@ def test_healthy_rnn_cell_loop_stays_silent_with_sgd():
     watcher, losses = _train(CellLoop(), steps=90, lr=0.05)
     assert _codes(watcher) == set(), watcher.findings
     assert losses[-1] < losses[0]
+
+
+class ReluAfterLstm(nn.Module):
+    """Linear -> LSTM -> ReLU -> Linear: the ReLU reads the LSTM's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.rnn = nn.LSTM(32, 32, batch_first=True)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(x.view(len(x), 8, 8)))
+        return self.head(self.act(out[:, -1]))
+
+
+def test_a_relu_after_a_recurrent_layer_is_not_paired_with_the_linear_before_it():
+    from gradwatch.units import unit_groups
+
+    watcher, _ = _train(ReluAfterLstm(), steps=3, lr=0.05, every=1)
+    groups = {g.activation: g.producer for g in unit_groups(watcher.latest)}
+    assert groups["act"] is None  # its units are the LSTM's, not embed's rows
