@@ -118,7 +118,11 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
             out.append(growth)
         update = self._update(ctx, hint)
         if update is not None and has_recurrent(ctx, update.layers):
-            update = replace(update, hint=time_step_hint(ctx, list(update.layers)))
+            update = replace(
+                update,
+                hint=time_step_hint(ctx, list(update.layers))
+                + " Until then, a lower learning rate keeps one step from ruining the weights.",
+            )
         if update is not None:
             out.append(update)
         spike = self._spike(ctx, hint)
