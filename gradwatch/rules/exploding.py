@@ -49,7 +49,7 @@ What it measures, five ways (each must hold for `window` monitored steps unless 
 - through time: a recurrent layer (nn.RNN/LSTM/GRU or a cell) whose hidden-to-hidden
   (weight_hh) gradient RMS is above `time_ratio` times the median gradient RMS of the
   weight layers after it. The hidden state that weight_hh multiplies is bounded, as is
-  the input of the layers after it, so healthy recurrent layers measure 0.03-3x; far
+  the input of the layers after it, so healthy recurrent layers measure at most ~2x; far
   above that, the gradient of early time steps multiplies up once per step.
 
 Why it matters: backpropagation multiplies one local derivative per layer; weights
