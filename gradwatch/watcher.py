@@ -555,6 +555,8 @@ class Watcher:
         if self._probes is None or not self._probes.active:
             stats.activations_observed = False
         stats.loss = context.loss
+        if stats.loss is None and self._sentinel is not None:
+            stats.loss = self._sentinel.loss_at(stats.step)  # a loss on the GPU, read by now
         trip = context.trip
         if trip is not None:
             stats.trigger = trip.reason

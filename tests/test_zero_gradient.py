@@ -177,3 +177,15 @@ def test_silent_on_steps_a_grad_scaler_skips():
     watcher.close()
     assert skipped >= 3  # the scaler really skipped steps (Inf gradients)
     assert not _found(watcher), watcher.findings
+
+
+def test_a_loss_the_host_cannot_read_at_once_comes_from_the_every_step_check(monkeypatch):
+    # On CUDA the watcher does not read a loss tensor (that would wait for the GPU); the
+    # every-step check copies it without blocking, and the monitored step takes it there.
+    import gradwatch.watcher as watcher_module
+
+    monkeypatch.setattr(watcher_module, "_loss_value", lambda loss: None)
+    watcher, losses = _train(mlp(3, nn.ReLU, outputs=1, init="kaiming"), _rounded_mse)
+    found = _found(watcher)
+    assert found and found[0].evidence["loss"] == pytest.approx(losses[found[0].step])
+    assert watcher.latest.loss == pytest.approx(losses[watcher.latest.step])
