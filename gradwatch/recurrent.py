@@ -4,8 +4,9 @@ A recurrent layer applies the same two weight matrices at every time step: input
 (``weight_ih*``) and hidden-to-hidden (``weight_hh*``). Backpropagation through time
 multiplies the gradient by the hidden-to-hidden Jacobian once per step, so an explosion
 through time shows first and most in ``weight_hh``; and because the hidden state is
-bounded (tanh) like the input of the layer after it, the ``weight_hh`` gradient compares
-fairly with that layer's gradient, whatever the scale of the data.
+bounded (tanh) like the input of the layer after it, the ``weight_hh`` gradient per input
+unit (``|dW_hh| / sqrt(columns)``) compares fairly with that layer's, whatever the scale
+of the data and however many outputs that layer has (a language model's vocabulary).
 
 Their outputs are tuples (the output sequence, or a ``PackedSequence``, and the final
 state ``h_n`` / ``(h_n, c_n)``); a classifier often reads only the final state, so the
@@ -60,23 +61,29 @@ def split_gradients(
     kinds: Mapping[int, str],
     stats: Mapping[int, LayerStats],
 ) -> None:
-    """Fill ``hh_grad_rms`` / ``ih_grad_rms`` of recurrent layers from the per-parameter
-    squared norms (``per_slot[k][0]``) and sizes (``per_slot[k][1]``) of ``slots``."""
-    sums: dict[tuple[int, str], list[float]] = {}
+    """Fill ``hh_grad_rms``, ``hh_grad_per_input`` and ``ih_grad_rms`` of recurrent layers
+    from the per-parameter squared norms (``per_slot[k][0]``) and sizes
+    (``per_slot[k][1]``) of ``slots``."""
+    sums: dict[tuple[int, str], list[float]] = {}  # squared norm, elements, input columns
     for slot, values in zip(slots, per_slot):
         if kinds.get(slot.layer) != RECURRENT:
             continue
         for prefix in (HIDDEN_TO_HIDDEN, INPUT_TO_HIDDEN):
             if slot.name.startswith(prefix):
-                total = sums.setdefault((slot.layer, prefix), [0.0, 0.0])
+                total = sums.setdefault((slot.layer, prefix), [0.0, 0.0, 0.0])
                 total[0] += values[0]
                 total[1] += values[1]
-    for (index, prefix), (sumsq, numel) in sums.items():
+                total[2] += slot.param.shape[-1] if slot.param.dim() >= 2 else 1
+    for (index, prefix), (sumsq, numel, columns) in sums.items():
         layer = stats.get(index)
         if layer is None or not numel:
             continue
-        rms = math.sqrt(sumsq / numel) if sumsq >= 0 else sumsq
         if prefix == HIDDEN_TO_HIDDEN:
-            layer.hh_grad_rms = rms
+            layer.hh_grad_rms = _root(sumsq / numel)
+            layer.hh_grad_per_input = _root(sumsq / columns)
         else:
-            layer.ih_grad_rms = rms
+            layer.ih_grad_rms = _root(sumsq / numel)
+
+
+def _root(value: float) -> float:
+    return math.sqrt(value) if value >= 0 else value  # NaN stays NaN

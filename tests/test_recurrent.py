@@ -169,3 +169,43 @@ def test_a_relu_after_a_recurrent_layer_is_not_paired_with_the_linear_before_it(
     watcher, _ = _train(ReluAfterLstm(), steps=3, lr=0.05, every=1)
     groups = {g.activation: g.producer for g in unit_groups(watcher.latest)}
     assert groups["act"] is None  # its units are the LSTM's, not embed's rows
+
+
+class WordModel(nn.Module):
+    """A next-token LSTM language model with a wide vocabulary head."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 64)
+        self.rnn = nn.LSTM(64, 64, batch_first=True)
+        self.head = nn.Linear(64, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out)
+
+
+def test_a_language_model_with_a_wide_vocabulary_stays_silent():
+    # Per element, the head's gradient is spread over 5,000 rows: compared per input
+    # unit, the healthy LSTM stays near its head's level
+    vocab = 5000
+    torch.manual_seed(0)
+    model = WordModel(vocab)
+    g = torch.Generator().manual_seed(0)
+    zipf = 1.0 / torch.arange(1, vocab + 1).float()
+    data = torch.multinomial(zipf, 256 * 17, replacement=True, generator=g).view(-1, 17)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
+    for _ in range(31):
+        batch = data[torch.randint(0, len(data), (16,), generator=g)]
+        logits = model(batch[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(optimizer=opt, loss=loss)
+        opt.step()
+    watcher.close()
+    assert {f.code for f in watcher.findings if f.severity != "info"} == set()
+    layers = watcher.latest.layers
+    per_input = layers["head"].grad_norm / math.sqrt(64)
+    assert layers["rnn"].hh_grad_per_input < 10 * per_input

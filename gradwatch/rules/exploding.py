@@ -47,10 +47,11 @@ What it measures, five ways (each must hold for `window` monitored steps unless 
   window, naming the layers whose gradient grew most since the last measurement. It
   comes before the NaN that a diverging run produces a few steps later;
 - through time: a recurrent layer (nn.RNN/LSTM/GRU or a cell) whose hidden-to-hidden
-  (weight_hh) gradient RMS is above `time_ratio` times the median gradient RMS of the
-  weight layers after it. The hidden state that weight_hh multiplies is bounded, as is
-  the input of the layers after it, so healthy recurrent layers measure at most ~2x; far
-  above that, the gradient of early time steps multiplies up once per step.
+  (weight_hh) gradient per input unit (its norm over the square root of its columns)
+  is above `time_ratio` times the median of the weight layers after it. The hidden
+  state that weight_hh multiplies is bounded, as is the input of the layers after it,
+  so healthy recurrent classifiers and language models measure at most ~5x; far above
+  that, the gradient of early time steps multiplies up once per step.
 
 Why it matters: backpropagation multiplies one local derivative per layer; weights
 initialised too large (or a learning rate that inflates them) make that product grow
@@ -84,8 +85,8 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
         "baseline_steps": "how many earlier monitored steps make the spike baseline",
         "min_baseline": "fewest earlier monitored steps before spikes are judged",
         "min_layers": "fewest weight layers for a depth comparison",
-        "time_ratio": "recurrent weight_hh gradient RMS / that of the layers after it above "
-        "which the gradient explodes through time",
+        "time_ratio": "recurrent weight_hh gradient per input unit / that of the layers after "
+        "it above which the gradient explodes through time",
     }
     threshold_specs = {
         "ratio": RATIO,
