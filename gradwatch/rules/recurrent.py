@@ -31,7 +31,13 @@ VANILLA_CLASSES = ("RNN", "RNNCell")
 def per_input_gradient(layer: LayerStats) -> float | None:
     """A layer's weight gradient norm per input unit: for a recurrent layer, of its
     hidden-to-hidden matrices; for a Linear/Conv layer, of its weights (and bias) over
-    the square root of its fan-in. None where neither is known."""
+    the square root of its fan-in. None where neither is known.
+
+    >>> per_input_gradient(LayerStats("head", "linear", grad_norm=8.0, fan_in=16))
+    2.0
+    >>> per_input_gradient(LayerStats("rnn", "recurrent", hh_grad_per_input=0.5))
+    0.5
+    """
     if layer.kind == RECURRENT:
         return layer.hh_grad_per_input
     if layer.fan_in and layer.grad_norm is not None:

@@ -28,7 +28,14 @@ from .profile import forward_order_known
 
 
 def all_zero(stats: StepStats) -> bool:
-    """True when some parameter got a gradient and every gradient is exactly zero."""
+    """True when some parameter got a gradient and every gradient is exactly zero.
+
+    >>> zero = LayerStats("fc", "linear", grad_norm=0.0)
+    >>> all_zero(StepStats(step=3, layers={"fc": zero}, global_grad_norm=0.0))
+    True
+    >>> all_zero(StepStats(step=3, layers={}, global_grad_norm=0.0))  # nothing got one
+    False
+    """
     return stats.global_grad_norm == 0.0 and any(s.grad_norm is not None for s in stats)
 
 
