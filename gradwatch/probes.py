@@ -34,6 +34,7 @@ from .attention_sample import AttentionCall
 from .forward_context import grad_enabled, in_backward, is_compiling
 from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RECURRENT, RELU, SIGMOID, TANH, LayerInfo
+from .loss_contract import LossCall, LossCheck
 from .recurrent import state_tensors
 
 # A sigmoid/tanh output counts as saturated where the derivative is below this share
@@ -92,6 +93,7 @@ class ProbeRecord:
     input_numel: int = 0
     input_seen: bool = False  # the first module measured this step looked at its input
     attention: list[AttentionCall] = field(default_factory=list)
+    loss_calls: list[LossCall] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -180,6 +182,9 @@ class Probes:
             for layer in self._layers
             if not layer.is_leaf
         }
+        self._root = root
+        #: a forward pass of the root module has started and not finished
+        self._in_forward = False
         # id(module) -> (module, hook), for the modules hooked in the current arming
         self._post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
         self._pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
@@ -189,6 +194,8 @@ class Probes:
             if root is not None
             else None
         )
+        #: what reaches the loss after the forward pass (see gradwatch.loss_contract)
+        self.loss = LossCheck(root, guard, lambda: self.record) if root is not None else None
 
     @property
     def armed(self) -> bool:
@@ -223,12 +230,18 @@ class Probes:
             elif layer.index in self._core_hooks and layer.index not in self.skip_core:
                 post[id(module)] = (module, self._core_hooks[layer.index])
         self._post, self._pre = post, pre
-        if pre:
+        self._in_forward = False
+        # The global hooks also see the root start and end: that tells a forward pass an
+        # exception aborted (the out-of-memory pattern: catch, skip the batch, go on) from
+        # a finished one. (Global hooks, so the model's own hook tables stay untouched.)
+        if pre or (post and self._root is not None):
             self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
         if post:
             self._handles.append(register_module_forward_hook(self._dispatch_post))
         if self.attention is not None:
             self.attention.arm(detail)
+        if self.loss is not None:
+            self.loss.arm()  # after the attention capture: see LossCheck.arm
 
     def set_skip(self, indices: set[int]) -> None:
         """Change which activations go without a hook on steps without detail."""
@@ -245,17 +258,28 @@ class Probes:
         self._post, self._pre = {}, {}
         if self.attention is not None:
             self.attention.disarm()
+        if self.loss is not None:
+            self.loss.disarm()
+
+    def losses_done(self) -> None:
+        """The step's losses are computed (``watcher.step()`` is called): stop checking them."""
+        if self.loss is not None:
+            self.loss.close_window()
 
     def take(self) -> ProbeRecord:
         """Hand over what was gathered and start afresh."""
         record, self.record = self.record, ProbeRecord(detail=self._detail)
         self._producer = None
+        if self.loss is not None:
+            self.loss.close_window()  # the step is over: later losses are not its own
         return record
 
     def shut_down(self, error: BaseException | None = None) -> None:
         self._off = True
         if self.attention is not None:
             self.attention.shut_down()
+        if self.loss is not None:
+            self.loss.shut_down()
         self.disarm()
         self.record = ProbeRecord()
         if error is not None:
@@ -269,13 +293,28 @@ class Probes:
         entry = self._post.get(id(module))
         if entry is not None and entry[0] is module:
             entry[1](module, args, output)
+        if module is self._root:
+            self._in_forward = False
         return None
 
     def _dispatch_pre(self, module: nn.Module, args: Any) -> None:
+        if module is self._root:
+            self._root_starts()
         entry = self._pre.get(id(module))
         if entry is not None and entry[0] is module:
             entry[1](module, args)
         return None
+
+    def _root_starts(self) -> None:
+        if self._off or is_compiling() or in_backward() or not grad_enabled():
+            return
+        if self._in_forward:
+            # The last forward pass never returned: what it left (modules counted, output
+            # norms of a batch that was dropped) must not mix with this batch's. The
+            # forward order stays: it is the model's own.
+            self.record = ProbeRecord(detail=self._detail, order=self.record.order)
+            self._producer = None
+        self._in_forward = True
 
     def _make_order_hook(self, index: int) -> Callable[..., None]:
         def order_hook(module: nn.Module, args: Any) -> None:

@@ -57,22 +57,21 @@ def state_tensors(output: Any) -> list[torch.Tensor]:
 
 def split_gradients(
     slots: Sequence[Any],
-    per_slot: Sequence[Sequence[float]],
+    sumsq: Sequence[float],
     kinds: Mapping[int, str],
     stats: Mapping[int, LayerStats],
 ) -> None:
     """Fill ``hh_grad_rms``, ``hh_grad_per_input`` and ``ih_grad_rms`` of recurrent layers
-    from the per-parameter squared norms (``per_slot[k][0]``) and sizes
-    (``per_slot[k][1]``) of ``slots``."""
+    from the squared gradient norm of each of ``slots`` (``sumsq``, in slot order)."""
     sums: dict[tuple[int, str], list[float]] = {}  # squared norm, elements, input columns
-    for slot, values in zip(slots, per_slot):
+    for slot, squared in zip(slots, sumsq):
         if kinds.get(slot.layer) != RECURRENT:
             continue
         for prefix in (HIDDEN_TO_HIDDEN, INPUT_TO_HIDDEN):
             if slot.name.startswith(prefix):
                 total = sums.setdefault((slot.layer, prefix), [0.0, 0.0, 0.0])
-                total[0] += values[0]
-                total[1] += values[1]
+                total[0] += squared
+                total[1] += slot.numel
                 total[2] += slot.param.shape[-1] if slot.param.dim() >= 2 else 1
     for (index, prefix), (sumsq, numel, columns) in sums.items():
         layer = stats.get(index)

@@ -24,11 +24,14 @@ from .base import (
     greater_than,
     whole_at_least,
 )
+from .clamped_output import ClampedOutput
 from .dead_units import DeadUnits
 from .engine import RuleEngine, SummaryRow
 from .exploding import ExplodingGradient
+from .loss_mismatch import LossInputMismatch
 from .no_gradient import NoGradient
 from .nonfinite import NonFiniteGradient
+from .saturated_output import SaturatedOutput
 from .saturation import SaturatedActivation
 from .vanishing import VanishingGradient
 from .zero_gradient import ZeroGradient
@@ -42,6 +45,9 @@ BUILTIN_RULES: tuple[type[Rule], ...] = (
     DeadUnits,
     SaturatedActivation,
     AttentionLogitGrowth,
+    LossInputMismatch,
+    ClampedOutput,
+    SaturatedOutput,
 )
 
 
@@ -194,9 +200,11 @@ __all__ = [
     "RATIO",
     "SHARE",
     "AttentionLogitGrowth",
+    "ClampedOutput",
     "Condition",
     "DeadUnits",
     "ExplodingGradient",
+    "LossInputMismatch",
     "ModelFacts",
     "NoGradient",
     "NonFiniteGradient",
@@ -204,6 +212,7 @@ __all__ = [
     "RuleContext",
     "RuleEngine",
     "SaturatedActivation",
+    "SaturatedOutput",
     "SummaryRow",
     "ThresholdSpec",
     "VanishingGradient",

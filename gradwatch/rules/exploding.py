@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ..wording import capitalised, clip_gradients, display_name
 from .base import (
     POSITIVE,
     RATIO,
@@ -13,6 +14,7 @@ from .base import (
     Rule,
     RuleContext,
     format_layers,
+    gradients_finite,
     greater_than,
     matrix_layers,
     median,
@@ -104,12 +106,12 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
-        if not all(s.grad_finite for s in stats) or not math.isfinite(stats.global_grad_norm):
+        if not gradients_finite(stats) or not math.isfinite(stats.global_grad_norm):
             return None  # GW103's business
         hint = (
-            "Clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), or "
-            "gradient_clip_val in Lightning), lower or warm up the learning rate, and check "
-            "the initialisation (kaiming/xavier, not larger); normalization layers help."
+            f"{capitalised(clip_gradients(ctx.model.framework))}, lower or warm up the "
+            "learning rate, and check the initialisation (kaiming/xavier, not larger); "
+            "normalization layers help."
         )
         out: list[Condition] = []
         # Through time is the more precise reading of growth in a recurrent layer.
@@ -172,7 +174,7 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
             )
             where = (
                 f"; largest growth since step {earlier.step} in {format_layers(names)} "
-                f"({growth[0][0]:.3g}x in {growth[0][1] or '<root>'})"
+                f"({growth[0][0]:.3g}x in {display_name(growth[0][1])})"
             )
         return Condition(
             key="surge",
