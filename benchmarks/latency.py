@@ -334,7 +334,7 @@ def scenarios() -> list[Scenario]:
             train={"lr": 1e-3, "optimizer": "adam"},
         ),
         Scenario(
-            "sigmoid + BCELoss, raw pixels",
+            "sigmoid + BCELoss, all gradients 0",
             _sigmoid_head,
             "GW108",
             onset=1,
