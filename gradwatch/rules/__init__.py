@@ -25,11 +25,14 @@ from .base import (
     whole_at_least,
 )
 from .dead_units import DeadUnits
+from .divergence import Diverging
 from .engine import RuleEngine, SummaryRow
 from .exploding import ExplodingGradient
 from .no_gradient import NoGradient
 from .nonfinite import NonFiniteGradient
+from .not_updated import NotUpdated
 from .saturation import SaturatedActivation
+from .tiny_updates import TinyUpdates
 from .vanishing import VanishingGradient
 
 BUILTIN_RULES: tuple[type[Rule], ...] = (
@@ -37,6 +40,9 @@ BUILTIN_RULES: tuple[type[Rule], ...] = (
     ExplodingGradient,
     NonFiniteGradient,
     NoGradient,
+    NotUpdated,
+    Diverging,
+    TinyUpdates,
     DeadUnits,
     SaturatedActivation,
     AttentionLogitGrowth,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from ..stats import StepStats
 from .base import (
     POSITIVE,
     RATIO,
@@ -17,7 +18,8 @@ from .base import (
     median,
     whole_at_least,
 )
-from .profile import gradient_profile, latest_param_rms, signal_profile
+from .profile import build_profile, latest_param_rms, signal_profile
+from .updates import stuck_layers
 
 
 class ExplodingGradient(Rule):
@@ -61,6 +63,7 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         "baseline_steps": 8,
         "min_baseline": 4,
         "min_layers": 3,
+        "spike_at_once": 100.0,
     }
     threshold_docs = {
         "ratio": "late/early ratio of the backward signal below which growth with depth fires",
@@ -70,6 +73,8 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         "baseline_steps": "how many earlier monitored steps make the spike baseline",
         "min_baseline": "fewest earlier monitored steps before spikes are judged",
         "min_layers": "fewest weight layers for a depth comparison",
+        "spike_at_once": "global norm / median of recent steps above which a spike is "
+        "announced at once",
     }
     threshold_specs = {
         "ratio": RATIO,
@@ -79,6 +84,7 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         "baseline_steps": whole_at_least(1),
         "min_baseline": whole_at_least(1, at_most="baseline_steps"),
         "min_layers": whole_at_least(2),
+        "spike_at_once": greater_than(1.0),
     }
     window = 3
     worse_by = 1.0
@@ -171,9 +177,18 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         profile = signal_profile(ctx.stats, min_layers)
         source = "backward signal"
         if profile is None:
-            profile = gradient_profile(ctx.stats, min_layers)
+            # The gradient's own size, whatever the optimizer: growth with depth is a
+            # pathology of the network (Adam would hide it in its steps, not cure it).
+            # Layers the optimizer does not update are left out: their gradient piles up.
+            stuck = stuck_layers(ctx)
+            layers = [
+                s
+                for s in matrix_layers(ctx.stats)
+                if s.grad_rms is not None and s.name not in stuck
+            ]
+            profile = build_profile(layers, [s.grad_rms or 0.0 for s in layers], min_layers)
             source = "gradient RMS"
-            if profile is None or (ctx.stats.optimizer and ctx.stats.optimizer.adaptive):
+            if profile is None:
                 return None
         if profile.early <= 0 or profile.late <= 0:
             return None
@@ -208,7 +223,8 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
             return None
         flagged: list[tuple[str, float]] = []
         ordinary_scale = False
-        layers = matrix_layers(ctx.stats)
+        stuck = stuck_layers(ctx)  # their gradient is never applied: no step to judge
+        layers = [s for s in matrix_layers(ctx.stats) if s.name not in stuck]
         for layer in layers:
             weight = latest_param_rms(ctx, layer.name)
             if not weight or layer.grad_rms is None:
@@ -253,16 +269,23 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
 
     def _spike(self, ctx: RuleContext, hint: str) -> Condition | None:
         earlier = ctx.recent(int(self.t("baseline_steps")) + 1)[:-1]
-        norms = [s.global_grad_norm for s in earlier if math.isfinite(s.global_grad_norm)]
+        # Gradients that the optimizer never applies pile up (zero_grad() clears only the
+        # optimizer's parameters): the spike is judged on the rest.
+        stuck = stuck_layers(ctx)
+        norms = [_applied_norm(s, stuck) for s in earlier if math.isfinite(s.global_grad_norm)]
         if len(norms) < int(self.t("min_baseline")):
             return None
         baseline = median(norms)
-        now = ctx.stats.global_grad_norm
+        now = _applied_norm(ctx.stats, stuck)
         if baseline <= 0 or now <= self.t("spike_factor") * baseline:
             return None
         factor = now / baseline
         ranked = sorted(
-            (s for s in ctx.stats.by_depth(with_gradient=True) if s.grad_norm),
+            (
+                s
+                for s in ctx.stats.by_depth(with_gradient=True)
+                if s.grad_norm and s.name not in stuck
+            ),
             key=lambda s: -(s.grad_norm or 0.0),
         )
         names = [s.name for s in ranked[:3]]
@@ -276,4 +299,19 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
             hint=hint,
             evidence={"global_grad_norm": now, "baseline": baseline, "factor": factor},
             score=math.log10(factor),
+            # A jump far above the recent level is a bad batch or the start of a divergence
+            # whatever the optimizer (Adam's second moment keeps its trace for thousands of
+            # steps): waiting for it to last would miss a single corrupted batch.
+            window=1 if factor > self.t("spike_at_once") else None,
         )
+
+
+def _applied_norm(stats: StepStats, stuck: set[str]) -> float:
+    """The global gradient norm without the layers named in ``stuck``."""
+    norm = stats.global_grad_norm
+    if not stuck:
+        return norm
+    removed = sum(
+        (layer.grad_norm or 0.0) ** 2 for name in stuck if (layer := stats.layers.get(name))
+    )
+    return math.sqrt(max(norm * norm - removed, 0.0))

@@ -1,0 +1,117 @@
+"""What the rules about the update share: which layers the optimizer moved, how far, and
+where the loss stands (GW102, GW105, GW106, GW107)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..stats import LayerStats, StepStats
+from .base import RuleContext, matrix_layers
+
+
+def not_updated_by_optimizer(layer: LayerStats) -> list[str]:
+    """The layer's parameters that get a gradient but that the optimizer does not update
+    (``"name (reason)"``)."""
+    if not layer.not_updated or not layer.grad_norm:
+        return []
+    missing = set(layer.missing_grad)
+    return [entry for entry in layer.not_updated if entry.split(" ", 1)[0] not in missing]
+
+
+def stuck_layers(ctx: RuleContext) -> set[str]:
+    """Layers whose gradients are not turned into updates: every parameter with a gradient
+    is outside the optimizer (or in a group at lr 0), or the measured update is exactly
+    zero while other layers moved. Their gradients pile up when ``zero_grad()`` only
+    clears the optimizer's own parameters: a growing gradient there is not an explosion."""
+    stats = ctx.stats
+    cached = stats.__dict__.get("_stuck")
+    if cached is not None:
+        return cached
+    # A zero update is a mistake only where the gradient, relative to the weights, is at
+    # least that of some layer that moved: a vanishing gradient below the weights'
+    # float precision leaves them unchanged too ("w = w - 0"), and that is GW101's case.
+    moved = [
+        s.grad_rms / s.param_rms
+        for s in stats
+        if s.update_ratio and s.grad_rms and s.param_rms and math.isfinite(s.update_ratio)
+    ]
+    floor = min(moved) if moved else None
+    # The update measured is the previous step's; a module that skipped a recent step
+    # (an expert the router did not pick, a branch not taken) may have skipped that one.
+    conditional = {
+        s.name for earlier in ctx.recent(16)[:-1] for s in earlier if not s.grad_norm
+    }
+    stuck: set[str] = set()
+    for layer in stats:
+        if not layer.grad_norm:
+            continue
+        ratio = layer.update_ratio
+        # Left out by the optimizer, and nothing else in the layer moved (a layer whose
+        # bias alone is left out still moves: its weight's gradient is used).
+        left_out = bool(not_updated_by_optimizer(layer)) and not ratio
+        still = (
+            ratio == 0.0
+            and floor is not None
+            and layer.name not in conditional
+            and bool(layer.grad_rms and layer.param_rms)
+            and (layer.grad_rms or 0.0) / (layer.param_rms or 1.0) >= floor
+        )
+        if left_out or still:
+            stuck.add(layer.name)
+    stats.__dict__["_stuck"] = stuck
+    return stuck
+
+
+def moving_ratios(ctx: RuleContext) -> list[tuple[str, float]]:
+    """(layer, update ratio) of the weight layers whose update was measured, with weights
+    of their own (a zero-initialised layer has no size to compare with) and updated by
+    the optimizer, in forward order."""
+    stuck = stuck_layers(ctx)
+    return [
+        (s.name, s.update_ratio)
+        for s in matrix_layers(ctx.stats)
+        if s.update_ratio is not None and math.isfinite(s.update_ratio) and s.name not in stuck
+    ]
+
+
+def loss_level(stats: StepStats) -> float | None:
+    """The loss as the rules judge it: the median over the last steps when it was passed
+    every step, else this step's value."""
+    level = stats.recent_loss if stats.recent_loss is not None else stats.loss
+    if level is None or not math.isfinite(level):
+        return None
+    return float(level)
+
+
+def lr_text(stats: StepStats) -> str:
+    """The optimizer and its learning rate as the user set them, for a hint."""
+    info = stats.optimizer
+    if info is None:
+        return "the learning rate (pass optimizer= to gradwatch to see it here)"
+    return f"{info.name}'s learning rate (lr={info.lr:g} now)"
+
+
+class LossMemory:
+    """The first loss level of the run and the highest learning rate seen, remembered by
+    a rule (and saved in its checkpoint state)."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.top_lr: float | None = None
+
+    def see(self, stats: StepStats) -> None:
+        level = loss_level(stats)
+        if self.first is None and level is not None:
+            self.first = level
+        info = stats.optimizer
+        if info is not None and math.isfinite(info.lr):
+            self.top_lr = info.lr if self.top_lr is None else max(self.top_lr, info.lr)
+
+    def state(self) -> dict[str, Any]:
+        return {"first": self.first, "top_lr": self.top_lr}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.first = state.get("first")
+        self.top_lr = state.get("top_lr")

@@ -1,0 +1,290 @@
+"""The update: how far one optimizer step moved each watched layer's weights.
+
+The update-to-weight ratio ``|Δw| / |w|`` of a layer is the classic "update/data ratio"
+(about 1e-3 is healthy; far above 1e-2 the steps are too large, far below 1e-6 the layer
+does not learn). It is measured from the weights themselves, so it is the same for every
+optimizer: SGD, Adam, AdamW, Lion, Adafactor, a custom one, with clipping, weight decay
+and any schedule.
+
+How, without a host sync on the steps in between and in bounded memory:
+
+- on the ``watcher.step()`` call just before a monitored step, a strided sample of each
+  watched parameter (at most ``PER_TENSOR`` entries each, ``TOTAL`` in all) is copied into
+  one buffer by one ``torch.cat`` over views made once (views of a parameter stay valid
+  while the optimizer updates it in place);
+- one optimizer step later, at the monitored step, the same sample is taken again and the
+  squared differences and squared weights are summed per parameter by one ``index_add_``
+  over precomputed segment ids. Those sums travel at the end of the monitored step's
+  vector (still one host transfer), and :func:`read_updates` turns them into
+  :attr:`LayerStats.update_ratio <gradwatch.stats.LayerStats.update_ratio>`.
+
+Each sampled entry is weighted by its tensor's size over its sample size, so a layer's
+ratio is an estimate of the ratio of its whole weight and bias, not of the sample. A
+parameter whose storage was replaced between the two samples (``p.data = ...``) is not
+measured at that step. Under FSDP2 each rank samples its own shard: the ratio is a
+ratio, so a shard is as good a sample as any.
+
+:func:`optimizer_coverage` reads the optimizer's ``param_groups``: watched parameters it
+never updates (missing from every group, or in a group whose learning rate is 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .collect import param_table
+from .layers import LayerInfo
+from .stats import StepStats
+
+_F32 = torch.float32
+_F64 = torch.float64
+#: Entries sampled from one tensor at most (an estimate within a few percent).
+PER_TENSOR = 2048
+#: Entries sampled in all (256 KiB in float32; two buffers exist at a monitored step).
+TOTAL = 65_536
+
+try:  # DTensor (FSDP2 shards); absent on old builds
+    from torch.distributed.tensor import DTensor as _DTensor
+except Exception:  # pragma: no cover - depends on the build
+    _DTensor = None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    if _DTensor is not None and isinstance(tensor, _DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+@dataclass
+class UpdateLayout:
+    """How to read the update sums at the end of a monitored step's vector."""
+
+    #: (module index, parameter name) of each sampled parameter, in vector order
+    params: list[tuple[int, str]]
+
+    @property
+    def length(self) -> int:
+        return 2 * len(self.params)
+
+
+class UpdateSampler:
+    """Samples the watched weights one step before a monitored step and measures how far
+    the optimizer moved them by the monitored step.
+
+    >>> import torch
+    >>> from gradwatch.layers import discover
+    >>> model = torch.nn.Linear(4, 4)
+    >>> sampler = UpdateSampler(discover(model))
+    >>> sampler.snapshot(0)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.mul_(1.01)
+    ...     _ = model.bias.mul_(1.01)
+    >>> sums, layout = sampler.measure(1)
+    >>> stats = {}
+    >>> ratios = update_ratios(sums.tolist(), layout)
+    >>> round(ratios[0], 4)
+    0.01
+    """
+
+    def __init__(self, layers: list[LayerInfo]) -> None:
+        self._entries = [
+            (index, pname, param)
+            for index, pname, param, _, _ in param_table([la for la in layers if la.params])
+            if param.requires_grad
+        ]
+        self._views: list[torch.Tensor] | None = None
+        self._pointers: list[int] = []
+        self._layout = UpdateLayout([])
+        self._segments: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+        self._snapshot: torch.Tensor | None = None
+        self._label: int | None = None
+
+    def snapshot(self, label: int) -> None:
+        """Sample the weights as they are before the optimizer step of step ``label``."""
+        if self._views is None:  # storage is checked at the monitored step, not here
+            self._build(self._current_pointers())
+        self._snapshot = self._gather()
+        self._label = label
+
+    def measure(self, label: int) -> tuple[torch.Tensor, UpdateLayout] | None:
+        """Per-parameter sums (squared change, then squared weight) since the snapshot
+        taken at step ``label - 1``, as one float64 vector; None without such a snapshot
+        (the first step, a step number that jumped, the model's parameters replaced)."""
+        before, taken = self._snapshot, self._label
+        self._snapshot, self._label = None, None
+        if before is None or taken != label - 1 or self._views is None:
+            return None
+        if self._current_pointers() != self._pointers:
+            self._views = None  # storage replaced: the views are stale, build them anew
+            return None
+        now = self._gather()
+        assert self._segments is not None and self._weights is not None
+        change = (now - before).square_().mul_(self._weights)
+        size = before.square().mul_(self._weights)
+        n = len(self._layout.params)
+        sums = torch.zeros(2 * n, dtype=_F64, device=now.device)
+        sums[:n].index_add_(0, self._segments, change.to(_F64))
+        sums[n:].index_add_(0, self._segments, size.to(_F64))
+        return sums, self._layout
+
+    def _current_pointers(self) -> list[int]:
+        return [_local(param).data_ptr() for _, _, param in self._entries]
+
+    def _build(self, pointers: list[int]) -> None:
+        """Views of a strided sample of every parameter, their segment ids and weights."""
+        budget = max(16, min(PER_TENSOR, TOTAL // max(1, len(self._entries))))
+        views: list[torch.Tensor] = []
+        params: list[tuple[int, str]] = []
+        sizes: list[int] = []
+        weights: list[float] = []
+        for index, pname, param in self._entries:
+            local = _local(param.detach())
+            if not local.is_floating_point() or not local.numel() or not local.is_contiguous():
+                continue
+            flat = local.view(-1)
+            n = flat.numel()
+            stride = max(1, -(-n // budget))
+            if stride > 1 and stride % 2 == 0:
+                stride += 1  # odd: the samples walk across the columns of a matrix
+            view = flat[::stride]
+            views.append(view)
+            params.append((index, pname))
+            sizes.append(view.numel())
+            weights.append(n / view.numel())
+        self._views = views
+        self._pointers = pointers
+        self._layout = UpdateLayout(params)
+        if not views:
+            self._segments = self._weights = None
+            return
+        device = views[0].device
+        counts = torch.tensor(sizes)
+        self._segments = torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
+        self._weights = torch.repeat_interleave(torch.tensor(weights, dtype=_F32), counts).to(
+            device
+        )
+        self._one_kind = all(v.dtype == _F32 and v.device == device for v in views)
+
+    def _gather(self) -> torch.Tensor:
+        views = self._views or []
+        if not views:
+            return torch.zeros(0, dtype=_F32)
+        if self._one_kind:
+            return torch.cat(views)  # a new tensor: the views themselves move on
+        device = views[0].device
+        return torch.cat([v.to(device=device, dtype=_F32) for v in views])
+
+
+def update_ratios(values: list[float], layout: UpdateLayout) -> dict[int, float]:
+    """Module index -> ``|Δw| / |w|`` from the transferred sums (modules whose weights
+    are all zero have no ratio)."""
+    n = len(layout.params)
+    change: dict[int, float] = {}
+    size: dict[int, float] = {}
+    for k, (index, _) in enumerate(layout.params):
+        change[index] = change.get(index, 0.0) + values[k]
+        size[index] = size.get(index, 0.0) + values[n + k]
+    return {
+        index: math.sqrt(change[index]) / math.sqrt(size[index])
+        if size[index] > 0
+        else (math.nan if change[index] != change[index] else math.inf)
+        for index in change
+        if size[index] > 0 or change[index] > 0 or change[index] != change[index]
+    }
+
+
+def read_updates(
+    stats: StepStats, values: list[float], layout: UpdateLayout, names: Mapping[int, str]
+) -> None:
+    """Fill :attr:`LayerStats.update_ratio` from the update sums of a monitored step."""
+    for index, ratio in update_ratios(values, layout).items():
+        layer = stats.layers.get(names.get(index, ""))
+        if layer is not None:
+            layer.update_ratio = ratio
+
+
+# -- what the optimizer updates --------------------------------------------------------
+
+
+def _groups(optimizer: Any) -> list[Mapping[str, Any]] | None:
+    inner = getattr(optimizer, "optimizer", None)  # Lightning's LightningOptimizer
+    if inner is not None and hasattr(inner, "param_groups"):
+        optimizer = inner
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, (list, tuple)) or not groups:
+        return None
+    return groups
+
+
+def _lr(group: Mapping[str, Any]) -> float | None:
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        if lr.is_cuda or lr.numel() != 1:
+            return None  # reading a learning rate kept on the GPU would make it wait
+        lr = lr.item()
+    try:
+        return float(lr) if lr is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+class OptimizerCoverage:
+    """Which watched parameters the optimizer never updates, and why. Recomputed only
+    when the optimizer's groups (their number, sizes or learning rates) change.
+
+    >>> import torch
+    >>> from gradwatch.layers import discover
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    >>> opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    >>> OptimizerCoverage(discover(model)).left_out(opt)[1]
+    ['weight (not in the optimizer)', 'bias (not in the optimizer)']
+    """
+
+    def __init__(self, layers: Iterable[LayerInfo]) -> None:
+        self._entries = [
+            (index, pname, param)
+            for index, pname, param, _, _ in param_table([la for la in layers if la.params])
+            if param.requires_grad
+        ]
+        self._key: tuple | None = None
+        self._result: dict[int, list[str]] = {}
+
+    def left_out(self, optimizer: Any) -> dict[int, list[str]]:
+        """Module index -> ``"name (reason)"`` for each parameter the optimizer does not
+        move: in no param group, or in a group with lr 0 while another group's lr is not
+        (every group at lr 0 is a schedule's first or last step, not a mistake)."""
+        groups = _groups(optimizer)
+        if groups is None:
+            return {}
+        lrs = [_lr(g) for g in groups]
+        key = (
+            id(optimizer),
+            tuple(
+                (id(g.get("params")), len(g.get("params", ())), lr) for g, lr in zip(groups, lrs)
+            ),
+        )
+        if key == self._key:
+            return self._result
+        where: dict[int, int] = {}
+        for k, group in enumerate(groups):
+            for param in group.get("params", ()):
+                where.setdefault(id(param), k)
+        some_moving = any(lr is None or lr > 0 for lr in lrs)
+        result: dict[int, list[str]] = {}
+        for index, pname, param in self._entries:
+            k = where.get(id(param))
+            if k is None:
+                reason = "not in the optimizer"
+            elif lrs[k] == 0 and some_moving:
+                reason = f"lr is 0 in param group {k}"
+            else:
+                continue
+            result.setdefault(index, []).append(f"{pname} ({reason})")
+        self._key, self._result = key, result
+        return result
