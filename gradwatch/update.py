@@ -183,8 +183,12 @@ class UpdateSampler:
 
 def update_ratios(values: list[float], layout: UpdateLayout) -> dict[int, float]:
     """Module index -> ``|Δw| / |w|`` from the transferred sums (modules whose weights
-    are all zero have no ratio)."""
+    are all zero have no ratio). When no sampled weight moved at all, no optimizer step
+    ran between the two samples (``step()`` called per micro-batch of an accumulation, a
+    step skipped by a GradScaler, no optimizer yet): nothing was measured."""
     n = len(layout.params)
+    if not any(values[:n]):
+        return {}
     change: dict[int, float] = {}
     size: dict[int, float] = {}
     for k, (index, _) in enumerate(layout.params):

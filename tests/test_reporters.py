@@ -248,9 +248,10 @@ def _chart_rows(text: str) -> list[list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("gradient flow at step"))
     rows = []
     for line in lines[start + 1 :]:
-        if not line.startswith((" !", "  ")) or len(line.split()) != 3:
+        # name, bar, RMS, and the update ratio once it is measured
+        if not line.startswith((" !", "  ")) or len(line.split()) not in (3, 4):
             break
-        rows.append(line.lstrip(" !").split())
+        rows.append(line.lstrip(" !").split()[:3])
     return rows
 
 

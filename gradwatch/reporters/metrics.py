@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from ..stats import LayerStats, StepStats
@@ -23,10 +24,17 @@ LAYER_STATS: tuple[str, ...] = (
     "active_fraction",
     "saturated_fraction",
     "mean_derivative",
+    "update_ratio",
 )
 #: What metrics reporters log per layer unless told otherwise (the activation shares exist
 #: only for ReLU and sigmoid/tanh modules).
-DEFAULT_STATS: tuple[str, ...] = ("grad_norm", "grad_rms", "active_fraction", "saturated_fraction")
+DEFAULT_STATS: tuple[str, ...] = (
+    "grad_norm",
+    "grad_rms",
+    "active_fraction",
+    "saturated_fraction",
+    "update_ratio",
+)
 
 
 def check_stats(names: Sequence[str], option: str = "stats") -> tuple[str, ...]:
@@ -108,4 +116,9 @@ def global_metrics(step: StepStats, prefix: str) -> dict[str, float]:
     out = {f"{prefix}/global_grad_norm": float(step.global_grad_norm)}
     if step.global_param_norm is not None:
         out[f"{prefix}/global_param_norm"] = float(step.global_param_norm)
+    ratios = sorted(
+        s.update_ratio for s in step if s.update_ratio is not None and math.isfinite(s.update_ratio)
+    )
+    if ratios:  # the median layer's |Δw|/|w|: one number for "how large are the steps"
+        out[f"{prefix}/update_ratio_median"] = ratios[len(ratios) // 2]
     return out

@@ -41,7 +41,11 @@ What it measures, for any optimizer (SGD, Adam, AdamW, Lion, Adafactor, custom):
 - the loss (when passed: watcher.step(loss=loss)), as the median over the last steps:
   above `loss_factor` times its first level and still rising, or risen by more than
   `rise` times at each of the last `rising_steps` comparisons (levels at least 8 steps
-  apart): a steady climb that never looks like a jump.
+  apart): a steady climb that never looks like a jump;
+- both together: the loss level above `loss_rise` times its lowest so far and still
+  rising, while the median update ratio is above `ratio_with_loss` (each step rewrites
+  a sizeable part of the weights), for `window` monitored steps. This is how a learning
+  rate that is too large for Adam shows before the loss peaks.
 
 Why it matters: a learning rate far too large for the optimizer (Adam normalises the
 gradient, so its steps are about lr per weight however small the gradient is) makes
@@ -61,6 +65,8 @@ ratios mean nothing)."""
         "update_ratio": 0.3,
         "update_at_once": 1.0,
         "loss_factor": 10.0,
+        "loss_rise": 2.0,
+        "ratio_with_loss": 0.02,
         "rise": 2.0,
         "rising_steps": 3,
     }
@@ -70,6 +76,10 @@ ratios mean nothing)."""
         "update_at_once": "median |Δw|/|w| above which it is announced at once",
         "loss_factor": "loss level / first loss level above which a loss still rising "
         "since the previous monitored step diverges",
+        "loss_rise": "loss level / its lowest level so far above which a rising loss, "
+        "with updates above `ratio_with_loss`, diverges",
+        "ratio_with_loss": "median |Δw|/|w| above which a loss rising by `loss_rise` is "
+        "blamed on too large steps",
         "rise": "factor by which the loss level must rise at each comparison of a climb",
         "rising_steps": "comparisons in a row the loss level must rise by `rise`",
     }
@@ -77,6 +87,8 @@ ratios mean nothing)."""
         "update_ratio": POSITIVE,
         "update_at_once": POSITIVE,
         "loss_factor": greater_than(1.0),
+        "loss_rise": greater_than(1.0),
+        "ratio_with_loss": POSITIVE,
         "rise": greater_than(1.0),
         "rising_steps": whole_at_least(1),
     }
@@ -103,6 +115,9 @@ ratios mean nothing)."""
         loss = self._loss(ctx, level, spaced)
         if loss is not None:
             out.append(loss)
+        both = self._loss_with_updates(ctx, level)
+        if both is not None:
+            out.append(both)
         if level is not None:
             self._last = level
         if not out and level is None and not moving_ratios(ctx):
@@ -187,6 +202,42 @@ ratios mean nothing)."""
             },
             score=math.log10(max(factor, 1.0)) + 1.0,
             window=1,
+        )
+
+    def _loss_with_updates(self, ctx: RuleContext, level: float | None) -> Condition | None:
+        """The loss climbing well above its best while every step rewrites a sizeable part
+        of the weights: the steps are too large (a data change or a restart of the
+        schedule raises the loss too, but not with such steps)."""
+        lowest = self._memory.lowest
+        if level is None or lowest is None or lowest <= 0 or self._last is None:
+            return None
+        if level <= self.t("loss_rise") * lowest or level <= self._last:
+            return None
+        ratios = moving_ratios(ctx)
+        if not ratios:
+            return None
+        middle = median([r for _, r in ratios])
+        if middle <= self.t("ratio_with_loss"):
+            return None
+        names = [n for n, r in ratios if r > self.t("ratio_with_loss")]
+        return Condition(
+            key="loss-and-update",
+            layers=tuple(names),
+            message=(
+                f"the loss rose to {level:.3g}, {level / lowest:.3g}x its lowest level "
+                f"({lowest:.3g}), while each optimizer step changes the weights by "
+                f"{middle:.2g}x their size (median |Δw|/|w| over {len(ratios)} weight "
+                "layers; about 1e-3 is healthy): training is diverging"
+            ),
+            hint=f"Lower {lr_text(ctx.stats)}: try 3-10x lower, with a warm-up; clip "
+            "gradients (torch.nn.utils.clip_grad_norm_).",
+            evidence={
+                "loss_level": level,
+                "lowest_loss_level": lowest,
+                "median_update_ratio": middle,
+                **_lr_evidence(ctx),
+            },
+            score=math.log10(level / lowest),
         )
 
     def state_dict(self) -> dict[str, Any]:

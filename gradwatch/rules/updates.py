@@ -99,19 +99,23 @@ class LossMemory:
 
     def __init__(self) -> None:
         self.first: float | None = None
+        self.lowest: float | None = None
         self.top_lr: float | None = None
 
     def see(self, stats: StepStats) -> None:
         level = loss_level(stats)
         if self.first is None and level is not None:
             self.first = level
+        if level is not None and (self.lowest is None or level < self.lowest):
+            self.lowest = level
         info = stats.optimizer
         if info is not None and math.isfinite(info.lr):
             self.top_lr = info.lr if self.top_lr is None else max(self.top_lr, info.lr)
 
     def state(self) -> dict[str, Any]:
-        return {"first": self.first, "top_lr": self.top_lr}
+        return {"first": self.first, "lowest": self.lowest, "top_lr": self.top_lr}
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.first = state.get("first")
+        self.lowest = state.get("lowest")
         self.top_lr = state.get("top_lr")
