@@ -31,21 +31,30 @@ class ExplodingGradient(Rule):
 What it measures, four ways (each must hold for `window` monitored steps unless it says
 "at once"):
 - growth with depth: the backward signal (RMS of the gradient with respect to each
-  weight layer's output; the weight-gradient RMS where that is not observed) in the
-  first quarter of layers is more than 1/`ratio` times that of the last quarter;
+  weight layer's output; the weight-gradient RMS where that is not observed, whatever
+  the optimizer) in the first quarter of layers is more than 1/`ratio` times that of
+  the last quarter;
 - updates larger than the weights: for SGD-like optimizers, lr * |grad| / |weight| of
   a weight layer above `update_ratio` (with the optimizer unknown, lr is taken as
-  `assumed_lr`; Adam-like optimizers bound their steps by lr, so this check is skipped).
+  `assumed_lr`; Adam-like optimizers bound their steps by lr, so for them the step is
+  judged from the measured update instead: GW106).
   When at least half of the weight layers (of ordinary scale, gain >= 0.1) exceed it,
   it is announced at once, without the window: such a step ruins the weights, and
   waiting would only report the NaN that follows; above 10x it is an error;
 - a spike: the global gradient norm above `spike_factor` times the median of the
-  previous monitored steps, held for `window` steps;
+  previous monitored steps, held for `window` steps; at once above `spike_at_once`
+  times (a corrupted batch: under Adam its trace stays in the second moment for
+  thousands of steps);
 - a surge, at once: between monitored steps a cheap sentinel reads a small sample of
   gradients every step; when it jumps above `spike_factor` times its median over the
   last 16 steps, the whole model is measured at that step and this fires without the
   window, naming the layers whose gradient grew most since the last measurement. It
   comes before the NaN that a diverging run produces a few steps later.
+A jump is announced at once only above twice every gradient norm of the monitored
+steps kept in the history: when the data changes (a curriculum), the gradient returns
+to about its size early in training, and that is no divergence. Layers the optimizer
+does not update (GW105) are left out: their gradient piles up when zero_grad() clears
+only the optimizer's parameters.
 
 Why it matters: backpropagation multiplies one local derivative per layer; weights
 initialised too large (or a learning rate that inflates them) make that product grow
@@ -120,6 +129,8 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         stats = ctx.stats
         factor = stats.surge
         if stats.trigger != "surge" or factor is None or factor <= self.t("spike_factor"):
+            return None
+        if not _above_all_before(ctx, stats.global_grad_norm):
             return None
         earlier = next(
             (
@@ -302,8 +313,24 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
             # A jump far above the recent level is a bad batch or the start of a divergence
             # whatever the optimizer (Adam's second moment keeps its trace for thousands of
             # steps): waiting for it to last would miss a single corrupted batch.
-            window=1 if factor > self.t("spike_at_once") else None,
+            window=1
+            if factor > self.t("spike_at_once") and _above_all_before(ctx, now)
+            else None,
         )
+
+
+def _above_all_before(ctx: RuleContext, norm: float) -> bool:
+    """A jump is news at once only well above (twice) every gradient norm of the earlier
+    monitored steps kept in the history: when the data changes (a curriculum's next
+    stage, a new task), the gradient jumps back to about the size it had early in
+    training, which is no divergence; a corrupted batch or a diverging step goes far
+    beyond it."""
+    earlier = [
+        s.global_grad_norm
+        for s in ctx.history
+        if s is not ctx.stats and math.isfinite(s.global_grad_norm)
+    ]
+    return not earlier or norm > 2.0 * max(earlier)
 
 
 def _applied_norm(stats: StepStats, stuck: set[str]) -> float:
