@@ -203,6 +203,11 @@ def update_ratios(values: list[float], layout: UpdateLayout) -> dict[int, float]
     }
 
 
+def moved(values: list[float], layout: UpdateLayout) -> set[tuple[int, str]]:
+    """(module index, parameter name) of the sampled parameters that changed."""
+    return {param for param, change in zip(layout.params, values) if change}
+
+
 def read_updates(
     stats: StepStats, values: list[float], layout: UpdateLayout, names: Mapping[int, str]
 ) -> None:
@@ -262,7 +267,8 @@ class OptimizerCoverage:
     def left_out(self, optimizer: Any) -> dict[int, list[str]]:
         """Module index -> ``"name (reason)"`` for each parameter the optimizer does not
         move: in no param group, or in a group with lr 0 while another group's lr is not
-        (every group at lr 0 is a schedule's first or last step, not a mistake)."""
+        (every group at lr 0 is a schedule's first or last step, not a mistake). Nothing
+        for an optimizer that holds none of the watched parameters (it holds copies)."""
         groups = _groups(optimizer)
         if groups is None:
             return {}
@@ -281,6 +287,11 @@ class OptimizerCoverage:
                 where.setdefault(id(param), k)
         some_moving = any(lr is None or lr > 0 for lr in lrs)
         result: dict[int, list[str]] = {}
+        if not any(id(param) in where for _, _, param in self._entries):
+            # It holds copies (fp32 master weights, DeepSpeed's flat buffers): which of
+            # the model's parameters it updates cannot be read from its groups.
+            self._key, self._result = key, result
+            return result
         for index, pname, param in self._entries:
             k = where.get(id(param))
             if k is None:

@@ -37,7 +37,7 @@ from .stats import OptimizerInfo, StepStats
 from .structure import WatchedSet
 from .transfer import HostTransfer
 from .units import alive_units, dead_fraction, unit_groups
-from .update import OptimizerCoverage, UpdateLayout, UpdateSampler, read_updates
+from .update import OptimizerCoverage, UpdateLayout, UpdateSampler, moved, read_updates
 from .validation import (
     deferred_option,
     flag,
@@ -613,12 +613,16 @@ class Watcher:
     ) -> None:
         layers = layout.layers if layout.layers is not None else self.layers
         names = {layer.index: layer.name for layer in layers}
+        changed: set[tuple[int, str]] = set()
         if context.updates is not None and values:
             read_updates(stats, values, context.updates, names)
+            changed = moved(values, context.updates)
         for index, params in (context.left_out or {}).items():
             layer = stats.layers.get(names.get(index, ""))
-            if layer is not None:
-                layer.not_updated = tuple(params)
+            # one that moved all the same is updated by another optimizer (a GAN's two)
+            still = [p for p in params if (index, p.split(" ", 1)[0]) not in changed]
+            if layer is not None and still:
+                layer.not_updated = tuple(still)
 
     def _recent_loss(self) -> float | None:
         """The median of the losses passed at the last steps (checked every step), a

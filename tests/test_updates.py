@@ -351,3 +351,24 @@ def test_a_corrupted_batch_under_adamw_is_found_at_once():
     )
     spikes = [f for f in _alarms(watcher) if f.code == "GW102"]
     assert spikes and spikes[0].step == 120
+
+
+def test_a_part_that_a_second_optimizer_updates_is_not_reported():
+    # Two optimizers (a GAN's, or a separate one for the head): gradwatch is told of one;
+    # the other part's weights move all the same, so they are not "never updated".
+    model = _model()
+    x, y = digits()
+    body = torch.optim.SGD(model[:6].parameters(), lr=0.05)
+    head = torch.optim.Adam(model[6].parameters(), lr=1e-3)
+    watcher = gradwatch.watch(model, every_n_steps=5, reporters=[], optimizer=body)
+    for step in range(60):
+        batch = slice(step * 16, step * 16 + 64)
+        body.zero_grad()
+        head.zero_grad()
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        watcher.step()
+        body.step()
+        head.step()
+    watcher.close()
+    assert watcher.latest.layers["6"].update_ratio > 0
+    assert _alarms(watcher) == [], [(f.code, f.message) for f in _alarms(watcher)]
