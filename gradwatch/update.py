@@ -125,6 +125,9 @@ class UpdateSampler:
             return None
         now = self._gather()
         assert self._segments is not None and self._weights is not None
+        # float32 at least (a bf16 difference would round); float64 weights stay float64
+        work = _F64 if now.dtype == _F64 else _F32
+        now, before = now.to(work), before.to(work)
         change = (now - before).square_().mul_(self._weights)
         size = before.square().mul_(self._weights)
         n = len(self._layout.params)
@@ -169,7 +172,7 @@ class UpdateSampler:
         self._weights = torch.repeat_interleave(torch.tensor(weights, dtype=_F32), counts).to(
             device
         )
-        self._one_kind = all(v.dtype == _F32 and v.device == device for v in views)
+        self._one_kind = all(v.dtype == views[0].dtype and v.device == device for v in views)
 
     def _gather(self) -> torch.Tensor:
         views = self._views or []
