@@ -45,8 +45,8 @@ _F32 = torch.float32
 _F64 = torch.float64
 #: Entries sampled from one tensor at most (an estimate within a few percent).
 PER_TENSOR = 2048
-#: Entries sampled in all (256 KiB in float32; two buffers exist at a monitored step).
-TOTAL = 65_536
+#: Entries sampled in all (128 KiB in float32; two buffers exist at a monitored step).
+TOTAL = 32_768
 
 try:  # DTensor (FSDP2 shards); absent on old builds
     from torch.distributed.tensor import DTensor as _DTensor
@@ -92,16 +92,22 @@ class UpdateSampler:
     """
 
     def __init__(self, layers: list[LayerInfo]) -> None:
-        self._entries = [
-            (index, pname, param)
-            for index, pname, param, _, _ in param_table([la for la in layers if la.params])
-            if param.requires_grad
-        ]
+        # One tensor per module, its largest (the weight of a Linear/Conv/Embedding/Norm):
+        # the classic ratio is the weight's, and a gather's host cost grows per tensor.
+        largest: dict[int, tuple[int, str, torch.Tensor]] = {}
+        for index, pname, param, numel, _ in param_table([la for la in layers if la.params]):
+            if param.requires_grad and (index not in largest or numel > largest[index][2].numel()):
+                largest[index] = (index, pname, param)
+        self._entries = list(largest.values())
+        self._sharded = _DTensor is not None and any(
+            isinstance(p, _DTensor) for _, _, p in self._entries
+        )
         self._views: list[torch.Tensor] | None = None
         self._pointers: list[int] = []
         self._layout = UpdateLayout([])
         self._segments: torch.Tensor | None = None
         self._weights: torch.Tensor | None = None
+        self._lengths: torch.Tensor | None = None
         self._snapshot: torch.Tensor | None = None
         self._label: int | None = None
 
@@ -125,19 +131,18 @@ class UpdateSampler:
             return None
         now = self._gather()
         assert self._segments is not None and self._weights is not None
+        assert self._lengths is not None
         # float32 at least (a bf16 difference would round); float64 weights stay float64
         work = _F64 if now.dtype == _F64 else _F32
         now, before = now.to(work), before.to(work)
-        change = (now - before).square_().mul_(self._weights)
-        size = before.square().mul_(self._weights)
-        n = len(self._layout.params)
-        sums = torch.zeros(2 * n, dtype=_F64, device=now.device)
-        sums[:n].index_add_(0, self._segments, change.to(_F64))
-        sums[n:].index_add_(0, self._segments, size.to(_F64))
-        return sums, self._layout
+        # row 0: the change, row 1: the weight; summed per parameter
+        both = torch.stack([now - before, before]).square_().mul_(self._weights).to(_F64)
+        return _segment_sums(both, self._lengths, self._segments).reshape(-1), self._layout
 
     def _current_pointers(self) -> list[int]:
-        return [_local(param).data_ptr() for _, _, param in self._entries]
+        if self._sharded:
+            return [_local(param).data_ptr() for _, _, param in self._entries]
+        return [param.data_ptr() for _, _, param in self._entries]
 
     def _build(self, pointers: list[int]) -> None:
         """Views of a strided sample of every parameter, their segment ids and weights."""
@@ -147,8 +152,8 @@ class UpdateSampler:
         sizes: list[int] = []
         weights: list[float] = []
         for index, pname, param in self._entries:
-            local = _local(param.detach())
-            if not local.is_floating_point() or not local.numel() or not local.is_contiguous():
+            local = _dense_view(_local(param.detach()))
+            if local is None:
                 continue
             flat = local.view(-1)
             n = flat.numel()
@@ -168,6 +173,7 @@ class UpdateSampler:
             return
         device = views[0].device
         counts = torch.tensor(sizes)
+        self._lengths = counts.expand(2, len(sizes)).contiguous().to(device)
         self._segments = torch.repeat_interleave(torch.arange(len(sizes)), counts).to(device)
         self._weights = torch.repeat_interleave(torch.tensor(weights, dtype=_F32), counts).to(
             device
@@ -182,6 +188,32 @@ class UpdateSampler:
             return torch.cat(views)  # a new tensor: the views themselves move on
         device = views[0].device
         return torch.cat([v.to(device=device, dtype=_F32) for v in views])
+
+
+def _segment_sums(
+    values: torch.Tensor, lengths: torch.Tensor, segments: torch.Tensor
+) -> torch.Tensor:
+    """Sums of consecutive runs of each row's entries (``lengths``, one row of them per
+    row of ``values``): exact, one operation (``index_add_`` on builds without
+    ``segment_reduce``)."""
+    try:
+        return torch.segment_reduce(values, "sum", lengths=lengths, axis=1)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        out = torch.zeros(len(values), lengths.shape[1], dtype=values.dtype, device=values.device)
+        return out.index_add_(1, segments, values)
+
+
+def _dense_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor with its dimensions in memory order (a channels_last weight is dense
+    but not contiguous), so that it flattens to a view; None when it cannot."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return None
+    if not tensor.is_contiguous():
+        order = sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+        tensor = tensor.permute(order)
+        if not tensor.is_contiguous():
+            return None
+    return tensor
 
 
 def update_ratios(values: list[float], layout: UpdateLayout) -> dict[int, float]:
@@ -207,7 +239,8 @@ def update_ratios(values: list[float], layout: UpdateLayout) -> dict[int, float]
 
 
 def moved(values: list[float], layout: UpdateLayout) -> set[tuple[int, str]]:
-    """(module index, parameter name) of the sampled parameters that changed."""
+    """(module index, parameter name) of the sampled parameters (the largest of each
+    module) that changed."""
     return {param for param, change in zip(layout.params, values) if change}
 
 

@@ -575,7 +575,9 @@ class Watcher:
             stats.activations_observed = False
         stats.loss = context.loss
         stats.recent_loss = context.recent_loss
-        self._add_updates(stats, layout, context, update_values)
+        self._guard.call(
+            "update ratio", self._add_updates, stats, layout, context, update_values, default=None
+        )
         trip = context.trip
         if trip is not None:
             stats.trigger = trip.reason
@@ -619,10 +621,11 @@ class Watcher:
             changed = moved(values, context.updates)
         for index, params in (context.left_out or {}).items():
             layer = stats.layers.get(names.get(index, ""))
-            # one that moved all the same is updated by another optimizer (a GAN's two)
-            still = [p for p in params if (index, p.split(" ", 1)[0]) not in changed]
-            if layer is not None and still:
-                layer.not_updated = tuple(still)
+            # a left-out parameter that moved all the same: another optimizer updates
+            # this module (a GAN's two optimizers)
+            elsewhere = any((index, p.split(" ", 1)[0]) in changed for p in params)
+            if layer is not None and not elsewhere:
+                layer.not_updated = tuple(params)
 
     def _recent_loss(self) -> float | None:
         """The median of the losses passed at the last steps (checked every step), a

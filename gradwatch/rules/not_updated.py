@@ -70,11 +70,8 @@ parameters without a gradient (GW104's business)."""
                     score=float(len(described)),
                 )
             )
-        still = [
-            s
-            for s in stats
-            if s.name in stuck_layers(ctx) and s.name not in left_out and s.grad_norm
-        ]
+        stuck = stuck_layers(ctx)
+        still = [s for s in stats.by_depth() if s.name in stuck and s.name not in left_out]
         if still:
             names = [s.name for s in still]
             out.append(

@@ -29,39 +29,43 @@ def stuck_layers(ctx: RuleContext) -> set[str]:
     cached = stats.__dict__.get("_stuck")
     if cached is not None:
         return cached
-    # A zero update is a mistake only where the gradient, relative to the weights, is at
-    # least that of some layer that moved: a vanishing gradient below the weights'
-    # float precision leaves them unchanged too ("w = w - 0"), and that is GW101's case.
-    moved = [
-        s.grad_rms / s.param_rms
-        for s in stats
-        if s.update_ratio and s.grad_rms and s.param_rms and math.isfinite(s.update_ratio)
-    ]
-    floor = min(moved) if moved else None
-    # The update measured is the previous step's; a module that skipped a recent step
-    # (an expert the router did not pick, a branch not taken) may have skipped that one.
-    conditional = {
-        s.name for earlier in ctx.recent(16)[:-1] for s in earlier if not s.grad_norm
-    }
     stuck: set[str] = set()
+    floor = math.inf  # the weakest gradient, relative to its weights, of a layer that moved
+    still: list[LayerStats] = []
     for layer in stats:
-        if not layer.grad_norm:
-            continue
         ratio = layer.update_ratio
+        if ratio and math.isfinite(ratio) and layer.grad_rms and layer.param_rms:
+            floor = min(floor, layer.grad_rms / layer.param_rms)
+        if not layer.grad_norm or ratio:
+            continue
         # Left out by the optimizer, and nothing else in the layer moved (a layer whose
         # bias alone is left out still moves: its weight's gradient is used).
-        left_out = bool(not_updated_by_optimizer(layer)) and not ratio
-        still = (
-            ratio == 0.0
-            and floor is not None
-            and layer.name not in conditional
-            and bool(layer.grad_rms and layer.param_rms)
-            and (layer.grad_rms or 0.0) / (layer.param_rms or 1.0) >= floor
-        )
-        if left_out or still:
+        if not_updated_by_optimizer(layer):
+            stuck.add(layer.name)
+        elif ratio == 0.0 and layer.grad_rms and layer.param_rms:
+            still.append(layer)
+    if still and floor < math.inf:
+        earlier = ctx.recent(16)[:-1]
+        for layer in still:
+            # A zero update is a mistake only where the gradient, relative to the
+            # weights, is at least that of some layer that moved: a vanishing gradient
+            # below the weights' float precision leaves them unchanged too ("w = w - 0"),
+            # and that is GW101's case.
+            if (layer.grad_rms or 0.0) / (layer.param_rms or 1.0) < floor:
+                continue
+            # The update measured is the previous step's: a module that skipped a recent
+            # step (an expert the router did not pick, a branch not taken) may have
+            # skipped that one too.
+            if any(not _grad_norm(step, layer.name) for step in earlier):
+                continue
             stuck.add(layer.name)
     stats.__dict__["_stuck"] = stuck
     return stuck
+
+
+def _grad_norm(stats: StepStats, name: str) -> float | None:
+    layer = stats.layers.get(name)
+    return layer.grad_norm if layer is not None else None
 
 
 def moving_ratios(ctx: RuleContext) -> list[tuple[str, float]]:
