@@ -9,22 +9,22 @@ and any schedule.
 How, without a host sync on the steps in between and in bounded memory:
 
 - on the ``watcher.step()`` call just before a monitored step, a strided sample of each
-  watched parameter (at most ``PER_TENSOR`` entries each, ``TOTAL`` in all) is copied into
-  one buffer by one ``torch.cat`` over views made once (views of a parameter stay valid
-  while the optimizer updates it in place);
+  watched module's largest parameter (its weight; at most ``PER_TENSOR`` entries each,
+  ``TOTAL`` in all) is copied into one buffer by one ``torch.cat`` over views made once
+  (views of a parameter stay valid while the optimizer updates it in place);
 - one optimizer step later, at the monitored step, the same sample is taken again and the
-  squared differences and squared weights are summed per parameter by one ``index_add_``
-  over precomputed segment ids. Those sums travel at the end of the monitored step's
-  vector (still one host transfer), and :func:`read_updates` turns them into
+  squared differences and squared weights are summed per parameter by one
+  ``segment_reduce``. Those sums travel at the end of the monitored step's vector (still
+  one host transfer), and :func:`read_updates` turns them into
   :attr:`LayerStats.update_ratio <gradwatch.stats.LayerStats.update_ratio>`.
 
-Each sampled entry is weighted by its tensor's size over its sample size, so a layer's
-ratio is an estimate of the ratio of its whole weight and bias, not of the sample. A
-parameter whose storage was replaced between the two samples (``p.data = ...``) is not
-measured at that step. Under FSDP2 each rank samples its own shard: the ratio is a
-ratio, so a shard is as good a sample as any.
+Each sampled entry is weighted by its tensor's size over its sample size, so the ratio is
+an estimate for the whole tensor, not for the sample. Storage replaced since the views
+were made (``p.data = ...``, ``model.half()``) is noticed at the monitored step: that
+step is not measured and the views are made anew. Under FSDP2 each rank samples its own
+shard: the ratio is a ratio, so a shard is as good a sample as any.
 
-:func:`optimizer_coverage` reads the optimizer's ``param_groups``: watched parameters it
+:class:`OptimizerCoverage` reads the optimizer's ``param_groups``: watched parameters it
 never updates (missing from every group, or in a group whose learning rate is 0).
 """
 
