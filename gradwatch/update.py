@@ -217,25 +217,20 @@ def _dense_view(tensor: torch.Tensor) -> torch.Tensor | None:
 
 
 def update_ratios(values: list[float], layout: UpdateLayout) -> dict[int, float]:
-    """Module index -> ``|Δw| / |w|`` from the transferred sums (modules whose weights
-    are all zero have no ratio). When no sampled weight moved at all, no optimizer step
+    """Module index -> ``|Δw| / |w|`` from the transferred sums (inf for weights that were
+    all zero and moved). When no sampled weight moved at all, no optimizer step
     ran between the two samples (``step()`` called per micro-batch of an accumulation, a
     step skipped by a GradScaler, no optimizer yet): nothing was measured."""
     n = len(layout.params)
     if not any(values[:n]):
         return {}
-    change: dict[int, float] = {}
-    size: dict[int, float] = {}
-    for k, (index, _) in enumerate(layout.params):
-        change[index] = change.get(index, 0.0) + values[k]
-        size[index] = size.get(index, 0.0) + values[n + k]
-    return {
-        index: math.sqrt(change[index]) / math.sqrt(size[index])
-        if size[index] > 0
-        else (math.nan if change[index] != change[index] else math.inf)
-        for index in change
-        if size[index] > 0 or change[index] > 0 or change[index] != change[index]
-    }
+    out: dict[int, float] = {}
+    for (index, _), change, size in zip(layout.params, values[:n], values[n:]):
+        if size > 0:
+            out[index] = math.sqrt(change) / math.sqrt(size)
+        elif change != 0:  # moved away from all-zero weights (NaN stays NaN)
+            out[index] = math.inf if change == change else math.nan
+    return out
 
 
 def moved(values: list[float], layout: UpdateLayout) -> set[tuple[int, str]]:

@@ -72,12 +72,16 @@ def moving_ratios(ctx: RuleContext) -> list[tuple[str, float]]:
     """(layer, update ratio) of the weight layers whose update was measured, with weights
     of their own (a zero-initialised layer has no size to compare with) and updated by
     the optimizer, in forward order."""
+    cached = ctx.stats.__dict__.get("_moving")
+    if cached is not None:
+        return cached
     stuck = stuck_layers(ctx)
-    return [
+    ctx.stats.__dict__["_moving"] = moving = [
         (s.name, s.update_ratio)
         for s in matrix_layers(ctx.stats)
         if s.update_ratio is not None and math.isfinite(s.update_ratio) and s.name not in stuck
     ]
+    return moving
 
 
 def loss_level(stats: StepStats) -> float | None:
