@@ -16,7 +16,7 @@ import gradwatch
 from gradwatch.cli import main as cli_main
 from gradwatch.report import print_report, value_text
 from gradwatch.reporters.jsonl import read_record
-from gradwatch.reporters.metrics import DEFAULT_STATS, LayerSelection, global_metrics
+from gradwatch.reporters.metrics import DEFAULT_STATS, LayerSelection
 
 from .support import digits, mlp
 
@@ -131,7 +131,6 @@ def test_the_update_ratio_travels_to_metrics_records_and_the_report(tmp_path):
     assert "update_ratio" in DEFAULT_STATS
     metrics = LayerSelection(DEFAULT_STATS, None).metrics(latest, "gradwatch")
     assert metrics["gradwatch/update_ratio/0"] == ratio
-    assert 1e-5 < global_metrics(latest, "gradwatch")["gradwatch/update_ratio_median"] < 0.1
     recorded = read_record(path)
     assert recorded.steps[-1].layers["0"].update_ratio == pytest.approx(ratio)
     assert recorded.steps[0].layers["0"].update_ratio is None  # the first step: no update yet

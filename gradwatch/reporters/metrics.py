@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from ..stats import LayerStats, StepStats
@@ -116,9 +115,4 @@ def global_metrics(step: StepStats, prefix: str) -> dict[str, float]:
     out = {f"{prefix}/global_grad_norm": float(step.global_grad_norm)}
     if step.global_param_norm is not None:
         out[f"{prefix}/global_param_norm"] = float(step.global_param_norm)
-    ratios = sorted(
-        s.update_ratio for s in step if s.update_ratio is not None and math.isfinite(s.update_ratio)
-    )
-    if ratios:  # the median layer's |Δw|/|w|: one number for "how large are the steps"
-        out[f"{prefix}/update_ratio_median"] = ratios[len(ratios) // 2]
     return out

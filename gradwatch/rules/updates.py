@@ -8,7 +8,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..stats import LayerStats, StepStats
-from .base import RuleContext, matrix_layers
+from .base import RuleContext, matrix_layers, median
+
+#: A step of this size relative to the weights is far (1,000x) above float32's resolution:
+#: a layer expected to move this much that did not move at all is not being updated.
+VISIBLE_STEP = 1e3 * 2.0**-24
 
 
 def not_updated_by_optimizer(layer: LayerStats) -> list[str]:
@@ -30,12 +34,12 @@ def stuck_layers(ctx: RuleContext) -> set[str]:
     if cached is not None:
         return cached
     stuck: set[str] = set()
-    floor = math.inf  # the weakest gradient, relative to its weights, of a layer that moved
+    per_gradient: list[float] = []  # how far a step moved a layer per unit of gradient
     still: list[LayerStats] = []
     for layer in stats:
         ratio = layer.update_ratio
         if ratio and math.isfinite(ratio) and layer.grad_rms and layer.param_rms:
-            floor = min(floor, layer.grad_rms / layer.param_rms)
+            per_gradient.append(ratio * layer.param_rms / layer.grad_rms)
         if not layer.grad_norm or ratio:
             continue
         # Left out by the optimizer, and nothing else in the layer moved (a layer whose
@@ -44,14 +48,16 @@ def stuck_layers(ctx: RuleContext) -> set[str]:
             stuck.add(layer.name)
         elif ratio == 0.0 and layer.grad_rms and layer.param_rms:
             still.append(layer)
-    if still and floor < math.inf:
+    if still and per_gradient:
+        scale = median(per_gradient)
         earlier = ctx.recent(16)[:-1]
         for layer in still:
-            # A zero update is a mistake only where the gradient, relative to the
-            # weights, is at least that of some layer that moved: a vanishing gradient
-            # below the weights' float precision leaves them unchanged too ("w = w - 0"),
-            # and that is GW101's case.
-            if (layer.grad_rms or 0.0) / (layer.param_rms or 1.0) < floor:
+            # A zero update is a mistake only where the step that the optimizer gave the
+            # other layers per unit of gradient would have moved this one visibly: a
+            # gradient too small for the weights' float precision leaves them unchanged
+            # too ("w = w - 0"; GW101's case), and so does clipping that scales it down.
+            expected = scale * (layer.grad_rms or 0.0) / (layer.param_rms or 1.0)
+            if expected < VISIBLE_STEP:
                 continue
             # The update measured is the previous step's: a module that skipped a recent
             # step (an expert the router did not pick, a branch not taken) may have
