@@ -39,7 +39,9 @@ What it measures, for any optimizer (SGD, Adam, AdamW, Lion, Adafactor, custom):
   1e-3 is healthy). Layers whose weights were zero, and layers the optimizer does not
   update, are left out;
 - the loss (when passed: watcher.step(loss=loss)), as the median over the last steps:
-  above `loss_factor` times its first level and still rising, or risen by more than
+  above `loss_factor` times its first level and still rising (for 3 monitored steps;
+  at once above 10x that or with a median update ratio above `ratio_with_loss`), or
+  risen by more than
   `rise` times at each of the last `rising_steps` comparisons (levels at least 8 steps
   apart): a steady climb that never looks like a jump;
 - both together: the loss level above `loss_rise` times its lowest so far and still
@@ -201,7 +203,15 @@ ratios mean nothing)."""
                 **_lr_evidence(ctx),
             },
             score=math.log10(max(factor, 1.0)) + 1.0,
-            window=1,
+            # Orders of magnitude above where training started, or with steps that
+            # rewrite the weights: at once. Otherwise it must last (a run resumed near
+            # its floor meets harder data, and its loss level climbs for a while as the
+            # new losses fill the median).
+            window=1
+            if climb
+            or factor > 10 * self.t("loss_factor")
+            or (middle is not None and middle > self.t("ratio_with_loss"))
+            else 3,
         )
 
     def _loss_with_updates(self, ctx: RuleContext, level: float | None) -> Condition | None:
