@@ -66,6 +66,9 @@ class UpdateLayout:
 
     #: (module index, parameter name) of each sampled parameter, in vector order
     params: list[tuple[int, str]]
+    #: whether each had a gradient at the step whose update is measured (a module that
+    #: did not run then, such as an expert the router did not pick, was not updated)
+    had_grad: list[bool] | None = None
 
     @property
     def length(self) -> int:
@@ -110,6 +113,8 @@ class UpdateSampler:
         self._lengths: torch.Tensor | None = None
         self._snapshot: torch.Tensor | None = None
         self._label: int | None = None
+        self._had_grad: list[bool] | None = None
+        self._params: list[torch.Tensor] = []
 
     def snapshot(self, label: int) -> None:
         """Sample the weights as they are before the optimizer step of step ``label``."""
@@ -117,6 +122,7 @@ class UpdateSampler:
             self._build(self._current_pointers())
         self._snapshot = self._gather()
         self._label = label
+        self._had_grad = [p.grad is not None for p in self._params]
 
     def measure(self, label: int) -> tuple[torch.Tensor, UpdateLayout] | None:
         """Per-parameter sums (squared change, then squared weight) since the snapshot
@@ -137,7 +143,8 @@ class UpdateSampler:
         now, before = now.to(work), before.to(work)
         # row 0: the change, row 1: the weight; summed per parameter
         both = torch.stack([now - before, before]).square_().mul_(self._weights).to(_F64)
-        return _segment_sums(both, self._lengths, self._segments).reshape(-1), self._layout
+        layout = UpdateLayout(self._layout.params, self._had_grad)
+        return _segment_sums(both, self._lengths, self._segments).reshape(-1), layout
 
     def _current_pointers(self) -> list[int]:
         if self._sharded:
@@ -148,6 +155,7 @@ class UpdateSampler:
         """Views of a strided sample of every parameter, their segment ids and weights."""
         budget = max(16, min(PER_TENSOR, TOTAL // max(1, len(self._entries))))
         views: list[torch.Tensor] = []
+        sampled: list[torch.Tensor] = []
         params: list[tuple[int, str]] = []
         sizes: list[int] = []
         weights: list[float] = []
@@ -162,10 +170,12 @@ class UpdateSampler:
                 stride += 1  # odd: the samples walk across the columns of a matrix
             view = flat[::stride]
             views.append(view)
+            sampled.append(param)
             params.append((index, pname))
             sizes.append(view.numel())
             weights.append(n / view.numel())
         self._views = views
+        self._params = sampled
         self._pointers = pointers
         self._layout = UpdateLayout(params)
         if not views:
@@ -225,7 +235,10 @@ def update_ratios(values: list[float], layout: UpdateLayout) -> dict[int, float]
     if not any(values[:n]):
         return {}
     out: dict[int, float] = {}
-    for (index, _), change, size in zip(layout.params, values[:n], values[n:]):
+    had_grad = layout.had_grad or [True] * n
+    for (index, _), change, size, used in zip(layout.params, values[:n], values[n:], had_grad):
+        if not used and not change:
+            continue  # no gradient at that step, so no update was due: not measured
         if size > 0:
             out[index] = math.sqrt(change) / math.sqrt(size)
         elif change != 0:  # moved away from all-zero weights (NaN stays NaN)
