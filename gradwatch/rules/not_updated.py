@@ -19,8 +19,10 @@ do not change. Two ways:
   param_groups, or in a group whose lr is 0 while other groups' lr is not. Announced
   after `window` monitored steps;
 - from the weights: the update of a layer measured across one optimizer step is
-  exactly 0 while the layer has a non-zero gradient and other layers moved, for
-  `window` monitored steps (any optimizer, also one gradwatch is not told about).
+  exactly 0 although it had a gradient at that step, and the step the optimizer gave
+  the other layers per unit of gradient would have moved it far (1,000x) above
+  float32's resolution, for 3 monitored steps (any optimizer, also one gradwatch is not
+  told about).
 
 Why it matters: the layer is not trained although the gradient computation for it is
 paid for. Typical causes: a head replaced or added after the optimizer was built (the
