@@ -322,13 +322,21 @@ def test_a_converged_model_taking_tiny_steps_is_silent():
 # -- GW102 given the real optimizer ---------------------------------------------------------
 
 
-def test_an_exploding_initialisation_is_found_under_adam():
-    # Weights three times too large: the gradient grows ~1000x from the last layer to
-    # the first. Adam bounds its steps, yet the network is broken whatever the lr.
-    watcher, _ = _run(
-        _model(12, std=0.4), lambda m: torch.optim.Adam(m.parameters(), lr=1e-4), steps=30
-    )
-    assert "GW102" in _codes(watcher)
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        pytest.param(lambda m: torch.optim.Adam(m.parameters(), lr=1e-4), id="adam"),
+        pytest.param(lambda m: torch.optim.SGD(m.parameters(), lr=1e-4), id="sgd-small-lr"),
+    ],
+)
+def test_an_exploding_initialisation_is_found_whatever_the_optimizer(make_optimizer):
+    # Weights three times too large: the backward signal grows ~1000x from the last layer
+    # to the first. Adam bounds its steps, and SGD's first huge steps rewrite the weights
+    # and hide it; the network is broken whatever the lr, and that shows at step 0.
+    watcher, _ = _run(_model(12, std=0.4), make_optimizer, steps=30, every=15)
+    growth = [f for f in _alarms(watcher) if f.code == "GW102"]
+    assert growth and growth[0].step == 0
+    assert "grows" in growth[0].message
 
 
 def test_a_corrupted_batch_under_adamw_is_found_at_once():

@@ -33,7 +33,7 @@ What it measures, four ways (each must hold for `window` monitored steps unless 
 - growth with depth: the backward signal (RMS of the gradient with respect to each
   weight layer's output; the weight-gradient RMS where that is not observed, whatever
   the optimizer) in the first quarter of layers is more than 1/`ratio` times that of
-  the last quarter;
+  the last quarter (at once on the first monitored step: that is the initialisation);
 - updates larger than the weights: for SGD-like optimizers, lr * |grad| / |weight| of
   a weight layer above `update_ratio` (with the optimizer unknown, lr is taken as
   `assumed_lr`; Adam-like optimizers bound their steps by lr, so for them the step is
@@ -109,12 +109,12 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
             "the initialisation (kaiming/xavier, not larger); normalization layers help."
         )
         out: list[Condition] = []
+        update = self._update(ctx, hint)  # first: a step larger than the weights is worse
+        if update is not None:
+            out.append(update)
         growth = self._growth(ctx, hint)
         if growth is not None:
             out.append(growth)
-        update = self._update(ctx, hint)
-        if update is not None:
-            out.append(update)
         spike = self._spike(ctx, hint)
         if spike is not None:
             out.append(spike)
@@ -223,6 +223,10 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
                 "measure": source,
             },
             score=math.log10(growth),
+            # The first monitored step shows the initialisation itself, not a noisy moment
+            # of training: growth with depth there is announced at once, before the first
+            # steps (SGD at any lr, Adam) rewrite the weights and hide it.
+            window=1 if len(ctx.history) <= 1 else None,
         )
 
     def _update(self, ctx: RuleContext, hint: str) -> Condition | None:
