@@ -32,10 +32,13 @@ everywhere (a saturating loss: use the non-saturating form, e.g. -log D(G(z)) fo
 generator; a loss divided by a large constant) or raise the learning rate; for Adam-like
 optimizers, a gradient below eps is scaled away: lower eps or rescale the loss.
 
-When it stays silent: a converged model (the loss, when passed, has fallen to half its
-first level or less); a schedule that decays the learning rate (the optimizer's lr,
-when known, below 1/100 of its highest value so far, as at the end of a cosine
-schedule); layers that are not updated at all (GW105); zero-initialised layers."""
+When it stays silent: some layer has no gradient at all or does not move at all (a
+gradient cut off, dead units, or one below float precision: GW101, GW104, GW201 say
+which); a converged
+model (the loss, when passed, has fallen to half its first level or less); a schedule
+that decays the learning rate (the optimizer's lr, when known, below 1/100 of its
+highest value so far, as at the end of a cosine schedule); layers that are not updated
+at all (GW105); zero-initialised layers."""
     defaults = {"ratio": 1e-6, "converged": 0.5, "decayed": 1e-2}
     threshold_docs = {
         "ratio": "largest |Δw|/|w| over the weight layers below which nothing learns",
@@ -59,6 +62,11 @@ schedule); layers that are not updated at all (GW105); zero-initialised layers."
         largest = max(r for _, r in ratios)
         if largest >= self.t("ratio"):
             return []
+        if any(r == 0.0 or not stats.layers[n].grad_norm for n, r in ratios):
+            # Some layer has no gradient at all, or did not move at all (what moves it is
+            # momentum running down): a gradient cut off, dead units, or one below float
+            # precision. GW101, GW104 and GW201 tell which; this is not a flat loss.
+            return None
         level, first = loss_level(stats), self._memory.first
         if level is not None and first is not None and level <= self.t("converged") * first:
             return []  # the model has learnt: small steps near the loss floor are expected
