@@ -1,5 +1,5 @@
 """The update: the update-to-weight ratio per layer, and the rules judged from it (GW105
-not-updated, GW106 diverging, GW107 tiny-updates, and GW102 under Adam). Real, small
+not-updated, GW106 diverging, GW109 tiny-updates, and GW102 under Adam). Real, small
 training runs on the digits."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gradwatch.reporters.metrics import DEFAULT_STATS, LayerSelection
 
 from .support import digits, mlp
 
-UPDATE_CODES = ("GW105", "GW106", "GW107")
+UPDATE_CODES = ("GW105", "GW106", "GW109")
 
 
 def _alarms(watcher):
@@ -230,8 +230,8 @@ def test_uniformly_tiny_updates_are_found():
     watcher, _ = _run(
         _model(), lambda m: torch.optim.SGD(m.parameters(), lr=0.01), steps=60, loss_scale=1e-5
     )
-    assert _codes(watcher) == ["GW107"]
-    finding = next(f for f in _alarms(watcher) if f.code == "GW107")
+    assert _codes(watcher) == ["GW109"]
+    finding = next(f for f in _alarms(watcher) if f.code == "GW109")
     assert finding.evidence["max_update_ratio"] < 1e-6
     assert "lr=0.01" in finding.hint
 

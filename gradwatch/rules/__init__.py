@@ -102,7 +102,7 @@ def resolve_rules(
     rule's :attr:`~Rule.threshold_specs`. ``rules`` replaces the built-in set.
 
     >>> [r.code for r in resolve_rules(select=["GW1"], ignore="no-gradient")]
-    ['GW101', 'GW102', 'GW103', 'GW105', 'GW106', 'GW107']
+    ['GW101', 'GW102', 'GW103', 'GW105', 'GW106', 'GW109']
     >>> resolve_rules(thresholds={"GW101": {"ratio": -1}})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...

@@ -1,4 +1,4 @@
-"""GW107 tiny-updates: every layer's weights barely move at each step (flat vanishing)."""
+"""GW109 tiny-updates: every layer's weights barely move at each step (flat vanishing)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .updates import LossMemory, loss_level, lr_text, moving_ratios
 
 
 class TinyUpdates(Rule):
-    code = "GW107"
+    code = "GW109"
     slug = "tiny-updates"
     severity = "warning"
     summary = "every layer's weights barely move at each step: nothing is learning"

@@ -1,5 +1,5 @@
 """What the rules about the update share: which layers the optimizer moved, how far, and
-where the loss stands (GW102, GW105, GW106, GW107)."""
+where the loss stands (GW102, GW105, GW106, GW109)."""
 
 from __future__ import annotations
 
