@@ -42,9 +42,11 @@ def inner_optimizer(optimizer: Any) -> Any:
     """The ``torch.optim.Optimizer`` inside a framework's wrapper (Lightning's
     ``LightningOptimizer``, accelerate's ``AcceleratedOptimizer``), else ``optimizer``."""
     seen = 0
-    while seen < 4 and not hasattr(optimizer, "register_step_pre_hook"):
+    # A wrapper may subclass Optimizer without running its __init__ (accelerate's does):
+    # it has the hook methods but not the hooks' dicts, so look for the dicts.
+    while seen < 4 and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
         inner = getattr(optimizer, "optimizer", None)
-        if inner is None:
+        if inner is None or inner is optimizer:
             break
         optimizer, seen = inner, seen + 1
     return optimizer
@@ -59,8 +61,10 @@ def has_step_hooks(optimizer: Any) -> bool:
     (True, False)
     """
     inner = inner_optimizer(optimizer)
-    return callable(getattr(inner, "register_step_pre_hook", None)) and callable(
-        getattr(inner, "register_step_post_hook", None)
+    return (
+        hasattr(inner, "_optimizer_step_pre_hooks")
+        and callable(getattr(inner, "register_step_pre_hook", None))
+        and callable(getattr(inner, "register_step_post_hook", None))
     )
 
 

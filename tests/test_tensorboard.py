@@ -69,7 +69,7 @@ def test_deep_sigmoid_scalars_findings_and_figure_at_monitored_steps_only(tmp_pa
     layers = {name for _, stat, name in per_layer if stat != "findings"}
     assert len(layers) == 4 and {"0", "38"} <= layers
     stats = {stat for _, stat, _ in per_layer}
-    assert stats == {"grad_norm", "grad_rms", "saturated_fraction", "findings"}
+    assert stats == {"grad_norm", "grad_rms", "saturated_fraction", "update_ratio", "findings"}
     first = next(f for f in watcher.findings if f.code == "GW101")
     counts = tb.Scalars("gradwatch/findings/GW101")
     assert [e.value for e in counts if e.step < first.step] == []
