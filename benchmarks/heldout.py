@@ -159,7 +159,7 @@ def lm_data(n: int = 512, length: int = 17, vocab: int = 16, seed: int = 0) -> t
 class MoE(nn.Module):
     """Top-1 mixture of experts; ``routable`` experts are the ones the router may pick."""
 
-    def __init__(self, experts: int = 4, routable: int | None = None) -> None:
+    def __init__(self, experts: int = 4, routable: int | None = None, hashed: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(64, 32)
         self.router = nn.Linear(32, experts)
@@ -168,11 +168,17 @@ class MoE(nn.Module):
         )
         self.head = nn.Linear(32, 10)
         self.routable = routable or experts
+        self.hashed = hashed
+        with torch.no_grad():  # a spread-out router, so that routing does not collapse at once
+            self.router.weight.normal_(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.inp(x))
         gates = self.router(h)[:, : self.routable].softmax(-1)
         weight, choice = gates.max(-1)
+        if self.hashed:  # hash routing (Roller et al., 2021): balanced whatever the router learns
+            choice = (x.sum(1) * 1000).long() % self.routable
+            weight = gates.gather(1, choice[:, None]).squeeze(1)
         out = torch.zeros_like(h)
         for i, expert in enumerate(self.experts):
             picked = choice == i
@@ -189,6 +195,7 @@ class Run:
     """What one scenario's run produced."""
 
     findings: list[tuple[int, str, str, tuple[str, ...]]] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)  # message and evidence
     losses: list[float] = field(default_factory=list)
     output: str = ""
     error: str = ""
@@ -220,8 +227,13 @@ class Harness:
         for watcher in self.watchers:
             found = watcher.findings
             for finding in found[self.seen[id(watcher)] :]:
+                if finding.message.startswith("resolved"):
+                    continue  # the end of an earlier finding, not a new one
                 layers = tuple(str(name) for name in finding.layers)
                 self.run.findings.append((self.step_index, finding.code, finding.rule, layers))
+                self.run.details.append(
+                    {"message": finding.message, "evidence": _plain(finding.evidence)}
+                )
             self.seen[id(watcher)] = len(found)
         self.step_index += 1
 
@@ -231,12 +243,20 @@ class Harness:
         self.observe()
 
 
+def _plain(evidence: Any) -> Any:
+    try:
+        return json.loads(json.dumps(evidence, default=str))
+    except (TypeError, ValueError):
+        return str(evidence)
+
+
 @dataclass
 class Scenario:
     name: str
     train: Callable[[Harness], None]
     expect: tuple[str, ...] = ()  # rule slugs, any of them; () = must stay silent
     layers: tuple[str, ...] = ()  # a finding must name one of these (or a child); () = any
+    forbid: tuple[str, ...] = ()  # ... and none of these (healthy parts of a sick model)
     deadline: int | None = None  # must be found by this loop step (None: by the end)
     notice: tuple[str, ...] = ()  # words of a printed notice accepted instead of a finding
     healthy_claim_is_miss: bool = False  # a "no findings" summary is a miss
@@ -920,7 +940,7 @@ def gan_loop(h: Harness, mode: str) -> None:
 def balanced_moe(h: Harness) -> None:
     torch.manual_seed(39)
     x, y = digits()
-    model = MoE(experts=4)
+    model = MoE(experts=4, hashed=True)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     classify(model, opt, h, 200, batches(x, y, 8))
 
@@ -1040,6 +1060,7 @@ SCENARIOS: list[Scenario] = [
         never_routed_expert,
         ("no-gradient",),
         layers=("experts.3",),
+        forbid=("experts.0", "experts.1", "experts.2"),
         deadline=100,
     ),
     Scenario("tiny-loss-scale-sgd", tiny_loss_scale, ("tiny-updates", "vanishing-gradient")),
@@ -1094,7 +1115,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("frozen-but-in-optimizer", frozen_in_optimizer),
     Scenario("gan-two-watchers", lambda h: gan_loop(h, "separate")),
     Scenario("gan-one-watcher", lambda h: gan_loop(h, "together")),
-    Scenario("balanced-moe-batch8", balanced_moe),
+    Scenario("hash-routed-moe-batch8", balanced_moe),
     Scenario("decay-some-groups", decay_some_groups),
     Scenario("hand-written-signsgd", hand_written_optimizer),
     Scenario("adagrad-bn-cnn", adagrad_bn_cnn),
@@ -1141,6 +1162,10 @@ def verdict(scenario: Scenario, run: Run) -> str:
     else:
         placed = matching
     deadline = scenario.deadline if scenario.deadline is not None else run.damage_step
+    if scenario.forbid and any(
+        _names_match(name, scenario.forbid) for f in matching for name in f[3]
+    ):
+        return "wrong layer"
     if placed:
         if deadline is not None and placed[0][0] > deadline:
             return "late"
@@ -1217,8 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
                     "layers": list(scenario.layers),
                     "verdict": result,
                     "findings": [
-                        {"step": s, "code": c, "rule": r, "layers": list(lay)}
-                        for s, c, r, lay in run.findings
+                        {"step": s, "code": c, "rule": r, "layers": list(lay), **detail}
+                        for (s, c, r, lay), detail in zip(run.findings, run.details)
                     ],
                     "damage_step": run.damage_step,
                     "first_loss": run.losses[0] if run.losses else None,
