@@ -1013,6 +1013,80 @@ def plateau_sgd(h: Harness) -> None:
         h.observe(loss)
 
 
+def memorised_sgd(h: Harness) -> None:
+    """SGD with momentum on 48 samples, full batch, 600 steps: the loss and the steps
+    shrink towards 0 (converged, not stuck)."""
+    torch.manual_seed(44)
+    x, y = digits()
+    xs, ys = x[:48], y[:48]
+    model = mlp([64, 64, 10])
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    classify(model, opt, h, 600, iter(lambda: (xs, ys), None))
+
+
+def tied_embedding_lm(h: Harness) -> None:
+    """The tiny LM with its output layer tied to the embedding (one shared weight)."""
+    torch.manual_seed(45)
+    data = lm_data(seed=1)
+    model = TinyLM()
+    model.out.weight = model.embed.weight
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    watcher = h.watch(model, optimizer=opt)
+    gen = torch.Generator().manual_seed(45)
+    for _ in range(150):
+        seq = data[torch.randint(0, len(data), (16,), generator=gen)]
+        loss = F.cross_entropy(model(seq[:, :-1]).reshape(-1, 16), seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss)
+        opt.step()
+        h.observe(loss)
+
+
+def alternating_heads(h: Harness) -> None:
+    """Multi-task: a shared body, two heads in a ModuleList, one task per step in turn."""
+    torch.manual_seed(46)
+    x, y = digits()
+    body = mlp([64, 64, 32])
+    model = nn.ModuleDict(
+        {"body": body, "heads": nn.ModuleList([nn.Linear(32, 10), nn.Linear(32, 4)])}
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    watcher = h.watch(model, optimizer=opt)
+    data = batches(x, y, 32)
+    for i in range(200):
+        xb, yb = next(data)
+        feats = torch.relu(body(xb))
+        if i % 2 == 0:
+            loss = F.cross_entropy(model["heads"][0](feats), yb)
+        else:
+            loss = F.binary_cross_entropy_with_logits(model["heads"][1](feats), multilabel(yb))
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss)
+        opt.step()
+        h.observe(loss)
+
+
+def accumulate_k3_zero_in_place(h: Harness) -> None:
+    """Accumulation over 3 micro-batches, gradients zeroed in place (set_to_none=False)."""
+    torch.manual_seed(47)
+    x, y = digits()
+    model = mlp([64, 64, 64, 10], act=nn.GELU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    watcher = h.watch(model, optimizer=opt)
+    data = batches(x, y, 16)
+    for i in range(360):
+        xb, yb = next(data)
+        loss = F.cross_entropy(model(xb), yb)
+        (loss / 3).backward()
+        if (i + 1) % 3 == 0:
+            watcher.step(loss=loss)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        h.observe(loss)
+
+
 SCENARIOS: list[Scenario] = [
     # --- issue 17: the update, the loop
     Scenario(
@@ -1120,6 +1194,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("hand-written-signsgd", hand_written_optimizer),
     Scenario("adagrad-bn-cnn", adagrad_bn_cnn),
     Scenario("plateau-sgd-tanh", plateau_sgd),
+    Scenario("memorised-sgd-long", memorised_sgd),
+    Scenario("tied-embedding-lm", tied_embedding_lm),
+    Scenario("alternating-task-heads", alternating_heads),
+    Scenario("grad-accum-k3-zero-in-place", accumulate_k3_zero_in_place),
 ]
 
 
