@@ -169,8 +169,9 @@ class MoE(nn.Module):
         self.head = nn.Linear(32, 10)
         self.routable = routable or experts
         self.hashed = hashed
-        with torch.no_grad():  # a spread-out router, so that routing does not collapse at once
-            self.router.weight.normal_(0.0, 1.0)
+        if not hashed:  # a spread-out router, so that learned routing does not collapse at once
+            with torch.no_grad():
+                self.router.weight.normal_(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.inp(x))
