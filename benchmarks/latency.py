@@ -102,6 +102,20 @@ def _bce(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy(out, targets)
 
 
+def _bce_with_logits(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    targets = (labels[:, None] == torch.arange(10)).float()
+    return nn.functional.binary_cross_entropy_with_logits(out, targets)
+
+
+def _softmax_then_ce(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.softmax(dim=1), labels)
+
+
+def _smoothed_weighted_ce(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    weight = torch.linspace(0.5, 2.0, out.shape[1])
+    return nn.functional.cross_entropy(out, labels, weight=weight, label_smoothing=0.1)
+
+
 def _raw_pixels(model: nn.Module) -> dict[str, Any]:
     x, y = digits(standardize=False)
     return {"x": x * 16, "y": y}
@@ -252,6 +266,44 @@ def scenarios() -> list[Scenario]:
             "GW103",
             loop=_left_padded,
         ),
+        # -- sick: tests/test_loss_contract.py (what reaches the loss)
+        Scenario(
+            "nn.Softmax before cross_entropy",
+            lambda: nn.Sequential(mlp(3, nn.ReLU, init="kaiming"), nn.Softmax(dim=1)),
+            "GW301",
+            train={"lr": 0.1},
+        ),
+        Scenario(
+            "F.softmax in the loop, cross_entropy",
+            lambda: mlp(3, nn.ReLU, init="kaiming"),
+            "GW301",
+            train={"lr": 0.1, "loss_fn": _softmax_then_ce},
+        ),
+        Scenario(
+            "nn.Sigmoid before BCEWithLogitsLoss",
+            lambda: nn.Sequential(mlp(3, nn.ReLU, init="kaiming"), nn.Sigmoid()),
+            "GW301",
+            train={"lr": 0.1, "loss_fn": _bce_with_logits},
+        ),
+        Scenario(
+            "nll_loss on raw logits",
+            lambda: mlp(3, nn.ReLU, init="kaiming"),
+            "GW301",
+            train={"lr": 0.05, "loss_fn": nn.functional.nll_loss},
+        ),
+        Scenario(
+            "ReLU after the last layer",
+            lambda: nn.Sequential(mlp(3, nn.ReLU, init="kaiming"), nn.ReLU()),
+            "GW302",
+            train={"lr": 0.1},
+        ),
+        Scenario(
+            "sigmoid + BCELoss, raw pixels",
+            lambda: nn.Sequential(mlp(2, std=1.0), nn.Sigmoid()),
+            "GW303",
+            train={"lr": 0.1, "loss_fn": _bce},
+            extra=_raw_pixels,
+        ),
         # -- healthy: tests/test_rules.py
         Scenario(
             "He-init ReLU MLP (8)",
@@ -326,6 +378,20 @@ def scenarios() -> list[Scenario]:
             None,
             train={"lr": 1e-3, "optimizer": "adam"},
             absent=("GW101",),
+        ),
+        Scenario(
+            "label smoothing + class weights",
+            lambda: mlp(3, nn.ReLU, init="kaiming"),
+            None,
+            steps=200,
+            train={"lr": 0.05, "loss_fn": _smoothed_weighted_ce},
+        ),
+        Scenario(
+            "multilabel sigmoid, BCEWithLogitsLoss",
+            lambda: mlp(3, nn.ReLU, init="kaiming"),
+            None,
+            steps=200,
+            train={"lr": 0.05, "loss_fn": _bce_with_logits},
         ),
         Scenario(
             "confident sigmoid output",

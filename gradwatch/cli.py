@@ -1,4 +1,4 @@
-"""The ``gradwatch`` command: ``rules``, ``explain``, ``demo``, ``report``.
+"""The ``gradwatch`` command: ``rules``, ``explain``, ``demo``, ``report``, ``run``.
 
 Only ``demo`` (which trains) imports torch: ``--help``, ``rules``, ``explain`` and
 ``report`` answer without it, in a fraction of a second.
@@ -18,6 +18,7 @@ from ._version import __version__
 from .demo.options import add_arguments as add_demo_arguments
 from .report import add_arguments as add_report_arguments
 from .rules import BUILTIN_RULES, find_rule
+from .run import add_arguments as add_run_arguments
 
 
 def _rules(args: argparse.Namespace) -> int:
@@ -92,6 +93,12 @@ def _report(args: argparse.Namespace) -> int:
     return int(report_main(args) or 0)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .run import main as run_main
+
+    return int(run_main(args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradwatch",
@@ -125,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="summarise a recorded run (a JSONL file)")
     add_report_arguments(report)
     report.set_defaults(func=_report)
+
+    run = sub.add_parser(
+        "run",
+        help="run a training script unchanged, with gradwatch attached",
+        description="Runs SCRIPT as __main__ with its arguments, as python would, and watches "
+        "every model it trains: a Lightning or Transformers Trainer gets gradwatch's "
+        "callback, any other optimizer.step() is seen by an optimizer hook. Options go "
+        "before the script; everything after it is the script's. Exit code: the script's.",
+    )
+    add_run_arguments(run)
+    run.set_defaults(func=_run)
     return parser
 
 

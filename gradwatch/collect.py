@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention_sample as _attention
+from . import loss_contract as _loss
 from .distributed import Reducer
 from .layers import UNIT_ROW_KINDS, LayerInfo
 from .probes import ProbeRecord
@@ -81,6 +82,10 @@ class Layout:
     #: attention calls measured (their sums follow the input norm, their largest logits
     #: the extras)
     attention: list[_attention.AttentionCall] = field(default_factory=list)
+    #: loss calls measured (their statistics follow the attention maxima); ``loss_fixed``:
+    #: sent as a fixed number of calls (several ranks)
+    loss_calls: list[_loss.LossCall] = field(default_factory=list)
+    loss_fixed: bool = False
 
 
 def _local(grad: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -375,6 +380,9 @@ class Collector:
         max_parts = [maxima.to(_F64)] if maxima is not None else []
         max_parts += [e.detach().reshape(1).to(device=home, dtype=_F64) for e in extras or []]
         max_parts += [m.to(device=home, dtype=_F64) for m in attention_max]
+        loss_fixed = world > 1
+        loss_calls = list(record.loss_calls)
+        max_parts += [p.to(device=home, dtype=_F64) for p in _loss.pack(loss_calls, loss_fixed)]
         max_vec = torch.cat(max_parts) if max_parts else torch.zeros(0, dtype=_F64, device=home)
         summed, count_vec, mask_vec, max_vec = self.reducer.reduce(
             summed, count_vec, mask_vec, max_vec
@@ -400,6 +408,8 @@ class Collector:
             layers=self.layers,
             aliases=self._alias_slots(slots),
             attention=attention,
+            loss_calls=loss_calls,
+            loss_fixed=loss_fixed,
         )
         return packed, layout
 
@@ -536,6 +546,7 @@ def read(
     maxes = take(layout.n_max)
     extras = take(layout.n_extra)
     attention_max = take(len(layout.attention))
+    loss_values = take(_loss.packed_length(layout.loss_calls, layout.loss_fixed))
     packed_masks = bytes(map(int, values[pos:]))
     bit_pos = 0
     if layout.layers is not None:
@@ -679,4 +690,5 @@ def read(
         detail=layout.detail,
         loss_scale=loss_scale,
         attention=_attention.read_back(layout.attention, attention_sums, attention_max),
+        loss_inputs=_loss.read_back(layout.loss_calls, loss_values),
     )

@@ -34,6 +34,7 @@ from .attention_sample import AttentionCall
 from .forward_context import grad_enabled, in_backward, is_compiling
 from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RELU, SIGMOID, TANH, LayerInfo
+from .loss_contract import LossCall, LossCheck
 
 # A sigmoid/tanh output counts as saturated where the derivative is below this share
 # of its maximum (sigmoid' <= 0.25, tanh' <= 1).
@@ -91,6 +92,7 @@ class ProbeRecord:
     input_numel: int = 0
     input_seen: bool = False  # the first module measured this step looked at its input
     attention: list[AttentionCall] = field(default_factory=list)
+    loss_calls: list[LossCall] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -188,6 +190,8 @@ class Probes:
             if root is not None
             else None
         )
+        #: what reaches the loss after the forward pass (see gradwatch.loss_contract)
+        self.loss = LossCheck(root, guard, lambda: self.record) if root is not None else None
 
     @property
     def armed(self) -> bool:
@@ -228,6 +232,8 @@ class Probes:
             self._handles.append(register_module_forward_hook(self._dispatch_post))
         if self.attention is not None:
             self.attention.arm(detail)
+        if self.loss is not None:
+            self.loss.arm()  # after the attention capture: see LossCheck.arm
 
     def set_skip(self, indices: set[int]) -> None:
         """Change which activations go without a hook on steps without detail."""
@@ -244,17 +250,28 @@ class Probes:
         self._post, self._pre = {}, {}
         if self.attention is not None:
             self.attention.disarm()
+        if self.loss is not None:
+            self.loss.disarm()
+
+    def losses_done(self) -> None:
+        """The step's losses are computed (``watcher.step()`` is called): stop checking them."""
+        if self.loss is not None:
+            self.loss.close_window()
 
     def take(self) -> ProbeRecord:
         """Hand over what was gathered and start afresh."""
         record, self.record = self.record, ProbeRecord(detail=self._detail)
         self._producer = None
+        if self.loss is not None:
+            self.loss.close_window()  # the step is over: later losses are not its own
         return record
 
     def shut_down(self, error: BaseException | None = None) -> None:
         self._off = True
         if self.attention is not None:
             self.attention.shut_down()
+        if self.loss is not None:
+            self.loss.shut_down()
         self.disarm()
         self.record = ProbeRecord()
         if error is not None:

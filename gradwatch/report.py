@@ -607,6 +607,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``gradwatch report``."""
     parser.add_argument("record", metavar="RUN.jsonl", help="a file written by JsonlRecorder")
     parser.add_argument(
+        "other",
+        nargs="?",
+        metavar="OTHER.jsonl",
+        help="a second record: the two runs side by side (findings each way, per-layer "
+        "gradients at matching steps, the layers that changed most)",
+    )
+    parser.add_argument(
         "--png",
         metavar="FILE",
         help="draw a layers x steps heatmap of gradient RMS and the per-layer norms over "
@@ -622,6 +629,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``gradwatch report`` (wired in :mod:`gradwatch.cli`)."""
+    if getattr(args, "other", None) is not None:
+        from .compare import main as compare_main
+
+        return compare_main(args)
     path = args.record
     png = getattr(args, "png", None)
     try:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .loss_input import LossInput
+
 
 @dataclass(frozen=True, slots=True)
 class UnitMask:
@@ -257,6 +259,8 @@ class StepStats:
     surge: float | None = None
     #: attention probabilities per attention module (module name -> statistics)
     attention: dict[str, AttentionStats] = field(default_factory=dict)
+    #: what reached the loss functions (cross_entropy, nll_loss, BCE) after the forward pass
+    loss_inputs: list[LossInput] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers.values())
@@ -294,6 +298,11 @@ class StepStats:
                 if self.attention
                 else {}
             ),
+            **(
+                {"loss_inputs": [x.to_dict() for x in self.loss_inputs]}
+                if self.loss_inputs
+                else {}
+            ),
         }
 
     @classmethod
@@ -316,6 +325,7 @@ class StepStats:
             attention={
                 n: AttentionStats.from_dict(v) for n, v in (data.get("attention") or {}).items()
             },
+            loss_inputs=[LossInput.from_dict(x) for x in data.get("loss_inputs") or []],
         )
 
 

@@ -262,6 +262,8 @@ class Watcher:
         """
         if self._closed:
             return []
+        if self._probes is not None:
+            self._probes.losses_done()  # before anything else runs under the loss check
         label = self._count if step is None else int(step)
         if optimizer is not None:
             self._optimizer = optimizer

@@ -24,11 +24,14 @@ from .base import (
     greater_than,
     whole_at_least,
 )
+from .clamped_output import ClampedOutput
 from .dead_units import DeadUnits
 from .engine import RuleEngine, SummaryRow
 from .exploding import ExplodingGradient
+from .loss_mismatch import LossInputMismatch
 from .no_gradient import NoGradient
 from .nonfinite import NonFiniteGradient
+from .saturated_output import SaturatedOutput
 from .saturation import SaturatedActivation
 from .vanishing import VanishingGradient
 
@@ -40,6 +43,9 @@ BUILTIN_RULES: tuple[type[Rule], ...] = (
     DeadUnits,
     SaturatedActivation,
     AttentionLogitGrowth,
+    LossInputMismatch,
+    ClampedOutput,
+    SaturatedOutput,
 )
 
 
@@ -192,9 +198,11 @@ __all__ = [
     "RATIO",
     "SHARE",
     "AttentionLogitGrowth",
+    "ClampedOutput",
     "Condition",
     "DeadUnits",
     "ExplodingGradient",
+    "LossInputMismatch",
     "ModelFacts",
     "NoGradient",
     "NonFiniteGradient",
@@ -202,6 +210,7 @@ __all__ = [
     "RuleContext",
     "RuleEngine",
     "SaturatedActivation",
+    "SaturatedOutput",
     "SummaryRow",
     "ThresholdSpec",
     "VanishingGradient",

@@ -1,0 +1,503 @@
+"""The loss contract: what reaches the common losses at monitored steps.
+
+``F.cross_entropy`` expects logits, ``F.nll_loss`` log-probabilities,
+``F.binary_cross_entropy`` probabilities and ``F.binary_cross_entropy_with_logits``
+logits (their ``nn.*Loss`` modules call them). A model that hands a loss the wrong kind
+of tensor trains badly without any error: a softmax before ``cross_entropy`` squashes the
+gradient, a sigmoid before a with-logits loss caps every prediction at >= 0.5, raw
+logits into ``nll_loss`` make the loss unbounded below, a ReLU after the last layer pins
+whole classes at 0, and a sigmoid saturated at exactly 0.0/1.0 the wrong way feeds
+``binary_cross_entropy`` a loss of 100 with no gradient at all.
+
+The loss is usually computed after the model's forward returns, outside its modules. So a
+``TorchFunctionMode`` goes on the stack when the model's outermost module returns from a
+training forward pass (gradients on, not traced by torch.compile, not recomputed inside
+backward) of a monitored step. It stops looking when the backward pass starts (which it
+runs with itself off, so nothing of the backward pass goes through it) and comes off the
+stack at ``watcher.step()`` or the next forward pass of the model, whichever is first.
+While a loss module (``nn.CrossEntropyLoss``, ...) runs inside the model's forward, the
+mode is on too. The global module hooks that decide
+this exist only ahead of monitored steps, as the other probes; other steps never see them.
+
+Each loss call whose input needs a gradient (a teacher's output, or a metric under
+``no_grad``, trains nothing and is not judged) gets a few statistics, computed on the
+input's device on a strided sample of at most a few thousand rows and carried in the
+monitored step's single transfer. The module whose output reached the loss is found by
+tensor identity (the innermost module that returned it), and the operation that made it
+from the input's autograd node (softmax, sigmoid, relu, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
+from torch.overrides import (
+    TorchFunctionMode,
+    _get_current_function_mode_stack,
+    _pop_mode,
+    _push_mode,
+)
+
+from .forward_context import grad_enabled, in_backward, is_compiling
+from .guard import Guard
+from .loss_input import CLASS_LOSSES, VALUES, LossInput
+
+_F32 = torch.float32
+_LOSSES: dict[Any, str] = {
+    F.cross_entropy: "cross_entropy",
+    F.nll_loss: "nll_loss",
+    F.binary_cross_entropy: "binary_cross_entropy",
+    F.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits",
+}
+_LOSS_MODULE = nn.modules.loss._Loss
+# The backward pass: run inside the mode's handler, where the mode is off (nothing of the
+# backward pass goes through it), and the losses of the step are complete after it.
+_BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad})
+#: Loss calls measured per monitored step (a model with many heads: the first ones).
+MAX_CALLS = 8
+#: Rows (class losses) / values (binary losses) checked per call: a strided sample beyond.
+#: (A large vocabulary gets fewer rows: at most MAX_VALUES values in all, at least 8 rows.)
+MAX_ROWS = 2048
+MAX_VALUES = 1 << 20
+#: How far a row sum (probabilities) or a row's log-sum-exp (log-probabilities) may be
+#: from 1 / 0: loose enough for bf16 softmax outputs, far tighter than logits ever land.
+TOLERANCE = 0.02
+
+# Autograd nodes that only move or copy values: the operation before them made the tensor.
+_PASSING = frozenset(
+    {
+        "View",
+        "UnsafeView",
+        "ReshapeAlias",
+        "ToCopy",
+        "Clone",
+        "Squeeze",
+        "Unsqueeze",
+        "Permute",
+        "Transpose",
+        "T",
+        "Expand",
+        "Alias",
+        "Slice",
+        "Select",
+        "Contiguous",
+    }
+)
+_OPERATIONS = {
+    "Softmax": "softmax",
+    "LogSoftmax": "log_softmax",
+    "Sigmoid": "sigmoid",
+    "Relu": "relu",
+    "Threshold": "relu",
+    "ClampMin": "clamp",
+    "Clamp": "clamp",
+    "Hardtanh": "hardtanh",
+    "Hardsigmoid": "hardsigmoid",
+    "Softplus": "softplus",
+    "Exp": "exp",
+    "Abs": "abs",
+    "Log": "log",
+}
+
+
+def made_by(tensor: torch.Tensor) -> str:
+    """The operation that made ``tensor`` (through views and copies), from its autograd
+    node: ``"softmax"``, ``"sigmoid"``, ``"relu"``, ... or ``""``.
+
+    >>> x = torch.randn(2, 3, requires_grad=True)
+    >>> made_by(torch.softmax(x, 1).view(3, 2)), made_by(x * 2)
+    ('softmax', '')
+    """
+    node = tensor.grad_fn
+    for _ in range(8):
+        if node is None:
+            return ""
+        name = type(node).__name__.removesuffix("Backward").rstrip("0123456789")
+        name = name.removesuffix("Backward")
+        if name not in _PASSING:
+            return _OPERATIONS.get(name, "")
+        following = node.next_functions
+        node = following[0][0] if following else None
+    return ""
+
+
+def _strided(values: torch.Tensor, limit: int) -> torch.Tensor:
+    """At most ``limit`` entries of the first axis, spread evenly (a view, no copy)."""
+    count = values.shape[0]
+    if count <= limit:
+        return values
+    return values[:: math.ceil(count / limit)]
+
+
+def class_statistics(x: torch.Tensor) -> torch.Tensor:
+    """The :data:`~gradwatch.loss_input.VALUES` of an input to a loss over a class axis
+    (axis 1, or 0 for one unbatched sample), from a strided sample of its rows.
+
+    >>> rows = torch.softmax(torch.randn(6, 4), 1)
+    >>> [round(v, 2) for v in class_statistics(rows).tolist()]
+    [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    """
+    classes = x.shape[0 if x.dim() == 1 else 1]
+    limit = max(8, min(MAX_ROWS, MAX_VALUES // classes))
+    values = x.detach()
+    if values.dim() == 1:
+        rows = values.reshape(1, -1)
+    elif values.dim() == 2:
+        rows = _strided(values, limit)
+    else:  # (N, C, d1, ...): sample positions before the copy that brings classes last
+        positions = values.flatten(2)
+        per_sample = max(1, limit // positions.shape[0])
+        positions = positions[..., :: math.ceil(positions.shape[2] / per_sample)]
+        rows = _strided(positions.transpose(1, 2).reshape(-1, classes), limit)
+    if rows.dtype != torch.float64:
+        rows = rows.to(_F32)
+    non_negative = (rows >= 0).all(-1)
+    sums = rows.sum(-1)
+    probability = non_negative & ((sums - 1).abs() <= TOLERANCE)
+    spread = torch.logsumexp(rows, -1)
+    # <= 0 with exp summing to at most 1: log-probabilities (a masked row, log_softmax plus
+    # -inf on some classes, sums to less)
+    log_probability = (spread <= TOLERANCE) & (rows <= TOLERANCE).all(-1)
+    exact_zero = rows == 0
+    dead = exact_zero.all(0).sum()
+    zero = sums.new_zeros(())
+    return torch.stack(
+        [
+            probability.to(sums.dtype).mean(),
+            log_probability.to(sums.dtype).mean(),
+            zero,
+            zero,
+            zero,
+            non_negative.all().to(sums.dtype),
+            dead.to(sums.dtype),
+            exact_zero.to(sums.dtype).mean(),
+        ]
+    )
+
+
+def binary_statistics(x: torch.Tensor, target: Any) -> torch.Tensor:
+    """The :data:`~gradwatch.loss_input.VALUES` of an input to a binary loss; columns are
+    the last axis (one per label of a multilabel model).
+
+    >>> x = torch.tensor([[0.0, 1.0], [1.0, 0.5]])
+    >>> [round(v, 2) for v in binary_statistics(x, torch.tensor([[0.0, 0.0], [1.0, 1.0]])).tolist()]
+    [0.0, 0.0, 1.0, 0.75, 0.25, 1.0, 0.0, 0.25]
+    """
+    width = x.shape[-1] if x.dim() >= 2 else 1
+    limit = max(1, MAX_VALUES // max(1, width))
+    columns = _strided(x.detach().reshape(-1, width), limit)
+    if columns.dtype != torch.float64:
+        columns = columns.to(_F32)
+    inside = ((columns >= 0) & (columns <= 1)).to(columns.dtype).mean()
+    extreme = (columns == 0) | (columns == 1)
+    wrong = columns.new_zeros(())
+    if isinstance(target, torch.Tensor) and target.shape == x.shape:
+        aims = _strided(target.detach().reshape(-1, width), limit).to(columns.dtype)
+        wrong = (extreme & ((columns - aims).abs() > 0.5)).to(columns.dtype).mean()
+    zero = columns.new_zeros(())
+    exact_zero = columns == 0
+    return torch.stack(
+        [
+            zero,
+            zero,
+            inside,
+            extreme.to(columns.dtype).mean(),
+            wrong,
+            (columns >= 0).all().to(columns.dtype),
+            exact_zero.all(0).sum().to(columns.dtype),
+            exact_zero.to(columns.dtype).mean(),
+        ]
+    )
+
+
+@dataclass
+class LossCall:
+    """One loss call seen during a monitored step (device statistics, not yet read)."""
+
+    function: str
+    producer: str | None
+    last_layer: str | None
+    via: str
+    classes: int
+    rows: int
+    values: torch.Tensor | None  # len(VALUES) numbers on the input's device
+
+
+def pack(calls: list[LossCall], fixed: bool) -> list[torch.Tensor]:
+    """The calls' statistics as pieces of the step's vector (``fixed``: always
+    :data:`MAX_CALLS` calls' worth, so that every rank sends a vector of one length)."""
+    pieces = [call.values.reshape(-1) for call in calls if call.values is not None]
+    for call in calls:  # statistics in flight (deferred on CUDA) hold no device tensors
+        call.values = None
+    if fixed:
+        missing = (MAX_CALLS - len(pieces)) * len(VALUES)
+        if missing:
+            device = pieces[0].device if pieces else None
+            pieces.append(torch.zeros(missing, dtype=torch.float64, device=device))
+    return pieces
+
+
+def packed_length(calls: list[LossCall], fixed: bool) -> int:
+    return len(VALUES) * (MAX_CALLS if fixed else len(calls))
+
+
+def read_back(calls: list[LossCall], values: list[float]) -> list[LossInput]:
+    """Host-side records of the calls (``values``: their statistics, in order)."""
+    width = len(VALUES)
+    out = []
+    for position, call in enumerate(calls):
+        numbers = values[width * position : width * (position + 1)]
+        if len(numbers) < width:
+            break
+        named = dict(zip(VALUES, numbers))
+        out.append(
+            LossInput(
+                function=call.function,
+                producer=call.producer,
+                last_layer=call.last_layer,
+                via=call.via,
+                classes=call.classes,
+                rows=call.rows,
+                probability_rows=named["probability_rows"],
+                log_probability_rows=named["log_probability_rows"],
+                unit_interval=named["unit_interval"],
+                saturated=named["saturated"],
+                wrong_saturated=named["wrong_saturated"],
+                non_negative=named["non_negative"],
+                dead_columns=int(named["dead_columns"]),
+                zeros=named["zeros"],
+            )
+        )
+    return out
+
+
+class _Mode(TorchFunctionMode):
+    """Sees every torch function call while on the stack; hands the losses to the check."""
+
+    def __init__(self, check: LossCheck) -> None:
+        super().__init__()
+        self.check = check
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        try:
+            name = _LOSSES.get(func)
+        except TypeError:  # an unhashable callable
+            return out
+        if name is not None:
+            self.check.observe(name, args, kwargs or {})
+        elif func in _BACKWARD:
+            self.check.backward_done()
+        return out
+
+
+class LossCheck:
+    """Watches the losses computed from one model's output during monitored steps.
+
+    ``record`` returns the probe record that calls are added to (``.loss_calls``).
+    """
+
+    def __init__(self, root: nn.Module, guard: Guard, record: Callable[[], Any]) -> None:
+        self._guard = guard
+        self._record = record
+        #: id(module) -> (module, name, has parameters, is a loss module), for the model's
+        self._modules: dict[int, tuple[nn.Module, str, bool, bool]] = {}
+        compiled = False
+        for name, module in root.named_modules():
+            has_params = next(module.parameters(recurse=False), None) is not None
+            is_loss = isinstance(module, _LOSS_MODULE)
+            self._modules[id(module)] = (module, name, has_params, is_loss)
+            compiled = compiled or hasattr(module, "_orig_mod")
+        # A compiled part would be traced with the hooks in it: stay out (as attention does).
+        self._off = compiled
+        self._mode = _Mode(self)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._depth = 0
+        self._pushed = False
+        self._open = False  # losses seen now belong to the monitored step
+        self._pushed_by: nn.Module | None = None
+        self._last: tuple[weakref.ref, str] | None = None
+        self._last_layer: str | None = None
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> None:
+        """Place the hooks for the next forward pass. Placed again each time, so that they
+        run after the attention capture's (which leaves its mode at the same moment)."""
+        self.disarm()
+        if self._off:
+            return
+        self._handles.append(register_module_forward_pre_hook(self._pre))
+        self._handles.append(register_module_forward_hook(self._post, always_call=True))
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.close_window()
+
+    def close_window(self) -> None:
+        """No later loss belongs to this step: take the mode off the stack, forget the pass."""
+        if not self._pushed and self._last is None and not self._depth:
+            return  # nothing open (every step calls this: keep it to one test)
+        self._depth = 0
+        self._last = None
+        self._last_layer = None
+        self._leave()
+
+    def _leave(self) -> None:
+        self._open = False
+        self._pushed_by = None
+        if self._pushed:
+            stack = _get_current_function_mode_stack()
+            if stack and stack[-1] is self._mode:
+                _pop_mode()
+                self._pushed = False
+            # else: another mode sits above ours; ours stays inert (closed) until it can go
+
+    def backward_done(self) -> None:
+        """The step's losses are all computed: stop looking (the mode comes off the stack
+        at the next chance: ``watcher.step()`` or the next forward pass)."""
+        self._open = False
+
+    def shut_down(self, error: BaseException | None = None) -> None:
+        self._off = True
+        if error is not None:
+            self._guard.fail("loss checks", error)
+        self.disarm()
+
+    # -- the forward pass ------------------------------------------------------------
+
+    # The global hooks run for every module call of the process while armed: one
+    # dictionary lookup decides whether the module is the model's.
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        entry = self._modules.get(id(module))
+        if entry is not None and entry[0] is module:
+            if not self._depth:
+                if in_backward() or is_compiling():
+                    return None  # checkpointing recomputes; torch.compile traces
+                self.close_window()  # a new pass of the model: the last one's losses are done
+            self._depth += 1
+            if not entry[3]:
+                return None
+        elif not isinstance(module, _LOSS_MODULE):
+            return None
+        if not self._open and grad_enabled():
+            # a loss module called while the mode is off (inside the model's forward)
+            self._open_window(module)
+        return None
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._pushed_by is module:
+            self._leave()  # the loss module inside the forward is done
+        entry = self._modules.get(id(module))
+        if entry is None or entry[0] is not module or not self._depth:
+            return None
+        try:
+            self._depth -= 1
+            tensor = output if type(output) is torch.Tensor else _first_tensor(output)
+            if tensor is not None:
+                last = self._last
+                if last is None or last[0]() is not tensor:
+                    self._last = (weakref.ref(tensor), entry[1])
+            if entry[2]:
+                self._last_layer = entry[1]
+            # No tensor: the forward raised (this hook runs anyway, to keep the depth
+            # right) or returned nothing a loss could be computed from.
+            if not self._depth and tensor is not None and grad_enabled():
+                self._open_window(None)
+        except Exception as error:
+            self.shut_down(error)
+        return None
+
+    def _open_window(self, module: nn.Module | None) -> None:
+        self._open = True
+        self._pushed_by = module
+        if self._pushed:
+            return  # still on the stack (under another mode): it serves again
+        try:
+            _push_mode(self._mode)
+        except Exception as error:
+            self.shut_down(error)
+            return
+        self._pushed = True
+
+    # -- the mode --------------------------------------------------------------------
+
+    def observe(self, function: str, args: tuple, kwargs: dict) -> None:
+        if not self._open or self._off or is_compiling():
+            return
+        try:
+            with torch.no_grad():
+                self._observe(function, args, kwargs)
+        except Exception as error:
+            self.shut_down(error)
+
+    def _observe(self, function: str, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("input")
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if (
+            not isinstance(x, torch.Tensor)
+            or not x.requires_grad  # trains nothing: a teacher, a metric
+            or not x.is_floating_point()
+            or x.dim() == 0
+            or x.numel() == 0
+            or x.is_nested
+        ):
+            return
+        record = self._record()
+        if len(record.loss_calls) >= MAX_CALLS:
+            return
+        if function in CLASS_LOSSES:
+            classes = int(x.shape[0 if x.dim() == 1 else 1])
+            if classes < 2:
+                return
+            values = class_statistics(x)
+        else:
+            classes = int(x.shape[-1]) if x.dim() >= 2 else 1
+            values = binary_statistics(x, target)
+        last = self._last
+        producer = last[1] if last is not None and last[0]() is x else None
+        record.loss_calls.append(
+            LossCall(
+                function=function,
+                producer=producer,
+                last_layer=self._last_layer,
+                via=made_by(x),
+                classes=classes,
+                rows=x.numel() // max(1, classes),
+                values=values,
+            )
+        )
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    """The first floating-point tensor of a module output (tuple, list, dict: logits first
+    in the usual model outputs)."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    items: Any
+    if isinstance(output, (tuple, list)):
+        items = output
+    elif isinstance(output, dict):
+        items = output.values()
+    else:
+        return None
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
