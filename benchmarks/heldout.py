@@ -628,6 +628,28 @@ def detach_output_all_zero(h: Harness) -> None:
         h.observe(loss)
 
 
+def rounded_predictions(h: Harness) -> None:
+    """Regression of the digit's value with the prediction rounded before the loss (to
+    score whole digits): torch.round passes back exactly 0, so every gradient is 0."""
+    torch.manual_seed(48)
+    x, y = digits()
+    model = mlp([64, 64, 1])
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    target = y.float().unsqueeze(1)
+    classify(
+        model, opt, h, 90, batches(x, target, 32), loss_fn=lambda o, t: F.mse_loss(o.round(), t)
+    )
+
+
+def optimizer_on_body_only(h: Harness) -> None:
+    """The optimizer is built from model.body.parameters(): the head is never trained."""
+    torch.manual_seed(49)
+    x, y = digits()
+    model = Backbone()
+    opt = torch.optim.Adagrad(model.body.parameters(), lr=0.05)
+    classify(model, opt, h, 90, batches(x, y, 32))
+
+
 # --------------------------------------------------------------------- healthy runs
 
 
@@ -1088,6 +1110,28 @@ def accumulate_k3_zero_in_place(h: Harness) -> None:
         h.observe(loss)
 
 
+def two_optimizers_one_given(h: Harness) -> None:
+    """Embedding-style split: SGD for the first layer, Adam for the rest; the watcher is
+    given the main optimizer only (the user's natural choice)."""
+    torch.manual_seed(50)
+    x, y = digits()
+    model = mlp([64, 64, 64, 10])
+    first = torch.optim.SGD(model[0].parameters(), lr=0.05, momentum=0.9)
+    rest = torch.optim.Adam([p for m in list(model)[1:] for p in m.parameters()], lr=2e-3)
+    watcher = h.watch(model, optimizer=rest)
+    data = batches(x, y, 32)
+    for _ in range(200):
+        xb, yb = next(data)
+        loss = F.cross_entropy(model(xb), yb)
+        first.zero_grad()
+        rest.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss)
+        first.step()
+        rest.step()
+        h.observe(loss)
+
+
 SCENARIOS: list[Scenario] = [
     # --- issue 17: the update, the loop
     Scenario(
@@ -1169,6 +1213,10 @@ SCENARIOS: list[Scenario] = [
     Scenario(
         "detached-logits-zero-grads", detach_output_all_zero, ("zero-gradient", "no-gradient")
     ),
+    Scenario("optimizer-on-body-only", optimizer_on_body_only, ("not-updated",), layers=("head",)),
+    Scenario(
+        "rounded-predictions-zero-grads", rounded_predictions, ("zero-gradient", "no-gradient")
+    ),
     # --- healthy
     Scenario("adam-cnn-batch8", adam_cnn_batch8),
     Scenario("adamw-warmup-cosine0", warmup_cosine_adamw),
@@ -1196,6 +1244,7 @@ SCENARIOS: list[Scenario] = [
     Scenario("adagrad-bn-cnn", adagrad_bn_cnn),
     Scenario("plateau-sgd-tanh", plateau_sgd),
     Scenario("memorised-sgd-long", memorised_sgd),
+    Scenario("two-optimizers-one-given", two_optimizers_one_given),
     Scenario("tied-embedding-lm", tied_embedding_lm),
     Scenario("alternating-task-heads", alternating_heads),
     Scenario("grad-accum-k3-zero-in-place", accumulate_k3_zero_in_place),
