@@ -570,8 +570,8 @@ def exploding_rnn(h: Harness) -> None:
 class CellRNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.cell = nn.RNNCell(2, 40)
-        self.head = nn.Linear(40, 10)
+        self.cell = nn.RNNCell(4, 40)
+        self.head = nn.Linear(40, 2)
         with torch.no_grad():  # spectral radius ~3
             self.cell.weight_hh.normal_(0.0, 3.0 / math.sqrt(40))
 
@@ -583,12 +583,15 @@ class CellRNN(nn.Module):
 
 
 def exploding_rnn_cell(h: Harness) -> None:
-    """An RNNCell unrolled by hand over a digit read as 32 steps of 2 pixels."""
+    """An RNNCell unrolled by hand over 48 time steps, Adagrad (the label is in the first
+    steps: the gradient must travel back through all of them)."""
     torch.manual_seed(17)
-    x, y = digits()
+    gen = torch.Generator().manual_seed(17)
+    seq = torch.randn(2048, 48, 4, generator=gen) * 0.1
+    label = (seq[:, :4, 1].sum(1) > 0).long()
     model = CellRNN()
     opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
-    classify(model, opt, h, 60, batches(x * 0.3, y, 32), shape=lambda v: v.view(-1, 32, 2))
+    classify(model, opt, h, 60, batches(seq, label, 32))
 
 
 def detach_before_head(h: Harness) -> None:
