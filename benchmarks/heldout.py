@@ -5,8 +5,9 @@ scikit-learn's digits or synthetic data, watched with the public API only
 (``gradwatch.watch(model, optimizer=...)``, ``watcher.step(loss=loss)``,
 ``watcher.close()``, ``watcher.findings``). Sick runs carry a bug a user makes; they
 must be found with the right rule, on the right layers, before the damage is done.
-Healthy runs must stay silent with every rule on, at the default ``every_n_steps`` and
-at ``every_n_steps=5``.
+Healthy runs must stay silent with every rule on, at the default ``every_n_steps``, at
+``every_n_steps=5`` and without ``optimizer=`` (the README's first form, ``watch(model)``;
+shown as ``15/-o``).
 
 Rules are matched by slug (codes may be renumbered when branches meet)::
 
@@ -206,8 +207,9 @@ class Run:
 class Harness:
     """Builds watchers with the run's options and records findings at the loop's step."""
 
-    def __init__(self, every: int | None) -> None:
+    def __init__(self, every: int | None, without_optimizer: bool = False) -> None:
         self.every = every
+        self.without_optimizer = without_optimizer  # the README's first form: watch(model)
         self.watchers: list[Any] = []
         self.seen: dict[int, int] = {}
         self.run = Run()
@@ -216,6 +218,8 @@ class Harness:
     def watch(self, model: nn.Module, **options: Any) -> Any:
         if self.every is not None:
             options.setdefault("every_n_steps", self.every)
+        if self.without_optimizer:
+            options.pop("optimizer", None)
         watcher = gradwatch.watch(model, **options)
         self.watchers.append(watcher)
         self.seen[id(watcher)] = 0
@@ -1261,8 +1265,8 @@ def _names_match(layer: str, wanted: tuple[str, ...]) -> bool:
     return any(layer == w or layer.startswith(w + ".") or layer.startswith(w + " ") for w in wanted)
 
 
-def execute(scenario: Scenario, every: int | None) -> tuple[Run, float]:
-    h = Harness(every)
+def execute(scenario: Scenario, every: int | None, bare: bool = False) -> tuple[Run, float]:
+    h = Harness(every, without_optimizer=bare)
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     log = logging.getLogger("gradwatch")
@@ -1337,7 +1341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kind", choices=["sick", "healthy"], help="only sick or only healthy runs"
     )
-    parser.add_argument("--no-every5", action="store_true", help="healthy runs at the default only")
+    parser.add_argument(
+        "--quick", action="store_true", help="healthy runs once (default options, optimizer given)"
+    )
     args = parser.parse_args(argv)
 
     chosen = [s for s in SCENARIOS if args.only is None or args.only in s.name]
@@ -1352,13 +1358,16 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for scenario in chosen:
-        variants: list[int | None] = [None] if scenario.sick or args.no_every5 else [None, 5]
-        for every in variants:
-            run, secs = execute(scenario, every)
+        # Healthy runs: the defaults, every 5th step, and watch(model) without the optimizer.
+        variants: list[tuple[int | None, bool]] = [(None, False)]
+        if not scenario.sick and not args.quick:
+            variants += [(5, False), (None, True)]
+        for every, bare in variants:
+            run, secs = execute(scenario, every, bare)
             result = verdict(scenario, run)
             expected = "/".join(scenario.expect) or "silent"
             damage = "" if run.damage_step is None else str(run.damage_step)
-            every_text = "15" if every is None else str(every)
+            every_text = ("15" if every is None else str(every)) + ("/-o" if bare else "")
             print(
                 f"{scenario.name:30} {every_text:>5} {expected[:34]:34} {result:20} {damage:>6} "
                 f"{secs:5.1f}  "
@@ -1369,6 +1378,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "scenario": scenario.name,
                     "every_n_steps": every or 15,
+                    "optimizer_given": not bare,
                     "expected": list(scenario.expect),
                     "layers": list(scenario.layers),
                     "verdict": result,
