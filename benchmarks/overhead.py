@@ -16,9 +16,9 @@ Configurations:
                     run.log({"loss": ...}) call that commits it each step
   lightning         lightning.pytorch.utilities.grad_norm(model, norm_type=2) each step
 
-Models: a 25-layer ReLU MLP, a residual CNN, a 4-layer transformer encoder, and a
-GPT-2-small-shaped language model (12 blocks, built from a transformers config; needs
-``pip install 'gradwatch[transformers]'``).
+Models: a 25-layer ReLU MLP (batch 128, and batch 64: a cheap step), a residual CNN, a
+4-layer transformer encoder, and a GPT-2-small-shaped language model (12 blocks, built
+from a transformers config; needs ``pip install 'gradwatch[transformers]'``).
 
 In one process, two copies of the same bare model can differ by ~2% (memory layout), so
 the run is repeated in fresh processes (--processes, default 3) and the median ratio is
@@ -56,7 +56,9 @@ clock = time.thread_time
 # -- models ---------------------------------------------------------------------------
 
 
-def mlp_case() -> tuple[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+def mlp_case(
+    batch: int = 128,
+) -> tuple[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
     """24 x (Linear(256) + ReLU) and a classifier, He (kaiming) init; batch 128."""
     layers: list[nn.Module] = []
     for _ in range(24):
@@ -67,8 +69,14 @@ def mlp_case() -> tuple[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor
         nn.init.zeros_(linear.bias)
         layers += [linear, nn.ReLU()]
     model = nn.Sequential(*layers, nn.Linear(256, 10))
-    x, y = torch.randn(128, 256), torch.randint(0, 10, (128,))
+    x, y = torch.randn(batch, 256), torch.randint(0, 10, (batch,))
     return model, lambda: (x, y)
+
+
+def cheap_mlp_case() -> tuple[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+    """The same MLP on batches of 64: a step of a few milliseconds, where what gradwatch
+    does on the host weighs the most."""
+    return mlp_case(batch=64)
 
 
 class _Block(nn.Module):
@@ -157,6 +165,7 @@ def gpt2_case():
 
 CASES = {
     "mlp": mlp_case,
+    "mlp64": cheap_mlp_case,
     "cnn": cnn_case,
     "transformer": transformer_case,
     "gpt2": gpt2_case,
@@ -253,6 +262,7 @@ DASH = "\u2013"
 #: Column titles of the README table, by model.
 MODEL_TITLES = {
     "mlp": "MLP 24 x (Linear(256) + ReLU)",
+    "mlp64": "the same MLP, batch 64",
     "cnn": "residual CNN with BatchNorm",
     "transformer": "4-layer transformer encoder",
     "gpt2": "GPT-2-shaped LM, 12 blocks",
@@ -337,7 +347,7 @@ def write_readme(results: dict, readme: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="mlp,cnn,transformer,gpt2")
+    parser.add_argument("--models", default="mlp,mlp64,cnn,transformer,gpt2")
     parser.add_argument(
         "--configs", default="bare,gradwatch,gradwatch+loss,gradwatch/1,wandb.watch,lightning"
     )

@@ -257,6 +257,8 @@ def row_statistics(
     >>> sums, largest = row_statistics(z, torch.zeros(3, dtype=torch.long), 1)
     >>> [round(v, 3) for v in sums[0].tolist()], largest.tolist()
     ([2.0, 1.0, 0.0, 3.0, 1.0], [30.0])
+    >>> row_statistics(torch.full((1, 2), -math.inf), torch.zeros(1, dtype=torch.long), 1)[1]
+    tensor([-inf])
     """
     valid = logits > MASK_LEVEL  # NaN logits count as masked
     keys = valid.sum(-1, dtype=_F32)
@@ -268,8 +270,10 @@ def row_statistics(
     entropy = entropy.where(judged, 0.0).nan_to_num(0.0).unsqueeze(1)
     per_row = torch.cat([flags, entropy], 1)
     sums = per_row.new_zeros(calls, BASE_VALUES).index_add_(0, owners, per_row)
-    largest = logits.abs().where(valid, 0.0).amax(-1)
-    maxima = largest.new_zeros(calls).scatter_reduce_(0, owners, largest, "amax")
+    # -inf, not 0, where nothing was seen (a call with no sampled row, a row with every
+    # key masked): read back as "not measured" instead of a largest logit of 0.
+    largest = logits.abs().where(valid, -math.inf).amax(-1)
+    maxima = largest.new_full((calls,), -math.inf).scatter_reduce_(0, owners, largest, "amax")
     return sums, maxima
 
 
@@ -324,7 +328,10 @@ def read_back(
         stats.calls += 1
         stats.keys = max(stats.keys, call.keys)
         stats.rows += call.rows
-        stats.max_logit = largest if stats.max_logit is None else _max(stats.max_logit, largest)
+        if largest != -math.inf:  # -inf: this call had no unmasked logit to measure
+            stats.max_logit = (
+                largest if stats.max_logit is None else _max(stats.max_logit, largest)
+            )
         if call.scale is not None and stats.scale is None:
             stats.scale, stats.head_dim = call.scale, call.head_dim
         elif stats.head_dim is None:

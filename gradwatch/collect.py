@@ -215,29 +215,83 @@ def _row_norms(grad: torch.Tensor) -> torch.Tensor:
 _SMALL = 1 << 14
 
 
-def _row_norms_of(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+#: (positions of the small 1-D tensors, their sizes, positions of the others)
+_SmallSplit = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def small_split(grads: list[torch.Tensor]) -> _SmallSplit | None:
+    """Which tensors :meth:`Collector._squared_norms` sums over one concatenation (small
+    1-D tensors of the first one's dtype); None when fewer than 8 are."""
+    small = tuple(
+        k
+        for k, g in enumerate(grads)
+        if g.dim() == 1 and 0 < g.numel() <= _SMALL and g.dtype == grads[0].dtype
+    )
+    if len(small) < 8:
+        return None
+    chosen = set(small)
+    rest = tuple(k for k in range(len(grads)) if k not in chosen)
+    return small, tuple(grads[k].numel() for k in small), rest
+
+
+def _row_runs(grads: list[torch.Tensor]) -> list[tuple[int, int, bool]]:
+    """Runs of weight gradients whose row norms are read in one operation: small
+    matrices with the same row length and dtype, concatenated. (start, stop, all 2-D)."""
+    runs: list[tuple[int, int, bool]] = []
+    start = None
+    for k, grad in enumerate(grads):
+        if grad.numel() > _SMALL or grad.dim() < 2:
+            if start is not None:
+                runs.append((start, k, False))
+                start = None
+            runs.append((k, k + 1, False))
+            continue
+        if start is not None and (
+            grads[start].dtype != grad.dtype or grads[start].shape[1:] != grad.shape[1:]
+        ):
+            runs.append((start, k, False))
+            start = None
+        if start is None:
+            start = k
+    if start is not None:
+        runs.append((start, len(grads), False))
+    # Same-width matrices concatenate along rows as they are, without a flatten each.
+    return [
+        (a, b, b - a > 1 and all(g.dim() == 2 for g in grads[a:b])) for a, b, _ in runs
+    ]
+
+
+def _row_norms_of(
+    grads: list[torch.Tensor], runs: list[tuple[int, int, bool]] | None = None
+) -> list[torch.Tensor]:
     """Row norms of each weight gradient, in order. Runs of small matrices with the same
     row length and dtype are concatenated and read in one operation."""
     out: list[torch.Tensor] = []
-    run: list[torch.Tensor] = []
-
-    def close_run() -> None:
-        if len(run) > 1:
-            out.append(_norm(torch.cat([g.flatten(1) for g in run]), dim=1))
-        elif run:
-            out.append(_row_norms(run[0]))
-        run.clear()
-
-    for grad in grads:
-        if grad.numel() > _SMALL or grad.dim() < 2:
-            close_run()
-            out.append(_row_norms(grad))
-            continue
-        if run and (run[0].dtype != grad.dtype or run[0].shape[1:] != grad.shape[1:]):
-            close_run()
-        run.append(grad)
-    close_run()
+    for start, stop, plain in runs if runs is not None else _row_runs(grads):
+        if stop - start == 1:
+            out.append(_row_norms(grads[start]))
+        elif plain:
+            out.append(_norm(torch.cat(grads[start:stop]), dim=1))
+        else:
+            out.append(_norm(torch.cat([g.flatten(1) for g in grads[start:stop]]), dim=1))
     return out
+
+
+def _set_flags(parts: list[torch.Tensor], device: torch.device, world: int) -> torch.Tensor:
+    """The masks as one vector whose entries > 0 are the set bits. Each part is compared
+    on its own (no conversion of each to a common dtype); across ranks the flags are
+    summed, so there they travel as numbers."""
+    if not parts:
+        return torch.zeros(0, device=device)
+    groups: list[list[torch.Tensor]] = []
+    for part in parts:  # consecutive parts of one dtype and device: one comparison
+        if groups and (groups[-1][0].dtype, groups[-1][0].device) == (part.dtype, part.device):
+            groups[-1].append(part)
+        else:
+            groups.append([part])
+    flags = [(torch.cat(g) if len(g) > 1 else g[0]) > 0 for g in groups]
+    flags = torch.cat([f if f.device == device else f.to(device) for f in flags])
+    return flags.to(_F64) if world > 1 else flags
 
 
 #: Zero shares of larger gradients are estimated from this many evenly strided entries
@@ -287,6 +341,57 @@ def _vector(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return _cat(parts, device).to(_F64)
 
 
+@dataclass
+class _SlotPlan:
+    """How to read the gradients of a step whose parameters with a gradient, and the types
+    of those gradients, are those of the step it was built for."""
+
+    types: list[type]  # type of each watched parameter's .grad (NoneType where absent)
+    shapes: list[torch.Size]  # of each slot's gradient
+    order: list[int]  # table position of each slot's parameter
+    slots: list[Slot]
+    missing: dict[int, list[str]]
+    rows: tuple[int, ...]  # rows of each unit-row slot (they come first)
+    runs: list[tuple[int, int, bool]]  # row-norm runs: (start, stop, concatenate as 2-D)
+    aliases: list[tuple[int, int]]
+    reusable: bool
+    split: _SmallSplit | None  # how the other slots' norms are batched
+
+    @property
+    def row_slots(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def build(
+        cls,
+        slots: list[Slot],
+        missing: dict[int, list[str]],
+        grads: list[torch.Tensor],
+        params: list[torch.Tensor],
+        types: list[type],
+        aliases: list[tuple[int, torch.Tensor]],
+    ) -> _SlotPlan:
+        position = {id(p): k for k, p in enumerate(params)}
+        rows = tuple(s.rows for s in slots if s.rows)
+        reusable = all(
+            type(g) is torch.Tensor and g.layout is _STRIDED and not s.sharded
+            for s, g in zip(slots, grads)
+        )
+        at = {id(slot.param): k for k, slot in enumerate(slots)}
+        return cls(
+            types=types,
+            shapes=[g.shape for g in grads],
+            order=[position[id(s.param)] for s in slots],
+            slots=slots,
+            missing=missing,
+            rows=rows,
+            runs=_row_runs(grads[: len(rows)]),
+            aliases=[(index, at[id(p)]) for index, p in aliases if id(p) in at],
+            reusable=reusable,
+            split=small_split(grads[len(rows) :]) if len(rows) < len(grads) else None,
+        )
+
+
 class Collector:
     """Computes the statistics of a monitored step on the gradients' device."""
 
@@ -295,6 +400,8 @@ class Collector:
         self.table, self.aliases = param_tables([layer for layer in layers if layer.params])
         self.reducer = reducer
         self._segment_cache: dict[tuple, torch.Tensor] = {}
+        self._params = [param for _, _, param, _, _ in self.table]
+        self._plan: _SlotPlan | None = None
 
     def measure(
         self,
@@ -308,33 +415,34 @@ class Collector:
 
         ``extras`` are scalars that travel along unchanged (the loss scale of a
         GradScaler: equal on every rank, so they are combined with the maxima)."""
-        slots, missing = gather_slots(self.table)
-        if not slots:
+        found = self._gradients()
+        if found is None:
             return None
-        home = slots[0].grad.device
+        plan, grads = found
+        slots, missing = plan.slots, plan.missing
+        home = grads[0].device
         world = self.reducer.world_size
         sums: list[torch.Tensor] = []  # 1-D pieces, summed across ranks
         masks: list[torch.Tensor] = []  # > 0 means "set"; summed across ranks
 
-        row_slots = [s for s in slots if s.rows]
-        other = [s for s in slots if not s.rows]
-        if row_slots:
-            row_norms = _cat(_row_norms_of([s.grad for s in row_slots]), home).to(_F64)
+        n_rows = plan.row_slots
+        if n_rows:
+            row_norms = _cat(_row_norms_of(grads[:n_rows], plan.runs), home).to(_F64)
             energy = row_norms * row_norms  # squared in float64: tiny norms do not underflow
-            segments = self._segments(tuple(s.rows for s in row_slots), home)
-            per_tensor = torch.zeros(len(row_slots), dtype=energy.dtype, device=home)
+            segments = self._segments(plan.rows, home)
+            per_tensor = torch.zeros(n_rows, dtype=energy.dtype, device=home)
             sums.append(per_tensor.index_add_(0, segments, energy))
             masks.append(energy)
-        if other:
-            sums.append(self._squared_norms([s.grad for s in other], home))
+        if n_rows < len(grads):
+            sums.append(self._squared_norms(grads[n_rows:], home, plan.split))
 
         maxima = None
-        with_values = [s for s in slots if s.has_values] if detail else []
+        with_values = [g for s, g in zip(slots, grads) if s.has_values] if detail else []
         if detail:
-            sums.append(_stack([_nonzero_count(s.grad) for s in slots], home))
+            sums.append(_stack([_nonzero_count(g) for g in grads], home))
             sums.append(_param_sumsq(slots, home))
             if with_values:
-                maxima = _stack([s.grad.abs().amax().to(_F64) for s in with_values], home)
+                maxima = _stack([g.abs().amax().to(_F64) for g in with_values], home)
 
         n_scaled = len(slots) * (3 if detail else 1)
         if record.out_norms:
@@ -376,7 +484,7 @@ class Collector:
             summed = summed * torch.tensor(scale, dtype=_F64).to(home, non_blocking=True)
         # built on the host and sent without blocking: a plain copy to the GPU would wait
         count_vec = torch.tensor(counts, dtype=_F64).to(home, non_blocking=True)
-        mask_vec = _cat(masks, home) if masks else torch.zeros(0, device=home)
+        mask_vec = _set_flags(masks, home, world)
         max_parts = [maxima.to(_F64)] if maxima is not None else []
         max_parts += [e.detach().reshape(1).to(device=home, dtype=_F64) for e in extras or []]
         max_parts += [m.to(device=home, dtype=_F64) for m in attention_max]
@@ -388,12 +496,11 @@ class Collector:
             summed, count_vec, mask_vec, max_vec
         )
         packed = torch.cat([summed, count_vec, max_vec, pack_bits(mask_vec > 0).to(_F64)])
-        for slot in slots:
-            slot.grad = None
+        del grads  # a vector still in flight (deferred) must not keep gradients alive
         layout = Layout(
             step=step,
             slots=slots,
-            missing=missing,
+            missing=dict(missing),
             detail=detail,
             out_entries=[i for i, _, _ in record.out_norms],
             grad_entries=[i for i, _, _ in record.grad_norms],
@@ -406,35 +513,76 @@ class Collector:
             n_max=len(with_values) if maxima is not None else 0,
             n_extra=len(extras or []),
             layers=self.layers,
-            aliases=self._alias_slots(slots),
+            aliases=plan.aliases,
             attention=attention,
             loss_calls=loss_calls,
             loss_fixed=loss_fixed,
         )
         return packed, layout
 
-    def _squared_norms(self, grads: list[torch.Tensor], home: torch.device) -> torch.Tensor:
+    def _gradients(self) -> tuple[_SlotPlan, list[torch.Tensor]] | None:
+        """This step's gradients in slot order, with the plan that reads them.
+
+        The plan (slot objects, their order, the runs of row norms) depends only on which
+        parameters have a gradient and of what type, so it is built once and reused while
+        those stay the same: a step costs a pass over ``.grad`` and no per-slot objects."""
+        grads = [p.grad for p in self._params]
+        types = list(map(type, grads))
+        plan = self._plan
+        if plan is not None and types == plan.types:
+            ordered = [grads[k] for k in plan.order]
+            layouts = [g.layout for g in ordered]
+            # shapes too: ``param.data = ...`` can resize a parameter without a trace
+            if layouts.count(_STRIDED) == len(ordered) and plan.shapes == [
+                g.shape for g in ordered
+            ]:
+                return plan, ordered
+        slots, missing = gather_slots(self.table)
+        if not slots:
+            self._plan = None
+            return None
+        ordered = [s.grad for s in slots]  # type: ignore[misc]
+        for slot in slots:
+            slot.grad = None  # the plan outlives this step: it holds no gradient
+        plan = _SlotPlan.build(slots, missing, ordered, self._params, types, self.aliases)
+        # Only plain, strided gradients (the usual case) are read through a kept plan;
+        # sparse and DTensor ones are gathered afresh at every step.
+        self._plan = plan if plan.reusable else None
+        return plan, ordered
+
+    def _squared_norms(
+        self,
+        grads: list[torch.Tensor],
+        home: torch.device,
+        split: _SmallSplit | bool | None = False,
+    ) -> torch.Tensor:
         """Squared norm of each tensor, float64. Small 1-D tensors of one dtype (biases,
         norm scales: hundreds in a deep model) are summed in one pass over their
-        concatenation: one operation instead of one per tensor."""
-        small = [
-            k
-            for k, g in enumerate(grads)
-            if g.dim() == 1 and 0 < g.numel() <= _SMALL and g.dtype == grads[0].dtype
-        ]
-        if len(small) < 8:
+        concatenation: one operation instead of one per tensor. ``split`` is
+        :func:`small_split` of ``grads`` when the caller keeps it from step to step."""
+        if split is False:
+            split = small_split(grads)
+        if split is None:
             return _stack(_norms(grads), home).to(_F64).square()
+        small, sizes, rest = split
         out = torch.zeros(len(grads), dtype=_F64, device=home)
         values = torch.cat([grads[k] for k in small]).to(_F64)
-        segments = self._segments(tuple(grads[k].numel() for k in small), home)
-        index = self._index(tuple(small), home)
-        out.index_add_(0, index[segments], values * values)
-        chosen = set(small)
-        rest = [k for k in range(len(grads)) if k not in chosen]
+        out.index_add_(0, self._owner_index(small, sizes, home), values * values)
         if rest:
             norms = _stack(_norms([grads[k] for k in rest]), home).to(_F64)
-            out.index_copy_(0, self._index(tuple(rest), home), norms * norms)
+            out.index_copy_(0, self._index(rest, home), norms * norms)
         return out
+
+    def _owner_index(
+        self, small: tuple[int, ...], sizes: tuple[int, ...], device: torch.device
+    ) -> torch.Tensor:
+        """For each value of the concatenated small tensors, the position of its tensor."""
+        key = ("owner", small, sizes, str(device))
+        cached = self._segment_cache.get(key)
+        if cached is None:
+            cached = self._index(small, device)[self._segments(sizes, device)]
+            self._segment_cache[key] = cached
+        return cached
 
     def _index(self, positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
         key = ("index", positions, str(device))
@@ -504,6 +652,15 @@ def _per_module(
         before = total.get(index, (0.0, 0.0))
         total[index] = (before[0] + sq, before[1] + count)
     return total
+
+
+_NEVER_RAN = math.inf  # sorts after every measured depth (positions are finite)
+
+
+def _by_depth(layers: list[LayerInfo], depth: dict[int, float]) -> list[LayerInfo]:
+    """``layers`` in forward order, modules that never ran last in registration order (as
+    :meth:`StepStats.by_depth` orders them; a stable sort keeps equal keys in order)."""
+    return sorted(layers, key=lambda info: depth.get(info.index, _NEVER_RAN))
 
 
 def read(
@@ -577,44 +734,67 @@ def read(
         return mask
 
     by_index = {layer.index: layer for layer in layers}
-    # every watched module appears, measured this step or not
-    stats = {
-        info.index: LayerStats(
-            name=info.name, kind=info.kind, depth=depth.get(info.index), fan_in=info.fan_in
-        )
-        for info in layers
-    }
+    # every watched module appears, measured this step or not, in forward order
+    stats: dict[int, LayerStats] = {}
+    named: dict[str, LayerStats] = {}
+    for info in _by_depth(layers, depth):
+        # name, kind and depth by position: keywords cost more than the rest of the step
+        ls = LayerStats(info.name, info.kind, depth.get(info.index))
+        if info.fan_in is not None:
+            ls.fan_in = info.fan_in
+        stats[info.index] = named[info.name] = ls
 
     acc: dict[int, list[float]] = {}  # sumsq, numel, nonzero, param sumsq, max, nonfinite
-    per_slot: list[list[float]] = []
-    max_pos = 0
     detailed = nonzero is not None and param_sumsq is not None
     checked = nonfinite_counts is not None and checked_param_sumsq is not None
-    for k, slot in enumerate(slots):
-        a = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
-        if detailed:
-            a[2] = nonzero[k]  # type: ignore[index]
-            a[3] = param_sumsq[k]  # type: ignore[index]
-            if slot.has_values:
-                a[4] = maxes[max_pos]
-                max_pos += 1
-        if checked:
-            a[5] = nonfinite_counts[k]  # type: ignore[index]
-            a[3] += checked_param_sumsq[k]  # type: ignore[index]
-        per_slot.append(a)
-        mine = acc.get(slot.layer)
-        if mine is None:
-            acc[slot.layer] = list(a)
-        else:
-            _add(mine, a)
-        if slot.rows:
-            ls = stats[slot.layer]
-            ls.units = slot.rows
-            ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
-    total_sumsq = sum(a[0] for a in per_slot)
-    total_psq = sum(a[3] for a in per_slot)
+    if not detailed and not checked:
+        # The usual step: gradient norms only (same sums, in the same order, as below).
+        for k, slot in enumerate(slots):
+            mine = acc.get(slot.layer)
+            if mine is None:
+                acc[slot.layer] = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
+            else:
+                mine[0] += sumsq[k]
+                mine[1] += slot.numel
+            if slot.rows:
+                ls = stats[slot.layer]
+                ls.units = size = slot.rows
+                ls.zero_grad_units = UnitMask(take_mask(size) ^ ((1 << size) - 1), size)
+        per_slot = [
+            [sumsq[k], float(slots[k].numel), 0.0, 0.0, 0.0, 0.0] for _, k in layout.aliases
+        ]
+        aliases = [(index, j) for j, (index, _) in enumerate(layout.aliases)]
+        total_sumsq = sum(sumsq)
+        total_psq = 0.0
+    else:
+        per_slot = []
+        max_pos = 0
+        for k, slot in enumerate(slots):
+            a = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
+            if detailed:
+                a[2] = nonzero[k]  # type: ignore[index]
+                a[3] = param_sumsq[k]  # type: ignore[index]
+                if slot.has_values:
+                    a[4] = maxes[max_pos]
+                    max_pos += 1
+            if checked:
+                a[5] = nonfinite_counts[k]  # type: ignore[index]
+                a[3] += checked_param_sumsq[k]  # type: ignore[index]
+            per_slot.append(a)
+            mine = acc.get(slot.layer)
+            if mine is None:
+                acc[slot.layer] = list(a)
+            else:
+                _add(mine, a)
+            if slot.rows:
+                ls = stats[slot.layer]
+                ls.units = slot.rows
+                ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
+        total_sumsq = sum(a[0] for a in per_slot)
+        total_psq = sum(a[3] for a in per_slot)
+        aliases = layout.aliases
     # A tied parameter shows in every module that owns it, counted once in the totals.
-    for index, k in layout.aliases:
+    for index, k in aliases:
         if index in stats:
             mine = acc.get(index)
             if mine is None:
@@ -666,9 +846,6 @@ def read(
     for index, units in layout.positive_units:
         stats[index].positive_units = UnitMask(take_mask(units), units)
 
-    ordered = sorted(
-        stats.values(), key=lambda s: (s.depth is None, s.depth if s.depth is not None else 0.0)
-    )
     missing_names = tuple(
         f"{by_index[i].name}.{p}" if by_index[i].name else p
         for i, names in layout.missing.items()
@@ -680,7 +857,7 @@ def read(
         global_psq = previous.global_param_norm if previous is not None else None
     return StepStats(
         step=layout.step,
-        layers={s.name: s for s in ordered},
+        layers=named,
         global_grad_norm=_sqrt(total_sumsq),
         global_param_norm=global_psq,
         missing=missing_names,

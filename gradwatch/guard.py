@@ -8,9 +8,13 @@ traceback, and that part is switched off; training goes on.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from .logsink import log_off_terminal
 
 logger = logging.getLogger("gradwatch")
 # A library must not print through logging unless the application asks for it; the
@@ -24,11 +28,30 @@ class GradwatchWarning(UserWarning):
     """Raised as a warning (never as an error) when part of gradwatch disables itself."""
 
 
-def warn_user(text: str, *, stacklevel: int = 3) -> None:
+def warn_user(text: str, *, stacklevel: int | None = 3) -> None:
     """Say something the person training should see once: a warning on the "gradwatch"
-    logger and a :class:`GradwatchWarning` (shown by default, once per place)."""
-    logger.warning(text)
+    logger and a :class:`GradwatchWarning` (shown by default, once per place).
+    ``stacklevel=None`` points the warning at the first caller outside gradwatch. The
+    warning shows in the terminal, so the log record skips terminal handlers (one line
+    under ``logging.basicConfig``, and the record still reaches log files)."""
+    log_off_terminal(logger, logging.WARNING, text)
+    if stacklevel is None:
+        stacklevel = _caller_level()
     warnings.warn(text, GradwatchWarning, stacklevel=stacklevel)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the nearest frame outside the gradwatch package, as seen from
+    :func:`warn_user`'s call to ``warnings.warn``."""
+    frame = sys._getframe(2)  # warn_user's caller
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def short_error(error: BaseException, limit: int = 200) -> str:
@@ -76,7 +99,7 @@ class Guard:
         reason = short_error(error)
         self._disabled[part] = reason
         text = f"gradwatch: {part} failed and is now disabled; training continues. ({reason})"
-        logger.error(text)
+        log_off_terminal(logger, logging.ERROR, text)  # the warning below shows it there
         logger.debug("gradwatch: %s failed", part, exc_info=error)
         warnings.warn(text, GradwatchWarning, stacklevel=3)
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# The kinds are torch-free strings (gradwatch.kinds); re-exported here, where they began.
 from .kinds import (  # noqa: F401
     ACTIVATION,
     ATTENTION,
@@ -25,6 +24,9 @@ from .kinds import (  # noqa: F401
     TANH,
     UNIT_ROW_KINDS,
 )
+
+# The kinds are torch-free strings (gradwatch.kinds); re-exported here, where they began.
+from .wording import with_class
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -79,8 +81,9 @@ def module_kind(module: nn.Module) -> str:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip wrappers that only add a name prefix: DDP/DataParallel (``module.``) and
-    ``torch.compile`` (``_orig_mod.``)."""
+    """Strip wrappers that only add a name prefix: DDP/DataParallel (``module.``),
+    ``torch.compile`` (``_orig_mod.``) and Lightning Fabric's ``fabric.setup()`` wrapper
+    (``_forward_module.``; recognised by its attributes, without importing Lightning)."""
     seen = 0
     while seen < 8:
         seen += 1
@@ -88,9 +91,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
+        elif (fabric := _fabric_inner(model)) is not None:
+            model = fabric
         else:
             break
     return model
+
+
+def _fabric_inner(model: nn.Module) -> nn.Module | None:
+    """The module inside Lightning Fabric's ``_FabricModule``: the user's own module when
+    Fabric kept it, else the one its strategy wrapped (DDP, unwrapped next)."""
+    if type(model).__name__ != "_FabricModule":
+        return None
+    for name in ("_original_module", "_forward_module"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            return inner
+    return None
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -130,7 +147,8 @@ class LayerInfo:
 
     @property
     def display_name(self) -> str:
-        return self.name or "<root>"
+        """The name as shown to the user: ``<root>``, or ``0 (Linear)`` for a bare index."""
+        return with_class(self.name, type(self.module).__name__)
 
 
 def discover(
@@ -156,13 +174,14 @@ def discover(
         kind = module_kind(module)
         params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         is_leaf = next(iter(module.children()), None) is None
-        if params:
-            probe = True
-        elif kind in (RELU, SIGMOID, TANH):
-            probe = not any(_is_inside(name, frozen) for frozen in frozen_subtrees)
-        else:
+        if not params and (
+            kind not in (RELU, SIGMOID, TANH)
+            # a frozen sub-network (a teacher, a frozen backbone): nothing is trained
+            # there, so its activations are neither measured nor listed
+            or any(_is_inside(name, frozen) for frozen in frozen_subtrees)
+        ):
             continue
-        layers.append(LayerInfo(len(layers), name, module, kind, params, is_leaf, probe))
+        layers.append(LayerInfo(len(layers), name, module, kind, params, is_leaf, True))
     return layers
 
 

@@ -181,6 +181,9 @@ class Probes:
             for layer in self._layers
             if not layer.is_leaf
         }
+        self._root = root
+        #: a forward pass of the root module has started and not finished
+        self._in_forward = False
         # id(module) -> (module, hook), for the modules hooked in the current arming
         self._post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
         self._pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
@@ -226,7 +229,11 @@ class Probes:
             elif layer.index in self._core_hooks and layer.index not in self.skip_core:
                 post[id(module)] = (module, self._core_hooks[layer.index])
         self._post, self._pre = post, pre
-        if pre:
+        self._in_forward = False
+        # The global hooks also see the root start and end: that tells a forward pass an
+        # exception aborted (the out-of-memory pattern: catch, skip the batch, go on) from
+        # a finished one. (Global hooks, so the model's own hook tables stay untouched.)
+        if pre or (post and self._root is not None):
             self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
         if post:
             self._handles.append(register_module_forward_hook(self._dispatch_post))
@@ -285,13 +292,28 @@ class Probes:
         entry = self._post.get(id(module))
         if entry is not None and entry[0] is module:
             entry[1](module, args, output)
+        if module is self._root:
+            self._in_forward = False
         return None
 
     def _dispatch_pre(self, module: nn.Module, args: Any) -> None:
+        if module is self._root:
+            self._root_starts()
         entry = self._pre.get(id(module))
         if entry is not None and entry[0] is module:
             entry[1](module, args)
         return None
+
+    def _root_starts(self) -> None:
+        if self._off or is_compiling() or in_backward() or not grad_enabled():
+            return
+        if self._in_forward:
+            # The last forward pass never returned: what it left (modules counted, output
+            # norms of a batch that was dropped) must not mix with this batch's. The
+            # forward order stays: it is the model's own.
+            self.record = ProbeRecord(detail=self._detail, order=self.record.order)
+            self._producer = None
+        self._in_forward = True
 
     def _make_order_hook(self, index: int) -> Callable[..., None]:
         def order_hook(module: nn.Module, args: Any) -> None:

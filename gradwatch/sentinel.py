@@ -30,6 +30,7 @@ import torch
 from .transfer import HostTransfer
 
 _F32 = torch.float32
+_STRIDED = torch.strided
 #: Gradient values the sample may hold (about 0.3 MB in float32).
 _BUDGET = 65_536
 #: Tensors in the sample (one fused norm over them).
@@ -111,6 +112,9 @@ class Sentinel:
         self.params = sample_parameters(params)
         self._flat = all(p.dim() == 1 for p in self.params)  # no reshaping needed
         self._one_dtype = len({p.dtype for p in self.params}) <= 1
+        self._sample_size = sum(p.numel() for p in self.params)
+        self._buffer: torch.Tensor | None = None  # made at the first step, where grads are
+        self._norm_out: torch.Tensor | None = None  # the norm, written in place
         self.window = window
         self.surge = surge
         self.min_history = min_history
@@ -128,29 +132,45 @@ class Sentinel:
     ) -> list[Trip]:
         """Read this step's sample; return the trips among the steps judged now (this
         one on the CPU, the previous one on CUDA)."""
-        grads = [p.grad for p in self.params]
-        grads = [g for g in grads if g is not None and g.layout is torch.strided]
-        if not self._flat:
-            grads = [g.reshape(-1) for g in grads]
-        if not grads:
-            norm = None
-        elif len(grads) == 1:
-            norm = _norm(grads[0])
-        else:  # one concatenation and one norm: cheaper than a norm per tensor
-            norm = _norm(torch.cat(grads) if self._one_dtype else _cat32(grads))
+        grads = [g for p in self.params if (g := p.grad) is not None and g.layout is _STRIDED]
+        norm = self._sample_norm(grads) if grads else None
         if norm is not None and norm.is_cuda:
             return self._observe_on_device(step, norm, loss, scale)
         loss_value = _host_float(loss)
-        scale_value = _host_float(scale)
+        scale_value = _host_float(scale) if scale is not None else None
         values = [
-            float(norm) if norm is not None else -1.0,
+            norm.item() if norm is not None else -1.0,
             loss_value if loss_value is not None else math.nan,
             scale_value if scale_value is not None else 1.0,
             1.0 if loss_value is not None else 0.0,
         ]
-        trips = self.flush()  # a sample left in flight by an earlier CUDA step
+        # a sample left in flight by an earlier CUDA step
+        trips = self.flush() if self._transfer.has_pending else []
         trip = self._judge(step, values)
         return [*trips, trip] if trip is not None else trips
+
+    def _sample_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The norm of the sampled gradients: one concatenation and one norm (cheaper
+        than a norm per tensor). When every sampled gradient is there, the concatenation
+        goes into a buffer kept from step to step: no allocation at all, which matters
+        more than it seems, since the first sizeable allocation after a backward pass pays
+        for the allocator tidying up that pass's freed blocks, a cost that grows with
+        depth and belongs to the training step, not to this check."""
+        if len(grads) == 1:
+            return _norm(grads[0].reshape(-1) if not self._flat else grads[0])
+        if not self._flat:
+            grads = [g.reshape(-1) for g in grads]
+        if not self._one_dtype:
+            return _norm(_cat32(grads))
+        buffer = self._buffer
+        if len(grads) == len(self.params):
+            first = grads[0]
+            if buffer is None or buffer.device != first.device or buffer.dtype != first.dtype:
+                buffer = self._buffer = first.new_empty(self._sample_size)
+                wide = first.dtype in (torch.float32, torch.float64)
+                self._norm_out = first.new_empty((), dtype=first.dtype if wide else _F32)
+            return _norm(torch.cat(grads, out=buffer), out=self._norm_out)
+        return _norm(torch.cat(grads))
 
     def _observe_on_device(
         self, step: int, norm: torch.Tensor, loss: Any, scale: torch.Tensor | None
@@ -249,10 +269,10 @@ class Sentinel:
         return {"grads": list(self._grads), "losses": list(self._losses)}
 
 
-def _norm(values: torch.Tensor) -> torch.Tensor:
+def _norm(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     if values.dtype in (torch.float32, torch.float64):
-        return torch.linalg.vector_norm(values)
-    return torch.linalg.vector_norm(values, dtype=_F32)
+        return torch.linalg.vector_norm(values, out=out)
+    return torch.linalg.vector_norm(values, dtype=_F32, out=out)
 
 
 def _cat32(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -266,7 +286,7 @@ def _host_float(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_cuda:
             return None
-        return float(value.detach())
+        return value.item()  # no detached copy made first
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -26,6 +26,7 @@ from torch.nn.modules.module import (
 )
 
 from .layers import LayerInfo, discover
+from .wording import display_name
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Change:
             ("removed", tuple(n for n in self.removed if n not in replaced)),
         ):
             if names:
-                shown = ", ".join(n or "<root>" for n in names[:4])
+                shown = ", ".join(display_name(n) for n in names[:4])
                 more = f" and {len(names) - 4} more" if len(names) > 4 else ""
                 parts.append(f"{label}: {shown}{more}")
         return "; ".join(parts)

@@ -130,12 +130,25 @@ def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     visible only at the last detail step)."""
     if not steps:
         return {}
+    # Asked by several rules at each step, about the same recent steps: worked out once.
+    # (Keyed by the steps' ids, not the steps: a step holding its predecessors would keep
+    # the whole history alive.)
+    memo = steps[-1].__dict__.setdefault("_dead_share", {})
+    key = tuple(map(id, steps))
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = _dead_share(steps)
+    return dict(found)
+
+
+def _dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     out = {}
     for group in unit_groups(steps[-1]):
         for stats in reversed(steps):
-            share = dead_fraction(group, stats)
-            if share is not None:
-                out[group] = share
+            seen = alive_units(group, stats)  # dead_fraction(), without its calls
+            if seen is not None and seen[0].size:
+                mask = seen[0]
+                out[group] = 1.0 - mask.bits.bit_count() / mask.size
                 break
     return out
 

@@ -153,3 +153,74 @@ def _is_reporter(value: Any) -> bool:
 def _a(value: Any) -> str:
     kind = type(value).__name__
     return f"an {kind}" if kind[:1].lower() in "aeiou" else f"a {kind}"
+
+
+def optimizer_object(value: Any, *, name: str = "optimizer") -> None:
+    """Raise ``ValueError`` unless ``value`` is None or an optimizer instance (anything
+    with ``param_groups``, or a wrapper whose ``.optimizer`` has them): the class itself,
+    or the model, would quietly switch the learning-rate-aware checks off.
+
+    >>> import torch
+    >>> optimizer_object(torch.optim.SGD)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: optimizer= must be an optimizer instance, ... not the class SGD
+    """
+    if value is None:
+        return
+    from torch import nn
+
+    if isinstance(value, type):
+        raise ValueError(
+            f"{name}= must be an optimizer instance, e.g. "
+            f"{_qualified(value)}(model.parameters(), lr=0.1), not the class {value.__name__}"
+        )
+    if isinstance(value, nn.Module):
+        raise ValueError(
+            f"{name}= got a model ({type(value).__name__}), not an optimizer: pass the "
+            "optimizer that steps it (the object whose .step() you call)"
+        )
+    inner = getattr(value, "optimizer", None)
+    if not hasattr(value, "param_groups") and not hasattr(inner, "param_groups"):
+        raise ValueError(
+            f"{name}= must be an optimizer (an object with param_groups, such as a "
+            f"torch.optim.Optimizer), got {_a(value)}"
+        )
+
+
+def loss_argument(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is None, a number or a one-element tensor.
+
+    A per-sample loss (``reduction="none"``) is refused rather than reduced: gradwatch
+    cannot know which reduction the training uses; pass the value ``backward()`` was
+    called on.
+
+    >>> import torch
+    >>> loss_argument(torch.ones(4))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: step(loss=...) must be one value ..., got a tensor of shape (4,)
+    """
+    if value is None:
+        return
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                "step(loss=...) must be one value (the loss backward() was called on, e.g. "
+                f"loss.mean()), got a tensor of shape {tuple(value.shape)}"
+            )
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"step(loss=...) must be a number or a one-element tensor, got {_a(value)} "
+            f"({value!r:.40})"
+        )
+
+
+def _qualified(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith("torch.optim"):
+        module = "torch.optim"
+    return f"{module}.{cls.__qualname__}" if module != "builtins" else cls.__qualname__

@@ -3,6 +3,7 @@ and hands findings to the reporters."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -23,8 +24,10 @@ from .distributed import Reducer
 from .findings import Finding
 from .guard import Guard, logger, warn_user
 from .history import History
+from .keywords import suggest_keywords
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
+from .precision import AutocastProbe, has_fp16_weights
 from .probes import ProbeRecord, Probes
 from .reporters import LoggingReporter, Reporter, default_reporters
 from .reporters.timing import ReportingClock, slow_reporter_notice
@@ -39,13 +42,16 @@ from .units import alive_units, dead_fraction, unit_groups
 from .validation import (
     deferred_option,
     flag,
+    loss_argument,
+    optimizer_object,
     reporter_list,
     scripted_parts,
     string_list,
     whole_number,
 )
+from .wording import FRAMEWORKS, detect_framework, indexed_classes, layer_classes
 
-# Models being watched, so that a second watch() on the same modules fails clearly. The
+# Models being watched, so that a second watch() replaces the first or fails clearly. The
 # watchers are held weakly: one dropped without close() (a re-run notebook cell) is
 # collected, its hooks go with it, and the model can be watched again.
 _WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.ref[Watcher]] = (
@@ -112,8 +118,10 @@ class Watcher:
       for the host (default ``"auto"``: on CUDA).
 
     Every option is checked here: a wrong value is a ``ValueError`` that names it. A model
-    is watched by one watcher at a time: :meth:`close` (or :func:`gradwatch.release`)
-    frees it; a watcher dropped without ``close()`` is replaced by the next one. A
+    is watched by one watcher at a time: watching it again closes the earlier watcher
+    (with a one-line warning), as does a watcher dropped without ``close()``; watching a
+    part of a watched model (or the reverse) is a ``ValueError``: :meth:`close` (or
+    :func:`gradwatch.release`) frees it first. A
     TorchScript model (``torch.jit.script``/``trace``) cannot be watched (its layers run
     where no Python hook reaches them): watch the eager model, script it afterwards.
 
@@ -126,6 +134,7 @@ class Watcher:
     True
     """
 
+    @suggest_keywords("gradwatch.watch()")
     @_undone_on_failure
     def __init__(
         self,
@@ -157,6 +166,7 @@ class Watcher:
         whole_number("history", history)
         deferred_option(deferred)
         check_scaler(scaler)
+        optimizer_object(optimizer)
         flag("activations", activations)
         flag("sentinel", sentinel)
         flag("sync", sync, allow_none=True)
@@ -219,7 +229,22 @@ class Watcher:
         self._deferred_setting = deferred
         self._engine = RuleEngine(self.rules, self._guard)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
-        self._facts = ModelFacts.from_layers(self.layers, all_classes, compiled=self._compiled)
+        self._framework = detect_framework(optimizer, scaler) or "pytorch"
+        self._fp16 = has_fp16_weights(self.module)
+        self._facts = ModelFacts.from_layers(
+            self.layers,
+            all_classes,
+            compiled=self._compiled,
+            framework=self._framework,
+            fp16=self._fp16,
+        )
+        # fp16 autocast shows in the first forward pass only (one hook, then none).
+        self._autocast = (
+            AutocastProbe(self.module, _call_weakly(self, "_note_fp16"))
+            if not self._fp16 and not self._compiled
+            else None
+        )
+        self._display = indexed_classes(self.module.named_modules())
         self._history = History(history)
         self._findings: deque[Finding] = deque(maxlen=MAX_FINDINGS)
         self._reporting = ReportingClock()
@@ -254,18 +279,36 @@ class Watcher:
 
         ``step`` overrides the step number (a trainer's global step); by default the
         watcher counts calls from 0. ``optimizer`` tells the rules how gradients are
-        used (Adam rescales them). ``loss`` (this step's loss, a tensor or number) lets
-        the every-step sentinel see a NaN or a spike in the loss itself. ``scaler`` is
+        used (Adam rescales them). ``loss`` (this step's loss: a number or a one-element
+        tensor; a per-sample loss is a ``ValueError``, not reduced, since gradwatch cannot
+        know your reduction) lets the every-step check see a NaN or a spike in the loss
+        itself. ``scaler`` is
         the ``torch.amp.GradScaler`` of fp16 training: statistics are then of unscaled
         gradients, and the Inf gradients of a step the scaler skips are not a NaN
-        error. Returns the findings new at this step.
+        error. Returns the findings new at this step. After :meth:`close` it measures
+        nothing and warns once.
         """
         if self._closed:
+            self._guard.say_once(
+                "step after close",
+                "gradwatch: watcher.step() was called after close(): nothing is measured. "
+                "Start a new watcher with gradwatch.watch(model) to go on watching.",
+                level=logging.WARNING,
+            )
             return []
         if self._probes is not None:
             self._probes.losses_done()  # before anything else runs under the loss check
+        # The caller's own arguments: a wrong one is their mistake, said at the call.
+        optimizer_object(optimizer)
+        loss_argument(loss)
         label = self._count if step is None else int(step)
         if optimizer is not None:
+            if (
+                optimizer is not self._optimizer
+                and self._framework == "pytorch"  # an integration's own setting stands
+                and (found := detect_framework(optimizer))
+            ):
+                self.framework = found
             self._optimizer = optimizer
         if scaler is not None and (self._scaler is None or self._scaler.scaler is not scaler):
             check_scaler(scaler)
@@ -332,6 +375,26 @@ class Watcher:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def framework(self) -> str:
+        """What the training runs in, so that advice names its options: ``"pytorch"``,
+        ``"lightning"``, ``"fabric"``, ``"transformers"`` or ``"accelerate"``. The
+        integrations set it; an Accelerate or Fabric optimizer passed to the watcher
+        sets it too."""
+        return self._framework
+
+    @framework.setter
+    def framework(self, value: str) -> None:
+        if value not in FRAMEWORKS:
+            raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}; got {value!r}")
+        self._framework = value
+        self._facts = dataclasses.replace(self._facts, framework=value)
+
+    def _note_fp16(self) -> None:
+        """The first forward pass ran under float16 autocast (see gradwatch.precision)."""
+        self._fp16 = True
+        self._facts = dataclasses.replace(self._facts, fp16=True)
+
     def summary(self) -> list[SummaryRow]:
         """One row per announced problem: code, rule, layers, first step, status."""
         return self._engine.summary()
@@ -342,15 +405,19 @@ class Watcher:
         if self._closed:
             return
         self._closed = True
+        if self._autocast is not None:
+            self._autocast.remove()
         if self._probes is not None:
             self._probes.disarm()
         self._guard.call("statistics", self._read_pending, default=[])
         self._watched.close()
         summary = self._engine.summary()
-        for reporter in self.reporters:
-            close = getattr(reporter, "close", None)
-            if close is not None:
-                self._guard.call(f"reporter {_name(reporter)}", close, summary, default=None)
+        with layer_classes(self._display):
+            for reporter in self.reporters:
+                close = getattr(reporter, "close", None)
+                if close is not None:
+                    part = f"reporter {_name(reporter)}"
+                    self._guard.call(part, close, summary, default=None)
         self._release()
 
     def __enter__(self) -> Watcher:
@@ -493,7 +560,14 @@ class Watcher:
             self._hook_remover()  # the finaliser now removes the new probes' hooks
         self._collector = Collector(self.layers, self._reducer)
         all_classes = frozenset(type(m).__name__ for m in self.module.modules())
-        self._facts = ModelFacts.from_layers(self.layers, all_classes, compiled=self._compiled)
+        self._facts = ModelFacts.from_layers(
+            self.layers,
+            all_classes,
+            compiled=self._compiled,
+            framework=self._framework,
+            fp16=self._fp16,
+        )
+        self._display = indexed_classes(self.module.named_modules())
         self._params = [p for layer in self.layers for _, p in layer.params]
         self._index_of = {layer.name: layer.index for layer in self.layers}
         self._depth = {
@@ -558,6 +632,10 @@ class Watcher:
             if trip.loss is not None:
                 stats.loss = trip.loss
         self._history.append(stats)
+        with layer_classes(self._display):  # "0 (Linear)" in what the user reads
+            return self._judge_and_report(stats)
+
+    def _judge_and_report(self, stats: StepStats) -> list[Finding]:
         ctx = RuleContext(stats=stats, history=self._history, model=self._facts)
         new = self._engine.evaluate(ctx)
         if self._probes is not None and self._probes.active:
@@ -705,8 +783,20 @@ class Watcher:
     def _claim(self, root: nn.Module) -> None:
         if _owner(root) is not None:
             gc.collect()  # a dropped watcher caught in a reference cycle goes now
+        earlier = _owner(root)
+        if earlier is not None and earlier.module is root:
+            # The same model watched again (a notebook cell run twice): the newer call is
+            # what the person means; the earlier watcher is closed, not left half-attached.
+            earlier.close()
+            warn_user(
+                f"gradwatch: {type(root).__name__} was already watched; that watcher is "
+                "closed and this one replaces it.",
+                stacklevel=None,
+            )
         owner = _owner(root)
         if owner is not None:
+            # A part of a watched model, or a model with a watched part: closing a watcher
+            # of something else would be a surprise, so say how to free it.
             raise ValueError(
                 f"{type(root).__name__} (or a module inside it) is already watched by "
                 f"{owner!r}. Use that watcher, or free the model first: call that watcher's "
@@ -717,7 +807,7 @@ class Watcher:
             warn_user(
                 f"gradwatch: the previous watcher of {type(root).__name__} was dropped "
                 "without close(); this watcher replaces it.",
-                stacklevel=6,
+                stacklevel=None,
             )
         mine = weakref.ref(self)
         for module in root.modules():
@@ -740,6 +830,7 @@ class Watcher:
             teardown = self.__dict__["_teardown"] = _Teardown()
         teardown.probes = self.__dict__.get("_probes")
         teardown.watched = self.__dict__.get("_watched")
+        teardown.autocast = self.__dict__.get("_autocast")
         return teardown
 
     def _abandon(self) -> None:
@@ -766,8 +857,11 @@ class _Teardown:
     def __init__(self) -> None:
         self.probes: Probes | None = None
         self.watched: WatchedSet | None = None
+        self.autocast: AutocastProbe | None = None
 
     def __call__(self) -> None:
+        if self.autocast is not None:
+            self.autocast.remove()
         if self.probes is not None:
             self.probes.disarm()
         if self.watched is not None:
@@ -776,10 +870,12 @@ class _Teardown:
 
 def release(module: nn.Module) -> bool:
     """Close the watcher that holds ``module`` or a module inside it, so that the model
-    can be watched again; True if there was one. For a notebook cell that is run again::
+    can be watched again; True if there was one. Watching the same model again needs no
+    release (the new watcher replaces the old one); watching a part of it, or the whole
+    when a part is watched, does::
 
         gradwatch.release(model)
-        watcher = gradwatch.watch(model)
+        watcher = gradwatch.watch(model.encoder)
 
     Closing prints the watcher's summary, as :meth:`Watcher.close` does.
 
@@ -820,6 +916,19 @@ def _loss_value(loss: Any) -> float | None:
     return None
 
 
+def _call_weakly(owner: object, method: str) -> Callable[[], None]:
+    """A callable that calls ``owner.method()`` while ``owner`` lives, without keeping it
+    alive (for hooks that a watcher dropped without close() leaves behind)."""
+    ref = weakref.ref(owner)
+
+    def call() -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, method)()
+
+    return call
+
+
 def _has_nonfinite(values: list[float], layout: Layout) -> bool:
     # NaN and Inf survive a sum; finite sums of squares of float32 values cannot overflow
     # a float64 sum of a few thousand terms.
@@ -830,15 +939,87 @@ def _name(reporter: object) -> str:
     return getattr(reporter, "name", type(reporter).__name__)
 
 
-def watch(module: nn.Module, **options: Any) -> Watcher:
-    """Start watching ``module``; see :class:`Watcher` for the options.
+@suggest_keywords("gradwatch.watch()")
+def watch(
+    module: nn.Module,
+    *,
+    every_n_steps: int = 15,
+    rules: Sequence[Rule] | None = None,
+    select: str | Iterable[str] | None = None,
+    ignore: str | Iterable[str] | None = None,
+    thresholds: Mapping[str, Mapping[str, float]] | None = None,
+    reporters: Sequence[Reporter] | None = None,
+    layers: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    optimizer: Any = None,
+    history: int = 256,
+    detail_every: int = 200,
+    activations: bool = True,
+    sync: bool | None = None,
+    deferred: bool | Literal["auto"] = "auto",
+    scaler: Any = None,
+    sentinel: bool = True,
+) -> Watcher:
+    """Start watching ``module`` (any ``nn.Module``); returns the :class:`Watcher`.
+
+    Call ``watcher.step()`` after ``loss.backward()`` and before ``optimizer.step()``.
+    Every option is keyword-only; a misspelled one is a ``TypeError`` that suggests the
+    closest name. Watching a model that is already watched (a notebook cell run again)
+    closes the earlier watcher and says so in one line.
+
+    Args:
+        every_n_steps: measure every n-th step (default 15); the steps between cost
+            almost nothing (a NaN/Inf or a surge is still checked every step).
+        rules: the rules to run instead of the built-in set (e.g. to add your own
+            :class:`~gradwatch.rules.Rule`).
+        select, ignore: keep / drop rules by code, code prefix or slug
+            (``select=["GW1"]``, ``ignore=["dead-units"]``).
+        thresholds: per-rule threshold overrides, ``{"GW101": {"ratio": 1e-3}}``.
+        reporters: where findings go (default: the terminal and the ``logging`` logger
+            "gradwatch"; ``[]`` for none).
+        layers, exclude: glob patterns of module names to watch / to skip.
+        optimizer: the optimizer instance (not its class), so that the rules weigh
+            gradients as it will (Adam rescales them; SGD's learning rate sizes the
+            step). Also accepted by ``watcher.step(optimizer=...)``.
+        history: how many monitored steps to keep (default 256).
+        detail_every: steps between the more expensive detail measurements (default 200).
+        activations: False measures gradients only (no forward hooks).
+        sync: combine statistics across ranks (default: when a process group with more
+            than one rank is initialised).
+        deferred: read statistics one monitored step late so a GPU never waits
+            (default ``"auto"``: on CUDA).
+        scaler: the ``torch.amp.GradScaler`` of fp16 training (statistics are then of
+            unscaled gradients, and a step the scaler skips is not a NaN error).
+        sentinel: check every step for NaN/Inf and sudden gradient jumps (default True).
 
     >>> import torch, gradwatch
     >>> model = torch.nn.Linear(3, 1)
     >>> watcher = gradwatch.watch(model, reporters=[])
     >>> watcher.close()
+    >>> gradwatch.watch(model, every_n_step=5)
+    Traceback (most recent call last):
+    ...
+    TypeError: gradwatch.watch() has no option 'every_n_step'; did you mean 'every_n_steps'?
     """
-    return Watcher(module, **options)
+    return Watcher(
+        module,
+        every_n_steps=every_n_steps,
+        rules=rules,
+        select=select,
+        ignore=ignore,
+        thresholds=thresholds,
+        reporters=reporters,
+        layers=layers,
+        exclude=exclude,
+        optimizer=optimizer,
+        history=history,
+        detail_every=detail_every,
+        activations=activations,
+        sync=sync,
+        deferred=deferred,
+        scaler=scaler,
+        sentinel=sentinel,
+    )
 
 
 __all__ = ["Watcher", "logger", "release", "watch"]

@@ -34,7 +34,7 @@ from gradwatch.reporters.metrics import (
 )
 from gradwatch.rules import Rule, resolve_rules, rule_matches
 from gradwatch.stats import StepStats
-from gradwatch.validation import deferred_option, whole_number
+from gradwatch.validation import deferred_option, flag, whole_number
 
 #: Per-layer statistics that ``log_stats=`` may name (fields of :class:`LayerStats`, plus
 #: ``active_fraction``: the share of a ReLU layer's units active in the step's batch).
@@ -74,6 +74,7 @@ class CallbackOptions:
         detail_every: int | None = None,
         activations: bool = True,
         deferred: bool | Literal["auto"] = "auto",
+        sentinel: bool = True,
     ) -> None:
         for name, value in (
             ("every_n_steps", every_n_steps),
@@ -83,6 +84,8 @@ class CallbackOptions:
         ):
             whole_number(name, value, allow_none=True)
         deferred_option(deferred)
+        flag("activations", activations)
+        flag("sentinel", sentinel)
         select = list(select) if select is not None else None
         ignore = list(ignore) if ignore is not None else None
         chosen = resolve_rules(rules, select=select, ignore=ignore, thresholds=thresholds)
@@ -108,6 +111,7 @@ class CallbackOptions:
             "exclude": exclude,
             "activations": activations,
             "deferred": deferred,
+            "sentinel": sentinel,
         }
         # Left out when not given: the watcher's own defaults apply.
         if every_n_steps is not None:
@@ -125,10 +129,19 @@ class CallbackOptions:
         return [*default_reporters(), *framework_extras()]
 
     def watch(
-        self, module: torch.nn.Module, *, reporters: Sequence[Reporter], **overrides: Any
+        self,
+        module: torch.nn.Module,
+        *,
+        reporters: Sequence[Reporter],
+        framework: str = "pytorch",
+        **overrides: Any,
     ) -> gradwatch.Watcher:
+        """The watcher for ``module``; ``framework`` makes its advice name that
+        framework's options (``gradient_clip_val``, ``max_grad_norm``)."""
         options = {**self.watch_options, **overrides}
-        return gradwatch.watch(module, reporters=list(reporters), **options)
+        watcher = gradwatch.watch(module, reporters=list(reporters), **options)
+        watcher.framework = framework
+        return watcher
 
 
 def parse_log_stats(value: bool | Sequence[str] | None) -> tuple[str, ...]:
@@ -159,11 +172,17 @@ class StopCondition:
     ) -> StopCondition | None:
         if value is None:
             return None
-        items = [value] if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            items: list[Any] = [value]
+        elif isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+            items = list(value)
+        else:  # True, 1, ...: say what is accepted instead of "not iterable"
+            items = []
         if not items or not all(isinstance(item, str) and item.strip() for item in items):
             raise ValueError(
                 f"stop_on must be a severity ({', '.join(SEVERITIES)}), a rule code or slug, "
-                f"or a list of them; got {value!r}"
+                f"or a list of them (e.g. stop_on=\"error\" or stop_on=[\"GW103\"]); None "
+                f"never stops; got {value!r}"
             )
         severities = [i.strip().lower() for i in items if i.strip().lower() in SEVERITIES]
         patterns = [i.strip() for i in items if i.strip().lower() not in SEVERITIES]
@@ -207,15 +226,14 @@ class StopCondition:
 
 
 def finding_counts(watcher: gradwatch.Watcher | None) -> tuple[dict[str, int], int]:
-    """Announcements so far per rule code (every watched rule, 0 included), and how many
-    problems are still active."""
+    """Problems active now per rule code (every watched rule, 0 included: a chart of it
+    shows when each problem was present and when it cleared), and how many in all."""
     if watcher is None:
         return {}, 0
-    counts = Counter(f.code for f in watcher.findings if f.status in _ACTIVE)
-    codes = {rule.code: counts.get(rule.code, 0) for rule in watcher.rules}
-    codes.update(counts)
-    active = sum(1 for row in watcher.summary() if row.status == "active")
-    return codes, active
+    active = Counter(row.code for row in watcher.summary() if row.status == "active")
+    codes = {rule.code: active.get(rule.code, 0) for rule in watcher.rules}
+    codes.update(active)
+    return codes, sum(active.values())
 
 
 class MetricsBuffer(Reporter):
@@ -225,8 +243,9 @@ class MetricsBuffer(Reporter):
     the Trainer's ``logging_steps``) and adds the result to that row. Keys:
     ``gradwatch/<stat>/<layer>`` per layer (at most ``max_layers`` of them, spread evenly
     in depth, chosen once), ``gradwatch/global_grad_norm``, ``gradwatch/global_param_norm``
-    (on detail steps), ``gradwatch/findings/<code>`` (findings announced so far, per rule)
-    and ``gradwatch/active_findings`` (problems not yet resolved).
+    (on detail steps), ``gradwatch/findings/<code>`` (that rule's problems active at this
+    step: 1 while a problem is present, back to 0 once it is resolved) and
+    ``gradwatch/active_findings`` (problems not yet resolved, all rules).
     """
 
     name = "framework-metrics"

@@ -13,7 +13,7 @@ What it does during ``trainer.fit``:
   problem present from the start is announced within 45 steps, and also at every step
   after which Lightning writes its logs (``log_every_n_steps``). Validation, test and
   predict loops are never measured (they run without gradients);
-- adds per-layer statistics, the global gradient norm and finding counts under
+- adds per-layer statistics, the global gradient norm and active problems per rule under
   ``gradwatch/`` keys to the rows Lightning logs (``self.log`` from the callback, never to
   the progress bar), so they share the step and epoch of your own metrics in every
   attached logger (CSV, TensorBoard, W&B, ...). Each row holds the statistics of the step
@@ -58,6 +58,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 import gradwatch  # noqa: E402
 from gradwatch.findings import Finding  # noqa: E402
 from gradwatch.guard import GradwatchWarning, Guard  # noqa: E402
+from gradwatch.keywords import suggest_keywords  # noqa: E402
 from gradwatch.reporters.base import Reporter  # noqa: E402
 from gradwatch.rules import Rule  # noqa: E402
 
@@ -96,7 +97,8 @@ class GradWatchCallback(Callback):
         reporters: where findings go on rank 0. Default: the terminal, the ``logging``
             logger "gradwatch", and W&B alerts when a ``WandbLogger`` is attached.
             ``[]`` silences them (``callback.findings`` still fills).
-        history, detail_every, activations, deferred: passed to :func:`gradwatch.watch`
+        history, detail_every, activations, deferred, sentinel: passed to
+            :func:`gradwatch.watch` (``sentinel=False``: no every-step NaN/jump check)
             (its defaults when not given).
 
     Example (runs in a few seconds on a CPU):
@@ -122,6 +124,7 @@ class GradWatchCallback(Callback):
     (4, [])
     """
 
+    @suggest_keywords("GradWatchCallback()")
     def __init__(
         self,
         *,
@@ -140,6 +143,7 @@ class GradWatchCallback(Callback):
         detail_every: int | None = None,
         activations: bool = True,
         deferred: bool | Literal["auto"] = "auto",
+        sentinel: bool = True,
     ) -> None:
         super().__init__()
         self.options = CallbackOptions(
@@ -158,6 +162,7 @@ class GradWatchCallback(Callback):
             detail_every=detail_every,
             activations=activations,
             deferred=deferred,
+            sentinel=sentinel,
         )
         self.stop_on: StopCondition | None = self.options.stop_on
         self._watcher: gradwatch.Watcher | None = None
@@ -322,7 +327,9 @@ class GradWatchCallback(Callback):
                     counts=lambda: finding_counts(self._watcher),
                 )
                 reporters.append(self._metrics)
-        return self.options.watch(pl_module, reporters=reporters, **overrides)
+        return self.options.watch(
+            pl_module, reporters=reporters, framework="lightning", **overrides
+        )
 
     def _lightning_logs_at(self, label: int) -> bool:
         """Whether Lightning writes its logs after optimizer step ``label`` (the watcher

@@ -75,6 +75,7 @@ from transformers.training_args import TrainingArguments  # noqa: E402
 import gradwatch  # noqa: E402
 from gradwatch.findings import Finding  # noqa: E402
 from gradwatch.guard import GradwatchWarning, Guard  # noqa: E402
+from gradwatch.keywords import suggest_keywords  # noqa: E402
 from gradwatch.reporters.base import Reporter  # noqa: E402
 from gradwatch.reporters.metrics import spread  # noqa: E402
 from gradwatch.rules import Rule  # noqa: E402
@@ -118,7 +119,8 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         reporters: where findings go on the main process. Default: the terminal, the
             ``logging`` logger "gradwatch", and W&B alerts when ``report_to`` includes
             ``"wandb"``. ``[]`` silences them (``callback.findings`` still fills).
-        history, detail_every, activations, deferred: passed to :func:`gradwatch.watch`.
+        history, detail_every, activations, deferred, sentinel: passed to
+            :func:`gradwatch.watch` (``sentinel=False``: no every-step NaN/jump check).
 
     Example (a 30-layer sigmoid network: the gradient never reaches the first layers):
 
@@ -142,6 +144,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
     ['GW101']
     """
 
+    @suggest_keywords("GradWatchCallback()")
     def __init__(
         self,
         *,
@@ -160,6 +163,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         detail_every: int | None = None,
         activations: bool = True,
         deferred: bool | Literal["auto"] = "auto",
+        sentinel: bool = True,
     ) -> None:
         self.options = CallbackOptions(
             every_n_steps=every_n_steps,
@@ -177,6 +181,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
             detail_every=detail_every,
             activations=activations,
             deferred=deferred,
+            sentinel=sentinel,
         )
         # What trainer_state.json keeps of the options (plain values only: a checkpoint
         # restored with restore_callback_states_from_checkpoint=True rebuilds the callback
@@ -196,6 +201,7 @@ class GradWatchCallback(TrainerCallback, ExportableState):
                 "detail_every": detail_every,
                 "activations": activations,
                 "deferred": deferred,
+                "sentinel": sentinel,
             }
         )
         self.stop_on: StopCondition | None = self.options.stop_on
@@ -370,7 +376,9 @@ class GradWatchCallback(TrainerCallback, ExportableState):
                 counts=lambda: finding_counts(self._watcher),
             )
             reporters.append(self._metrics)
-        return self.options.watch(model, reporters=reporters, **overrides)
+        return self.options.watch(
+            model, reporters=reporters, framework="transformers", **overrides
+        )
 
     def _end_of_backward(self, model: torch.nn.Module, optimizer: Any) -> _EndOfBackward | None:
         # Under fp16 loss scaling the gradients still carry the scale at the end of

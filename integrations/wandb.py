@@ -14,7 +14,8 @@ What lands in the run (``gradwatch`` is the ``prefix=``):
   layers (``grad_norm``, ``grad_rms``, ``active_fraction`` of ReLU layers,
   ``saturated_fraction`` of sigmoid/tanh layers, by default), ``gradwatch/global_grad_norm``,
   ``gradwatch/global_param_norm``, ``gradwatch/grad_rms_ratio`` (first layer's gradient RMS
-  over the last's), ``gradwatch/findings/<code>`` (announcements so far),
+  over the last's), ``gradwatch/findings/<code>`` (that rule's problems active
+  at the step: 1 while present, 0 once resolved),
   ``gradwatch/active_findings``, and ``gradwatch/step``, the training step they belong to;
 - ``gradwatch/gradient_flow``: a line chart of log10 gradient RMS against depth (input
   side first), one line per recent charted step, every ``chart_every`` monitored steps and
@@ -362,8 +363,8 @@ class WandbReporter(Reporter):
                 self._layers.candidates,
                 self.max_layers,
             )
-        for code, count in sorted(self._counts.items()):
-            out[f"{p}/findings/{code}"] = count
+        for code in sorted(self._counts):  # every rule announced so far; 0 once resolved
+            out[f"{p}/findings/{code}"] = self._active.get(code, 0)
         out[f"{p}/active_findings"] = sum(self._active.values())
         return out
 

@@ -270,6 +270,22 @@ def test_multilabel_sigmoid_logits_with_bce_with_logits_are_silent():
     assert_silent_and_seen(watcher, "binary_cross_entropy_with_logits")
 
 
+def test_small_raw_logits_inside_0_1_are_not_a_sigmoid():
+    """A fresh output layer's logits can all lie in [0, 1] (a GAN discriminator at the
+    start): without an operation that squashes into [0, 1] they are raw logits."""
+    torch.manual_seed(0)
+    x, y = digits()
+    model = mlp(2, outputs=4)
+    head = model[-1]
+    nn.init.normal_(head.weight, 0.0, 1e-3)
+    nn.init.constant_(head.bias, 0.5)
+    labels = torch.stack([y % 2 == 0, y > 4, y == 7, (y % 3) == 0], 1).float()
+    watcher, _ = run(model, nn.BCEWithLogitsLoss(), x=x, y=labels, lr=1e-4)
+    assert_silent_and_seen(watcher, "binary_cross_entropy_with_logits")
+    inside = [x.unit_interval for s in watcher.history for x in s.loss_inputs]
+    assert min(inside) == 1.0  # every logit was in [0, 1]: the case this test is about
+
+
 def test_a_memorised_training_set_is_confident_not_stuck():
     """Sigmoid + BCELoss driven to exactly 1.0 on a tiny training set it has memorised
     (float32's sigmoid is exactly 1.0 above ~17): saturated, but on the right side of every

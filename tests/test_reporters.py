@@ -51,7 +51,7 @@ def sick_run(tmp_path_factory):
 def test_plain_terminal_output_has_code_layers_evidence_fix_and_chart(sick_run):
     _, text, _, _ = sick_run
     assert "gradwatch ERROR GW101 vanishing-gradient at step 20" in text
-    assert "layers: 0, 2, 4" in text
+    assert "layers: 0 (Linear), 2 (Linear), 4 (Linear)" in text
     assert "evidence: ratio=" in text
     assert "fix: " in text
     assert "gradient flow at step 20" in text
@@ -248,9 +248,11 @@ def _chart_rows(text: str) -> list[list[str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("gradient flow at step"))
     rows = []
     for line in lines[start + 1 :]:
-        if not line.startswith((" !", "  ")) or len(line.split()) != 3:
+        parts = line.lstrip(" !").split()
+        if not line.startswith((" !", "  ")) or len(parts) not in (3, 4):
             break
-        rows.append(line.lstrip(" !").split())
+        # "0 (Linear) 1.2e-05 ####": the layer's real name, the value, the bar
+        rows.append([parts[0], *parts[-2:]])
     return rows
 
 

@@ -253,15 +253,28 @@ def test_step_without_backward_is_a_no_op():
         assert watcher.latest is first
 
 
-def test_watching_one_model_twice_is_a_clear_error():
+def test_watching_a_model_again_replaces_the_first_watcher():
+    """A notebook cell ``watcher = gradwatch.watch(model)`` run twice: the second call
+    closes the first watcher (its hooks go) and says so in one line."""
+    model = mlp(3)
+    first = _watch(model, every_n_steps=1)
+    with pytest.warns(GradwatchWarning, match="already watched; that watcher is closed") as seen:
+        second = _watch(model, every_n_steps=1)
+    assert len(seen) == 1 and seen[0].filename == __file__  # points at the user's line
+    assert first.closed and not second.closed
+    train(model, second, steps=2)
+    assert second.latest is not None and first.latest is None  # only the new one measures
+    second.close()
+
+
+def test_watching_part_of_a_watched_model_is_a_clear_error():
     model = mlp(3)
     first = _watch(model)
     with pytest.raises(ValueError, match="already watched"):
-        gradwatch.watch(model)
-    with pytest.raises(ValueError, match="already watched"):
-        gradwatch.watch(model[0])  # a part of it, too
+        gradwatch.watch(model[0])  # a part of it: closing the whole would surprise
+    assert not first.closed
     first.close()
-    gradwatch.watch(model, reporters=[]).close()  # free again after close()
+    gradwatch.watch(model[0], reporters=[]).close()  # free again after close()
 
 
 def test_close_twice_is_a_no_op():

@@ -164,7 +164,7 @@ def test_deep_tanh_run_raises_a_vanishing_gradient_alert(tanh_run):
     assert alert.level == "WARN"
     assert alert.wait_duration == 300_000  # 300 s, stored in milliseconds
     assert f"Step: {first[0].step}" in alert.text
-    assert "Layers: 0, 2" in alert.text
+    assert "Layers: 0 (Linear), 2 (Linear)" in alert.text
     assert "Evidence: ratio=" in alert.text
     assert "Fix: " in alert.text and "ReLU" in alert.text
     assert tanh_run["reporter"].disabled is None

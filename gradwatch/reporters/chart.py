@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..stats import LayerStats, StepStats
+from ..wording import display_name
 from .metrics import spread
 
 BAR_WIDTH = 28
@@ -116,7 +117,7 @@ def bar_length(rms: float | None, low: float, high: float, width: int = BAR_WIDT
 
 
 def _label(layer: LayerStats) -> str:
-    name = layer.name or "<root>"
+    name = display_name(layer.name)
     return name if len(name) <= 28 else "…" + name[-27:]
 
 

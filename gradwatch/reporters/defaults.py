@@ -13,7 +13,8 @@ from .terminal import TerminalReporter
 
 def default_reporters() -> list[Reporter]:
     """Fresh instances of the default reporters: the terminal (rich) reporter and the
-    ``logging`` reporter (logger "gradwatch").
+    ``logging`` reporter (logger "gradwatch"), which leaves out handlers that print to the
+    terminal, so that ``logging.basicConfig`` does not show each finding twice.
 
     ``reporters=[...]`` replaces them; to add one and keep them, spread them in:
 
@@ -22,4 +23,4 @@ def default_reporters() -> list[Reporter]:
     >>> [type(r).__name__ for r in reporters]
     ['TerminalReporter', 'LoggingReporter', 'JsonlRecorder']
     """
-    return [TerminalReporter(), LoggingReporter()]
+    return [TerminalReporter(), LoggingReporter(console=False)]

@@ -47,6 +47,7 @@ class JsonlRecorder(Reporter):
 
     def __init__(self, path: str | os.PathLike[str], *, meta: dict[str, Any] | None = None):
         self.path = Path(path)
+        _check_writable(self.path)  # now, not at the first write: the record would be lost
         self.meta = dict(meta or {})
         self._file: IO[str] | None = None
 
@@ -83,6 +84,33 @@ class JsonlRecorder(Reporter):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _check_writable(path: Path) -> None:
+    """Raise ``ValueError`` when ``path`` cannot become a record file: it is a folder,
+    something on its way is a file, or the place is not writable.
+
+    >>> _check_writable(Path("/"))
+    Traceback (most recent call last):
+    ...
+    ValueError: JsonlRecorder('/'): / is a folder; give a file path, e.g. /run.jsonl
+    """
+    where = f"JsonlRecorder({str(path)!r})"
+    if path.is_dir():
+        raise ValueError(
+            f"{where}: {path} is a folder; give a file path, e.g. {path / 'run.jsonl'}"
+        )
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{where}: {path} exists and is not writable")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folders in between are created at the first write
+    if not parent.is_dir():
+        raise ValueError(f"{where}: {parent} is a file, so no folder can be made there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{where}: the folder {parent} is not writable")
 
 
 def _ends_mid_line(path: Path) -> bool:
@@ -133,8 +161,8 @@ def read_record(path: str | os.PathLike[str]) -> Record:
     """Read a file written by :class:`JsonlRecorder`. Several runs appended to one file
     are read as one. A damaged line is left out and the rest kept: ``record.truncated``
     tells when the last line was cut short, ``record.skipped_lines`` counts damaged lines
-    before it. A damaged file without a single gradwatch record in it is a ``ValueError``
-    that names its first bad line.
+    before it. A file without a single gradwatch record in it (empty, other JSON, or
+    damaged) is a ``ValueError`` that says why (naming its first bad line, if any).
 
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "run.jsonl")
@@ -167,6 +195,12 @@ def read_record(path: str | os.PathLike[str]) -> Record:
     if damaged and not records:  # nothing of a gradwatch record: say what is wrong
         number, problem = damaged[0]
         raise ValueError(f"{path}: line {number} {problem}")
+    if not records:  # valid JSON, or nothing at all, but no line a recorder writes
+        what = "is empty" if last == 0 else "has no gradwatch lines"
+        raise ValueError(
+            f"{path}: the file {what}, so it is not a record written by "
+            "gradwatch.JsonlRecorder"
+        )
     if damaged:
         record.skipped_lines = len(damaged)
         shown = ", ".join(str(n) for n, _ in damaged[:5]) + (" ..." if len(damaged) > 5 else "")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from ..findings import Finding
+from ..logsink import log_off_terminal
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
 from .base import Reporter
@@ -21,14 +23,21 @@ class LoggingReporter(Reporter):
     handlers that ship structured logs. gradwatch attaches only a ``NullHandler``:
     configure logging (``logging.basicConfig``) to see these lines.
 
+    ``console=False`` (what :func:`gradwatch.default_reporters` uses, next to the
+    terminal reporter) hands the records to every handler except those that print to
+    the terminal (a ``StreamHandler`` on ``sys.stderr``/``sys.stdout``, such as the one
+    ``logging.basicConfig(level=logging.INFO)`` installs): the terminal reporter already
+    shows each finding there, and a log file still gets every record.
+
     >>> import logging
     >>> reporter = LoggingReporter(logger=logging.getLogger("my.training"))
     """
 
     name = "logging"
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(self, logger: logging.Logger | None = None, *, console: bool = True) -> None:
         self.logger = logger or logging.getLogger("gradwatch")
+        self.console = console
 
     def report(self, stats: StepStats, findings: Sequence[Finding]) -> None:
         for finding in findings:
@@ -36,17 +45,24 @@ class LoggingReporter(Reporter):
             parts.extend(
                 f"{label}: {text}" for label, text in finding_fields(finding, layer_limit=None)
             )
-            self.logger.log(
+            self._log(
                 LEVELS.get(finding.severity, logging.INFO),
                 " | ".join(parts),
                 extra={"gradwatch_finding": finding.to_dict()},
             )
 
     def notice(self, text: str) -> None:
-        self.logger.info(text)
+        self._log(logging.INFO, text)
 
     def close(self, summary: Sequence[SummaryRow]) -> None:
         active = [row for row in summary if row.status == "active"]
-        self.logger.info(
-            "gradwatch closed: %d finding(s), %d still active", len(summary), len(active)
+        self._log(
+            logging.INFO,
+            f"gradwatch closed: {len(summary)} finding(s), {len(active)} still active",
         )
+
+    def _log(self, level: int, text: str, extra: dict[str, Any] | None = None) -> None:
+        if self.console:
+            self.logger.log(level, text, extra=extra)
+        else:
+            log_off_terminal(self.logger, level, text, extra=extra)

@@ -23,6 +23,7 @@ from rich.text import Text
 from ..findings import Finding, severity_rank
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
+from ..wording import display_name
 from .base import Reporter
 from .chart import TERMINAL_ROWS, gradient_flow_table, gradient_flow_text
 
@@ -47,7 +48,7 @@ def evidence_text(finding: Finding) -> str:
 
 def layers_text(names: Sequence[str], limit: int = 12) -> str:
     """Module names for display, the root as ``<root>``, the rest counted."""
-    shown = ", ".join(n or "<root>" for n in names[:limit])
+    shown = ", ".join(display_name(n) for n in names[:limit])
     more = len(names) - limit
     return shown + (f" (+{more} more)" if more > 0 else "")
 
@@ -243,7 +244,7 @@ class TerminalReporter(Reporter):
         charted = False
         for finding in shown:
             if finding.status == "resolved":
-                line = f"gradwatch: {finding.title} {finding.message} (step {finding.step})"
+                line = f"gradwatch: {finding.title} {finding.message}"
                 self._emit(Text(line, style="cyan"), line)
                 continue
             with_chart = self.chart and not charted

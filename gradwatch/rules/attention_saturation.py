@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..stats import SATURATED_PROBABILITY, AttentionStats
+from ..wording import display_name
 from .base import Condition, RuleContext, format_layers
 
 #: Thresholds this check adds to GW202 (name -> default, meaning).
@@ -117,7 +118,7 @@ class AttentionSaturation:
         share = worst.saturated_fraction or 0.0
         message = (
             f"attention collapsed onto few keys (mean row entropy / its maximum): "
-            f"{format_layers(parts)}; in {worst.name or '<root>'}, {share:.0%} of rows are "
+            f"{format_layers(parts)}; in {display_name(worst.name)}, {share:.0%} of rows are "
             f"one-hot (max probability > {SATURATED_PROBABILITY}), largest logit "
             f"{worst.max_logit or 0:.3g}"
         )

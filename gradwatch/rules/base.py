@@ -40,6 +40,7 @@ from ..findings import Severity, severity_rank
 from ..history import History
 from ..kinds import MATRIX_KINDS, NORM
 from ..stats import LayerStats, StepStats
+from ..wording import display_name
 
 if TYPE_CHECKING:  # layers needs torch; rule metadata must not
     from ..layers import LayerInfo
@@ -54,10 +55,22 @@ class ModelFacts:
     has_normalization: bool
     matrix_layers: int
     compiled: bool = False
+    #: what the training runs in ("pytorch", "lightning", "fabric", "transformers",
+    #: "accelerate"), so hints name its options (see :mod:`gradwatch.wording`)
+    framework: str = "pytorch"
+    #: class name of each watched module, by qualified name
+    classes: Mapping[str, str] = field(default_factory=dict)
+    #: trains in float16 (autocast or fp16 weights), see :mod:`gradwatch.precision`
+    fp16: bool = False
 
     @classmethod
     def from_layers(
-        cls, layers: Sequence[LayerInfo], all_classes: frozenset[str], compiled: bool = False
+        cls,
+        layers: Sequence[LayerInfo],
+        all_classes: frozenset[str],
+        compiled: bool = False,
+        framework: str = "pytorch",
+        fp16: bool = False,
     ) -> ModelFacts:
         kinds = Counter(layer.kind for layer in layers)
         return cls(
@@ -67,6 +80,9 @@ class ModelFacts:
             or any("Norm" in name for name in all_classes),
             matrix_layers=sum(kinds.get(k, 0) for k in MATRIX_KINDS),
             compiled=compiled,
+            framework=framework,
+            classes={layer.name: type(layer.module).__name__ for layer in layers},
+            fp16=fp16,
         )
 
     def uses(self, *class_names: str) -> bool:
@@ -313,13 +329,22 @@ def matrix_layers(stats: StepStats) -> list[LayerStats]:
     return list(cached)
 
 
+def gradients_finite(stats: StepStats) -> bool:
+    """True when no layer's gradient norm is NaN/Inf (worked out once per step: several
+    rules ask)."""
+    cached = stats.__dict__.get("_gradients_finite")
+    if cached is None:
+        cached = stats.__dict__["_gradients_finite"] = all(s.grad_finite for s in stats)
+    return cached
+
+
 def edge_size(n: int) -> int:
     """How many layers make the 'early' (and the 'late') end of an n-layer profile."""
     return max(1, round(n / 4))
 
 
 def format_layers(names: Sequence[str], limit: int = 4) -> str:
-    shown = [name or "<root>" for name in names[:limit]]
+    shown = [display_name(name) for name in names[:limit]]
     more = len(names) - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 

@@ -7,8 +7,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..stats import StepStats, UnitMask
+from ..kinds import ACTIVATION, RELU, SIGMOID, TANH, UNIT_ROW_KINDS
+from ..stats import StepStats
 from ..units import UnitGroup, alive_units, dead_fraction, unit_groups
+from ..wording import alternatives, clip_gradients, display_name
 from .base import SHARE, Condition, Rule, RuleContext, format_layers, whole_at_least
 
 
@@ -82,10 +84,12 @@ re-initialise (kaiming) and check biases and input scaling."""
         total_dead = sum(d for _, d, _, _ in flagged)
         total = sum(s for _, _, s, _ in flagged)
         fully = [g.name for g, d, s, _ in flagged if d == s]
-        parts = [f"{g.name} {d}/{s} ({100 * d / s:.0f}%)" for g, d, s, _ in flagged]
+        parts = [f"{display_name(g.name)} {d}/{s} ({100 * d / s:.0f}%)" for g, d, s, _ in flagged]
         worst = max(flagged, key=lambda f: f[1] / f[2])[0]
+        kinds = sorted({a for g, *_ in flagged if (a := activation_of(ctx, g)) is not None})
+        what = f"dead {'/'.join(kinds)} units" if kinds else "dead units"
         message = (
-            f"{len(flagged)} layer(s) with dead ReLU units (inactive over the last {span} "
+            f"{len(flagged)} layer(s) with {what} (inactive over the last {span} "
             f"monitored steps): {format_layers(parts)}"
         )
         if fully:
@@ -127,20 +131,21 @@ re-initialise (kaiming) and check biases and input scaling."""
         hooked, else from the producer's non-zero gradient rows (a layer with no gradient
         at all cannot be judged: that is vanishing or missing gradient, not dead units).
         """
-        alive: UnitMask | None = None
+        bits, size = 0, None
         sources: set[str] = set()
-        for stats in recent:
-            seen = alive_units(group, stats)
+        for stats in recent:  # the union of the alive units, as plain ints (a mask per
+            seen = alive_units(group, stats)  # layer and step would cost more than this)
             if seen is None:
                 return None
             mask, source = seen
-            if alive is not None and alive.size != mask.size:
+            if size is not None and size != mask.size:
                 return None
-            alive = mask if alive is None else alive | mask
+            bits |= mask.bits
+            size = mask.size
             sources.add(source)
-        if alive is None or alive.size == 0:
+        if not size:
             return None
-        return alive.size - alive.count(), alive.size, ",".join(sorted(sources))
+        return size - bits.bit_count(), size, ",".join(sorted(sources))
 
     def _hint(self, ctx: RuleContext, flagged: list) -> str:
         info = ctx.stats.optimizer
@@ -150,19 +155,25 @@ re-initialise (kaiming) and check biases and input scaling."""
             for g, *_ in flagged
             if self._first_seen.get(g.name, 1.0) <= self.t("fraction") / 2
         ]
+        # Advise only activations the model does not use already.
+        others = alternatives(ctx.model)
+        leaky = (
+            f", or use {'/'.join(others)}, which keep{'s' if len(others) == 1 else ''} a "
+            "gradient for negative inputs"
+            if others
+            else ""
+        )
         if died:
             return (
                 f"Units in {format_layers(died)} were alive at first and died during "
                 f"training: the learning rate is likely too high{lr}. Lower it or warm it "
-                "up, clip gradients, or use LeakyReLU/GELU, which keep a gradient for "
-                "negative inputs."
+                f"up, {clip_gradients(ctx.model.framework)}{leaky}."
             )
         return (
             "These units were dead from the first monitored steps: their pre-activations "
             "are negative for every input. Check the biases (a large negative bias kills "
-            "a layer), the input scaling and the initialisation (kaiming); LeakyReLU/GELU "
-            "keep a gradient for negative inputs; normalization before the activation "
-            "keeps pre-activations centred."
+            f"a layer), the input scaling and the initialisation (kaiming){leaky}; "
+            "normalization before the activation keeps pre-activations centred."
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -171,3 +182,30 @@ re-initialise (kaiming) and check biases and input scaling."""
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._first_seen = dict(state.get("first_seen", {}))
         self._flagged = set(state.get("flagged", []))
+
+
+def activation_of(ctx: RuleContext, group: UnitGroup) -> str | None:
+    """The class of the activation after a group's units (``ReLU``, ``GELU``, ...): its
+    own activation module, else the first module after the producer in forward order
+    that is not a weight layer; None when the activation is functional (``F.relu``)."""
+    classes = ctx.model.classes
+    if group.activation is not None:
+        return classes.get(group.activation, "ReLU")
+    ordered = ctx.stats.by_depth()
+    names = [s.name for s in ordered]
+    if group.producer not in names:
+        return None
+    for layer in ordered[names.index(group.producer) + 1 :]:
+        if layer.kind in UNIT_ROW_KINDS:
+            break
+        if layer.kind in _ACTIVATION_KINDS:
+            return classes.get(layer.name)
+    # Not measured as a layer of its own: the model's one gating activation, if it has one.
+    used = [name for name in _GATING if ctx.model.uses(name)]
+    return used[0] if len(used) == 1 else None
+
+
+_ACTIVATION_KINDS = (RELU, ACTIVATION, SIGMOID, TANH)
+#: Activation modules whose units can stop passing gradient for negative inputs.
+_GATING = ("ReLU", "ReLU6", "GELU", "SiLU", "ELU", "SELU", "CELU", "Mish", "Softplus",
+           "Hardswish", "Hardtanh")

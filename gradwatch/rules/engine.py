@@ -142,8 +142,8 @@ class RuleEngine:
                         severity="info",
                         step=step,
                         layers=track.layers,
-                        message=f"resolved: {rule.summary} no longer seen "
-                        f"(first at step {track.first_step}, last at step {track.last_step})",
+                        message=f"resolved at step {step} (last seen at step "
+                        f"{track.last_step})",
                         hint="",
                         evidence={"first_step": track.first_step, "last_step": track.last_step},
                         status="resolved",

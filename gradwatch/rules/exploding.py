@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from ..wording import capitalised, clip_gradients, display_name
 from .base import (
     POSITIVE,
     RATIO,
@@ -12,6 +13,7 @@ from .base import (
     Rule,
     RuleContext,
     format_layers,
+    gradients_finite,
     greater_than,
     matrix_layers,
     median,
@@ -86,12 +88,12 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
-        if not all(s.grad_finite for s in stats) or not math.isfinite(stats.global_grad_norm):
+        if not gradients_finite(stats) or not math.isfinite(stats.global_grad_norm):
             return None  # GW103's business
         hint = (
-            "Clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), or "
-            "gradient_clip_val in Lightning), lower or warm up the learning rate, and check "
-            "the initialisation (kaiming/xavier, not larger); normalization layers help."
+            f"{capitalised(clip_gradients(ctx.model.framework))}, lower or warm up the "
+            "learning rate, and check the initialisation (kaiming/xavier, not larger); "
+            "normalization layers help."
         )
         out: list[Condition] = []
         growth = self._growth(ctx, hint)
@@ -146,7 +148,7 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
             )
             where = (
                 f"; largest growth since step {earlier.step} in {format_layers(names)} "
-                f"({growth[0][0]:.3g}x in {growth[0][1] or '<root>'})"
+                f"({growth[0][0]:.3g}x in {display_name(growth[0][1])})"
             )
         return Condition(
             key="surge",

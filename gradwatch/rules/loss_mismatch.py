@@ -9,6 +9,9 @@ from ..stats import StepStats
 from .base import SHARE, Condition, Rule, RuleContext, whole_at_least
 from .loss_words import fix_place, loss_evidence, percent, source
 
+#: Operations whose output lies in [0, 1] (see ``loss_contract.made_by``).
+_SQUASHING = frozenset({"sigmoid", "softmax", "hardsigmoid", "clamp"})
+
 
 class LossInputMismatch(Rule):
     code = "GW301"
@@ -27,8 +30,9 @@ a sample of up to 2,048 rows. It fires when, for `window` monitored steps:
 - cross_entropy gets rows that are all >= 0 and sum to 1 (at least `share` of them):
   probabilities, from a softmax at the end of the model (nn.Softmax or F.softmax);
 - binary_cross_entropy_with_logits gets values that all lie in [0, 1] (at least `share`
-  of them, and at least `min_values` values, most of them not exactly 0): a sigmoid's
-  outputs;
+  of them, and at least `min_values` values, most of them not exactly 0) and were made
+  by an operation into [0, 1] (a sigmoid, softmax, hardsigmoid or clamp): a sigmoid's
+  outputs, not small raw logits of a fresh output layer;
 - nll_loss gets rows whose exp sums to more than 1 (fewer than 1 - `share` of them are
   log-probabilities): raw scores, or probabilities without the log.
 
@@ -106,6 +110,9 @@ such as nn.CrossEntropyLoss there is seen), and watchers with activations=False.
             and seen.unit_interval >= share
             and seen.zeros < 0.5  # all 0: a zero-initialised output layer, not a sigmoid
             and seen.rows * seen.classes >= self.t("min_values")
+            # Small raw logits (a fresh output layer) can all lie in [0, 1] too: only an
+            # operation that squashes into [0, 1] is a sigmoid applied twice.
+            and seen.via in _SQUASHING
         ):
             return Condition(
                 layers=seen.layers,

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..stats import LayerStats, StepStats
-from .base import RATIO, Condition, Rule, RuleContext, format_layers
+from ..wording import display_name
+from .base import RATIO, Condition, Rule, RuleContext, format_layers, gradients_finite
 from .profile import Cut, find_cuts, forward_order_known, gets_gradient
 
 #: Module classes that can hold alternatives (experts, heads, branches) a router picks from.
@@ -144,7 +145,7 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
-        if not all(s.grad_finite for s in stats):
+        if not gradients_finite(stats):
             return None  # GW103's business
         cuts = {name: cut for cut in find_cuts(stats, ctx.recent(16)) for name in cut.blocked}
         known = forward_order_known(stats)
@@ -295,7 +296,7 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
 
     def _blocked(self, group: list[Absent], stats: StepStats) -> Condition:
         last = group[-1]
-        before, after = last.before, last.after
+        before, after = display_name(last.before), display_name(last.after)
         names = [e.name for e in group]
         zero = any(e.zero for e in group)
         span = self._span(group, stats)
@@ -330,8 +331,8 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
                 "soft = softmax(logits)), or Gumbel-softmax."
             )
         evidence: dict[str, Any] = {
-            "before": before,
-            "after": after,
+            "before": last.before,
+            "after": last.after,
             "modules": len(names),
             "gradient": "zero" if zero else "none",
             "seen_in": last.seen_in,
@@ -345,7 +346,7 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
             hint=hint,
             evidence=evidence,
             score=float(len(names)),
-            key=f"blocked:{before}",
+            key=f"blocked:{last.before}",
             window=1,  # the evidence was gathered over the monitored steps counted above
         )
 

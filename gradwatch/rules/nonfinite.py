@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
+from typing import Any
 
+from ..wording import clip_gradients, display_name
 from .base import POSITIVE, RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
 from .masked_rows import attention_origin
 from .masked_rows import describe as describe_attention
@@ -66,7 +69,93 @@ already NaN, restart from a checkpoint."""
     clear_after = 3
     fast = True
 
+    def __init__(self, **thresholds: float) -> None:
+        super().__init__(**thresholds)
+        #: step of a NaN/Inf whose origin is not known yet: the next forward pass that is
+        #: watched says where it begins, or that it was clean
+        self._origin_pending: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"origin_pending": self._origin_pending}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pending = state.get("origin_pending")
+        self._origin_pending = int(pending) if pending is not None else None
+
     def check(self, ctx: RuleContext) -> list[Condition] | None:
+        found = self._check(ctx)
+        follow_up = self._follow_up(ctx)
+        if follow_up is None:
+            return found
+        return [*(found or []), follow_up]
+
+    def _follow_up(self, ctx: RuleContext) -> Condition | None:
+        """What the first watched forward pass after a NaN/Inf of unknown origin showed:
+        the module whose output is non-finite, poisoned weights, or nothing wrong."""
+        since = self._origin_pending
+        ordered = ctx.stats.by_depth()
+        if since is None or ctx.stats.step <= since:
+            return None
+        if not any(s.output_nonfinite is not None for s in ordered):
+            return None  # this step's forward pass was not watched: wait for one that is
+        self._origin_pending = None
+        weights = [
+            s.name for s in ordered if s.param_norm is not None and not math.isfinite(s.param_norm)
+        ]
+        outputs = [s.name for s in ordered if s.output_nonfinite]
+        evidence: dict[str, object] = {"nonfinite_step": since}
+        if weights:
+            evidence["first_nonfinite_weights"] = weights[0]
+            return Condition(
+                key="origin",
+                layers=tuple(weights),
+                message=(
+                    f"after the NaN/Inf gradient of step {since}, the weights of "
+                    f"{format_layers(weights)} are NaN/Inf: the optimizer applied it"
+                ),
+                hint=(
+                    "Skip the optimizer step when the gradients are not finite (check "
+                    "torch.isfinite on the loss or the gradient norm), and restart from a "
+                    "checkpoint taken before it."
+                ),
+                evidence=evidence,
+                window=1,
+            )
+        if outputs:
+            evidence["first_nonfinite_output"] = outputs[0]
+            return Condition(
+                key="origin",
+                layers=tuple(outputs),
+                message=(
+                    f"the NaN/Inf of step {since} begins in the forward output of "
+                    f"{display_name(outputs[0])} (first module in forward order whose output "
+                    "is NaN/Inf)"
+                ),
+                hint=(
+                    f"Check the input and the operation of {display_name(outputs[0])} (log "
+                    "of 0, division by ~0, sqrt of a negative, overflow in fp16)."
+                ),
+                evidence=evidence,
+                window=1,
+            )
+        evidence["clean_forward_step"] = ctx.stats.step
+        return Condition(
+            key="origin",
+            layers=(),
+            message=(
+                f"the forward pass of step {ctx.stats.step} was finite in every module: the "
+                f"NaN/Inf of step {since} came from that step's batch or its backward pass"
+            ),
+            hint=(
+                "Check the batches for NaN/Inf and out-of-range labels, and the operations "
+                "whose derivative can blow up (sqrt near 0, division, log)."
+            ),
+            evidence=evidence,
+            severity="info",
+            window=1,
+        )
+
+    def _check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
         ordered = stats.by_depth()
         bad = [s for s in ordered if s.grad_norm is not None and not math.isfinite(s.grad_norm)]
@@ -81,11 +170,38 @@ already NaN, restart from a checkpoint."""
             return [collapse] if collapse is not None else []
         if not bad and math.isfinite(stats.global_grad_norm) and not loss_bad:
             return []
-        return [self._nonfinite(stats, ordered, bad, weights, loss_bad)]
+        if ctx.model.fp16 and stats.loss_scale is None and bad and not weights and not loss_bad:
+            return [self._fp16_without_scaler(bad)]
+        return [self._nonfinite(ctx, ordered, bad, weights, loss_bad)]
 
-    def _nonfinite(self, stats, ordered, bad, weights, loss_bad) -> Condition:
+    def _fp16_without_scaler(self, bad) -> Condition:
+        """fp16 with no loss scaler known: a GradScaler overflows the gradients on purpose
+        while it calibrates, so Inf gradients at a finite loss are first of all a sign
+        that gradwatch was not given the scaler."""
+        names = [s.name for s in bad]
+        return Condition(
+            key="fp16",
+            layers=tuple(names),
+            message=(
+                f"Inf/NaN gradients in {len(bad)} layer(s) under float16 with a finite loss, "
+                "and no loss scaler known to gradwatch"
+            ),
+            hint=(
+                "If you use a torch.amp.GradScaler, pass it: gradwatch.watch(model, "
+                "scaler=scaler) or watcher.step(scaler=scaler). Its first steps overflow on "
+                "purpose while it calibrates (it skips them), and gradwatch then reports "
+                "only a scale that keeps falling. Without a GradScaler, fp16 gradients "
+                "overflow and underflow: use one, or train in bfloat16."
+            ),
+            evidence={"layers_with_nonfinite_gradient": len(bad), "fp16": True},
+            severity="warning",
+            score=float(len(bad)),
+        )
+
+    def _nonfinite(self, ctx, ordered, bad, weights, loss_bad) -> Condition:
+        stats, framework = ctx.stats, ctx.model.framework
         if bad and all(s.grad_nonfinite == 0 for s in bad):
-            return self._overflow(stats, bad)
+            return self._overflow(stats, bad, framework)
         outputs = [s.name for s in ordered if s.output_nonfinite]
         attention = None
         forward_seen = any(s.output_nonfinite is not None for s in ordered)
@@ -127,7 +243,8 @@ already NaN, restart from a checkpoint."""
                 hint = "The input batch itself holds NaN/Inf: clean the data (torch.isfinite)."
             else:
                 hint = (
-                    f"The forward output of {origin} is NaN/Inf: check its input and operation "
+                    f"The forward output of {display_name(origin)} is NaN/Inf: check its input and "
+                    "operation "
                     "(log of 0, division by ~0, overflow in fp16 -> use bf16 or a GradScaler)."
                 )
         elif not forward_seen and (bad or loss_bad):
@@ -141,8 +258,9 @@ already NaN, restart from a checkpoint."""
                 "batch (torch.isfinite(x).all(), labels in range) and operations such as "
                 "log, division, sqrt and exp; skip non-finite batches or clip gradients. "
                 "gradwatch watches the next forward passes to name the first module whose "
-                "output is NaN/Inf."
+                "output is NaN/Inf, and says what it finds."
             )
+            self._origin_pending = stats.step
         elif not bad:
             origin = ""
             if loss_bad:
@@ -159,8 +277,8 @@ already NaN, restart from a checkpoint."""
             origin = names[0]
             hint = (
                 "The forward pass is finite, so the backward pass overflowed or divided by "
-                "zero: clip gradients (clip_grad_norm_), lower the learning rate, add an eps "
-                "where the loss divides or takes a log, or use loss scaling with fp16."
+                f"zero: {clip_gradients(framework)}, lower the learning rate, add an eps "
+                "where the loss divides or takes a log."
             )
         evidence["origin"] = origin
         first = [origin] if origin else []
@@ -176,15 +294,18 @@ already NaN, restart from a checkpoint."""
         if loss_bad and bad:
             message += "; the loss is NaN/Inf"
         if weights:
-            message += f"; first appears in the weights of {origin}"
+            message += f"; first appears in the weights of {display_name(origin)}"
         elif attention is not None:
             message += f"; first appears in {where}"
         elif outputs:
-            message += f"; first appears in the forward output of {origin}"
+            message += f"; first appears in the forward output of {display_name(origin)}"
         elif not forward_seen and names:
-            message += f"; the weights were finite: it began at this step (first layer {origin})"
+            message += (
+                "; the weights were finite: it began at this step (first layer "
+                f"{display_name(origin)})"
+            )
         elif names:
-            message += f"; first layer in forward order: {origin}"
+            message += f"; first layer in forward order: {display_name(origin)}"
         return Condition(
             layers=tuple(layers),
             message=message,
@@ -193,7 +314,7 @@ already NaN, restart from a checkpoint."""
             score=float(len(bad)),
         )
 
-    def _overflow(self, stats, bad) -> Condition:
+    def _overflow(self, stats, bad, framework: str) -> Condition:
         """Every value is finite, but so large that the norms overflow float32: the step
         before NaN."""
         names = [s.name for s in bad]
@@ -208,7 +329,7 @@ already NaN, restart from a checkpoint."""
                 "overflows float32 (no NaN/Inf values yet): the next step will be NaN"
             ),
             hint=(
-                "Training is diverging: clip gradients (clip_grad_norm_), lower or warm up "
+                f"Training is diverging: {clip_gradients(framework)}, lower or warm up "
                 "the learning rate, and restart from a checkpoint taken before the jump."
             ),
             evidence=evidence,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..kinds import MATRIX_KINDS, RELU, SATURATING_KINDS
 from ..stats import LayerStats, OptimizerInfo, StepStats
 from ..units import UnitGroup, recent_blockers
-from .base import RuleContext, edge_size, matrix_layers, median
+from .base import RuleContext, edge_size, gradients_finite, matrix_layers, median
 
 #: float32 has 24 significant bits: an update below 2**-24 of a weight leaves it unchanged.
 FLOAT32_RESOLUTION = 2.0**-24
@@ -174,7 +174,7 @@ def find_cuts(stats: StepStats, recent: Sequence[StepStats]) -> list[Cut]:
 
 
 def _find_cuts(stats: StepStats, recent: Sequence[StepStats]) -> list[Cut]:
-    if not all(s.grad_finite for s in stats):
+    if not gradients_finite(stats):
         return []  # GW103's business
     known = forward_order_known(stats)
     chain = [

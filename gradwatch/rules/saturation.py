@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..kinds import SATURATING_KINDS, UNIT_ROW_KINDS
+from ..wording import display_name
 from .attention_saturation import DEFAULTS as ATTENTION_DEFAULTS
 from .attention_saturation import DOCS as ATTENTION_DOCS
 from .attention_saturation import AttentionSaturation
@@ -104,6 +105,9 @@ capping, which bound the logits."""
     def __init__(self, **thresholds: float) -> None:
         super().__init__(**thresholds)
         self._attention = AttentionSaturation()
+        #: the largest saturated share of the first monitored steps judged: saturation
+        #: that appears after a clean start comes from training, not from the init
+        self._start: list[float] = []
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         activations = self._activations(ctx)
@@ -113,10 +117,11 @@ capping, which bound the logits."""
         return [*(activations or []), *(attention or [])]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"attention": self._attention.state_dict()}
+        return {"attention": self._attention.state_dict(), "start": list(self._start)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._attention.load_state_dict(state.get("attention") or {})
+        self._start = [float(v) for v in state.get("start", [])]
 
     def _activations(self, ctx: RuleContext) -> list[Condition] | None:
         """Hidden sigmoid/tanh modules."""
@@ -133,6 +138,8 @@ capping, which bound the logits."""
         ]
         if not measured:
             return None
+        if len(self._start) < _START_STEPS and stats.trigger is None:
+            self._start.append(max(s.saturated_fraction or 0.0 for s in measured))
         flagged = [s for s in measured if (s.saturated_fraction or 0.0) > self.t("fraction")]
         if not flagged:
             return []
@@ -143,7 +150,9 @@ capping, which bound the logits."""
                 layers.append(producer)
             layers.append(act.name)
         worst = max(flagged, key=lambda s: s.saturated_fraction or 0.0)
-        parts = [f"{s.name} {100 * (s.saturated_fraction or 0):.0f}%" for s in flagged]
+        parts = [
+            f"{display_name(s.name)} {100 * (s.saturated_fraction or 0):.0f}%" for s in flagged
+        ]
         activations = [s for s in ordered if s.kind in SATURATING_KINDS]
         first_is_input = bool(activations) and flagged[0].name == activations[0].name
         # Saturation matters where it starves the layers before it. Behind a skip path
@@ -153,9 +162,10 @@ capping, which bound the logits."""
         bypassed = (
             not first_is_input and profile is not None and profile.ratio >= self.t("bypass_ratio")
         )
+        kinds = "/".join(sorted({s.kind for s in flagged}))  # "tanh", "sigmoid/tanh"
         message = (
-            f"saturated sigmoid/tanh outputs (derivative < 1% of max): "
-            f"{format_layers(parts)}; mean derivative in {worst.name} is "
+            f"saturated {kinds} outputs (derivative < 1% of max): "
+            f"{format_layers(parts)}; mean derivative in {display_name(worst.name)} is "
             f"{(worst.mean_derivative or 0):.2g} of its maximum"
         )
         if bypassed:
@@ -189,11 +199,26 @@ capping, which bound the logits."""
                 "the first sigmoid/tanh layer saturates at once. Scale them to mean 0, std 1 "
                 "(e.g. pixels / 255, or standardise each feature)."
             )
+        if len(self._start) >= _START_STEPS and max(self._start) <= self.t("fraction"):
+            # Not saturated at the first monitored steps: the init was fine then, and the
+            # weights grew into saturation during training.
+            info = ctx.stats.optimizer
+            lr = f" (lr={info.lr:g})" if info is not None else ""
+            return (
+                "These layers were not saturated at the start and saturated during "
+                f"training: the learning rate is likely too high{lr}. Lower it or warm it "
+                "up, and put BatchNorm/LayerNorm before the activation to keep "
+                "pre-activations in range (or use ReLU-family/GELU activations)."
+            )
         return (
             "Pre-activations are too large: initialise with xavier (glorot) init, put "
             "BatchNorm/LayerNorm before the activation, lower the learning rate, or use "
             "ReLU-family/GELU activations in hidden layers."
         )
+
+
+#: Monitored steps judged at the start: unsaturated on all of them means "clean at first".
+_START_STEPS = 2
 
 
 def _producer(ordered: list, name: str) -> str | None:

@@ -4,10 +4,21 @@ the late ones, so they barely learn."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from ..kinds import SATURATING_KINDS, SIGMOID, TANH
 from ..units import mostly_dead, recent_blockers
-from .base import RATIO, Condition, Rule, RuleContext, format_layers, whole_at_least
+from ..wording import display_name
+from .base import (
+    RATIO,
+    Condition,
+    Rule,
+    RuleContext,
+    format_layers,
+    gradients_finite,
+    whole_at_least,
+)
 from .profile import (
     FLOAT32_RESOLUTION,
     HE_GAIN,
@@ -21,6 +32,9 @@ from .profile import (
     latest_param_rms,
     signal_profile,
 )
+
+#: Monitored steps judged at the start: healthy on all of them means "healthy at first".
+_START_STEPS = 2
 
 
 class VanishingGradient(Rule):
@@ -68,7 +82,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
 
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
-        if not all(s.grad_finite for s in stats):
+        if not gradients_finite(stats):
             return None  # GW103's business
         # Layers behind a cut get no gradient because an operation blocks it, not because
         # it fades: that is GW104's finding; the layers after the cut are judged here.
@@ -79,6 +93,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
         if profile.late <= 0:
             return None  # no gradient at the top either: nothing to compare against
         ratio = profile.ratio
+        self._remember_start(ctx.stats.step, ratio)
         if ratio >= self.t("ratio"):
             return []
         limit = self.t("ratio") * profile.late
@@ -124,12 +139,37 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
             Condition(
                 layers=tuple(names),
                 message=message,
-                hint=self._hint(ctx, profile, signal, gain),
+                hint=self._hint(ctx, profile, signal, gain, self._healthy_start()),
                 evidence=evidence,
                 severity="error" if frozen else "warning",
                 score=min(orders, 60.0),
             )
         ]
+
+    def __init__(self, **thresholds: float) -> None:
+        super().__init__(**thresholds)
+        #: (step, ratio) of the first monitored steps judged: a gradient that reached the
+        #: first layers then and collapsed later was brought down by training, not init.
+        self._start: list[tuple[int, float]] = []
+
+    def _remember_start(self, step: int, ratio: float) -> None:
+        if len(self._start) < _START_STEPS and all(step != s for s, _ in self._start):
+            self._start.append((step, ratio))
+
+    def _healthy_start(self) -> tuple[int, float] | None:
+        """(step, ratio) of the first judged step, when every one of the first judged
+        steps had a healthy ratio (this finding then appeared during training)."""
+        if len(self._start) < _START_STEPS:
+            return None
+        if all(r >= self.t("ratio") for _, r in self._start):
+            return self._start[0]
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": [list(item) for item in self._start]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._start = [(int(step), float(r)) for step, r in state.get("start", [])]
 
     def _frozen(self, ctx: RuleContext, profile: Profile, starved: list) -> tuple[bool, str]:
         early = profile.layers[: profile.k]
@@ -148,35 +188,63 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
                 return False, ""
         return True, "their updates are below float32 resolution of the weights (w - lr*g == w)"
 
-    def _hint(self, ctx: RuleContext, profile: Profile, signal: Profile | None, gain) -> str:
+    def _hint(
+        self,
+        ctx: RuleContext,
+        profile: Profile,
+        signal: Profile | None,
+        gain: float | None,
+        healthy_start: tuple[int, float] | None = None,
+    ) -> str:
         hints: list[str] = []
         saturating = activation_names(ctx.stats, SATURATING_KINDS)
         dead = mostly_dead(ctx.recent(16))
+        if healthy_start is not None:
+            # The same network passed the gradient at first: its activations and init
+            # were fine then. Training changed it (weights grown into saturation, units
+            # pushed dead by large steps): advising the init it already has misleads.
+            step, ratio = healthy_start
+            info = ctx.stats.optimizer
+            lr = f" (lr={info.lr:g})" if info is not None else ""
+            hints.append(
+                f"The gradient reached the first layers at the start (ratio {ratio:.2g} at "
+                f"step {step}) and collapsed during training, so the initialisation is not "
+                f"the cause: the learning rate is likely too high{lr}. Lower it or warm it "
+                "up, and add normalization (LayerNorm/BatchNorm) before saturating "
+                "activations so that growing weights do not push them into saturation."
+            )
         if signal is not None and signal.ratio >= self.t("ratio"):
             first = profile.layers[0]
             hints.append(
                 "The backward signal itself reaches the early layers (ratio "
                 f"{signal.ratio:.2g}), but their inputs are small: check the scaling of the "
-                f"data fed to {first.name or '<root>'} (normalise inputs to mean 0, std 1)."
+                f"data fed to {display_name(first.name)} (normalise inputs to mean 0, std 1)."
             )
         sigmoids = activation_names(ctx.stats, (SIGMOID,))
         tanhs = activation_names(ctx.stats, (TANH,))
         if sigmoids or ctx.model.uses("Sigmoid"):
             where = f" ({format_layers(sigmoids, 3)})" if sigmoids else ""
+            bound = ""
+            if sigmoids:  # the user's own depth, not an example's
+                n = len(sigmoids)
+                bound = f" ({n} here: at most 0.25^{n} ~ {0.25**n:.1e} together)" if n > 1 else ""
             hints.append(
-                f"Sigmoid layers{where} multiply the gradient by at most 0.25 each "
-                "(0.25^30 ~ 8.7e-19 over 30 layers): use ReLU-family (ReLU, LeakyReLU) or "
-                "GELU activations in hidden layers."
+                f"Sigmoid layers{where} multiply the gradient by at most 0.25 each{bound}: "
+                "use ReLU-family (ReLU, LeakyReLU) or GELU activations in hidden layers."
             )
         only_tanh = bool(tanhs or ctx.model.uses("Tanh")) and not sigmoids
-        if only_tanh:
+        tanh_init_ok = gain is not None and gain >= 0.85 * TANH_GAIN
+        if only_tanh and healthy_start is None:
             where = f" ({format_layers(tanhs, 3)})" if tanhs else ""
+            keep = "" if tanh_init_ok else ", or keep tanh with xavier init (gain 5/3)"
             hints.append(
                 f"Tanh layers{where} pass at most the gradient they get, less once they "
-                "saturate, and small weights shrink it at every layer: use ReLU-family or "
-                "GELU, or keep tanh with xavier init."
+                f"saturate, and small weights shrink it at every layer: use ReLU-family or "
+                f"GELU{keep}."
             )
-        if gain is not None and only_tanh and gain < 0.85 * TANH_GAIN:
+        if healthy_start is not None:
+            pass  # the init was fine at the start: no init advice
+        elif gain is not None and only_tanh and gain < 0.85 * TANH_GAIN:
             hints.append(
                 f"Weights are initialised with gain {gain:.2f}, below the 5/3 tanh needs: "
                 "nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain('tanh'))."
@@ -189,7 +257,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
             )
         if dead:
             hints.append(
-                f"Most units of {format_layers(dead, 3)} are dead ReLUs (see GW201): no "
+                f"Most units of {format_layers(dead, 3)} are dead (see GW201): no "
                 "gradient passes them, so the layers before them starve."
             )
         if not ctx.model.has_normalization:
