@@ -19,6 +19,7 @@ from .demo.options import add_arguments as add_demo_arguments
 from .report import add_arguments as add_report_arguments
 from .rules import BUILTIN_RULES, find_rule
 from .run import add_arguments as add_run_arguments
+from .topics import TOPICS, find_topic
 
 
 def _rules(args: argparse.Namespace) -> int:
@@ -63,8 +64,14 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         cls = find_rule(args.rule)
     except ValueError as error:
-        print(f"gradwatch: {error}", file=sys.stderr)
-        return 2
+        topic = find_topic(args.rule)
+        if topic is None:
+            topics = ", ".join(t.slug for t in TOPICS)
+            print(f"gradwatch: {error}; training-loop topics: {topics}", file=sys.stderr)
+            return 2
+        Console().print(f"[bold]{topic.slug}[/bold]: {topic.summary}\n")
+        Console().print(reflow(topic.explanation), markup=False, highlight=False)
+        return 0
     console = Console()
     console.print(f"[bold]{cls.code} {cls.slug}[/bold] ({cls.severity}): {cls.summary}\n")
     console.print(reflow(cls.explanation), markup=False, highlight=False)

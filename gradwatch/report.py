@@ -289,6 +289,10 @@ def print_report(record: Record, path: str | os.PathLike[str], console: Console)
     _print_findings(console, record.findings)
     console.print()
     _print_summary(console, summary_rows(record))
+    if record.coverage is not None:
+        nothing = record.coverage.nothing_measured
+        text = record.coverage.describe() if nothing else f"over {record.coverage.describe()}"
+        _say(console, f"  {text}", style="yellow" if nothing else None)
     console.print()
     _print_gradients(console, record)
 

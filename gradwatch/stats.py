@@ -261,6 +261,13 @@ class StepStats:
     attention: dict[str, AttentionStats] = field(default_factory=dict)
     #: what reached the loss functions (cross_entropy, nll_loss, BCE) after the forward pass
     loss_inputs: list[LossInput] = field(default_factory=list)
+    #: members of a ModuleList/ModuleDict that never got a gradient, with the number of
+    #: steps (every step, not only monitored ones) they went without one
+    steps_without_gradient: dict[str, int] = field(default_factory=dict)
+    #: layers whose .grad was checked across an optimizer step since the last monitored
+    #: step, and those among them whose gradient was carried over (never cleared)
+    carry_checked: int = 0
+    carried: tuple[str, ...] = ()
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers.values())
@@ -303,6 +310,10 @@ class StepStats:
                 if self.loss_inputs
                 else {}
             ),
+            **({"steps_without_gradient": self.steps_without_gradient}
+               if self.steps_without_gradient else {}),
+            **({"carry_checked": self.carry_checked} if self.carry_checked else {}),
+            **({"carried": list(self.carried)} if self.carried else {}),
         }
 
     @classmethod
@@ -326,6 +337,9 @@ class StepStats:
                 n: AttentionStats.from_dict(v) for n, v in (data.get("attention") or {}).items()
             },
             loss_inputs=[LossInput.from_dict(x) for x in data.get("loss_inputs") or []],
+            steps_without_gradient=dict(data.get("steps_without_gradient") or {}),
+            carry_checked=int(data.get("carry_checked", 0)),
+            carried=tuple(data.get("carried", ())),
         )
 
 

@@ -19,7 +19,16 @@ import torch
 from torch import nn
 
 from .amp import ScalerView, check_scaler
+from .carry import CarryCheck, checked_parameters
 from .collect import Collector, Layout, read
+from .coverage import (
+    IN_BACKWARD,
+    NO_GRADIENT,
+    ZERO_GRADIENT,
+    Coverage,
+    misplaced_text,
+    step_in_backward,
+)
 from .distributed import Reducer
 from .findings import Finding
 from .guard import Guard, logger, warn_user
@@ -27,10 +36,12 @@ from .history import History
 from .keywords import suggest_keywords
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
+from .optimizer_hooks import OptimizerStepHooks, has_step_hooks
 from .precision import AutocastProbe, has_fp16_weights
 from .probes import ProbeRecord, Probes
 from .reporters import LoggingReporter, Reporter, default_reporters
 from .reporters.timing import ReportingClock, slow_reporter_notice
+from .routing import RoutingEvidence
 from .rules import resolve_rules
 from .rules.base import ModelFacts, Rule, RuleContext
 from .rules.engine import RuleEngine, SummaryRow
@@ -87,9 +98,10 @@ class Watcher:
     """Watches one model. Create it with :func:`gradwatch.watch`.
 
     Call :meth:`step` once per optimizer step, after ``backward()`` and before
-    ``optimizer.step()``. Every ``every_n_steps``-th call is a monitored step: gradients
-    and the activations of that step's forward pass are measured, the rules run, and
-    new findings are returned and reported. Other calls only count.
+    ``optimizer.step()`` (or pass ``optimizer=`` and let the optimizer's step hook do it).
+    Every ``every_n_steps``-th call is a monitored step: gradients and the activations
+    of that step's forward pass are measured, the rules run, and new findings are
+    returned and reported. Other calls only count.
 
     Options:
 
@@ -104,7 +116,10 @@ class Watcher:
     - ``reporters``: where findings go (default: terminal and ``logging``; ``[]``: none).
     - ``layers``, ``exclude``: glob patterns of module names to watch / skip.
     - ``optimizer``: lets the rules weigh gradients as the optimizer will (Adam rescales
-      them; SGD's learning rate sizes the update). Also accepted by :meth:`step`.
+      them; SGD's learning rate sizes the update). Also accepted by :meth:`step`. Given
+      here, gradwatch also steps itself from the optimizer's step hook, inside each
+      ``optimizer.step()``: no :meth:`step` call is needed (see
+      :mod:`gradwatch.optimizer_hooks`; an explicit call is never counted twice).
     - ``detail_every``: the forward/backward signal norms, parameter norms, max |g| and
       zero share (estimated from a strided sample of 4,096 entries in larger tensors) are
       measured on the first three monitored steps and then at least this many steps
@@ -263,6 +278,18 @@ class Watcher:
         self._closed = False
         self._force_detail = False
         self._said_no_hooks = False
+        self._carry = CarryCheck(checked_parameters(self.layers), self._guard)
+        self._routing = self._follow_routing()
+        self._no_grad_steps = 0  # monitored steps where every .grad was None
+        self._no_grad_streak = 0  # such calls in a row
+        self._stray_calls = 0  # such calls not counted as steps
+        self._zero_grad_steps = 0  # measured steps where every gradient was exactly 0
+        self._told: set[str] = set()
+        self._empty_reason: str | None = None
+        self._handover: tuple[int | None, Any, Any, Any] | None = None
+        self._from_hooks: deque[Finding] = deque(maxlen=MAX_FINDINGS)
+        self._step_hooks = self._hook_optimizer(optimizer)
+        self._hook_remover()  # the finaliser removes the optimizer and routing hooks too
         self._arm_for(0)
 
     # -- public API --------------------------------------------------------------------
@@ -296,12 +323,31 @@ class Watcher:
                 level=logging.WARNING,
             )
             return []
-        if self._probes is not None:
-            self._probes.losses_done()  # before anything else runs under the loss check
         # The caller's own arguments: a wrong one is their mistake, said at the call.
         optimizer_object(optimizer)
         loss_argument(loss)
+        hooks = self._step_hooks
+        if hooks is not None and hooks.attached and not hooks.claim():
+            # The optimizer's step hook counts and measures this step; what is passed
+            # here goes with it (see gradwatch.optimizer_hooks).
+            self._handover = (step, optimizer, loss, scaler)
+            found = list(self._from_hooks)
+            self._from_hooks.clear()
+            return found
+        self._handover = None
+        if not self._from_hooks:
+            return self._step(step, optimizer, loss, scaler)
+        found = list(self._from_hooks)
+        self._from_hooks.clear()
+        return found + self._step(step, optimizer, loss, scaler)
+
+    def _step(self, step: int | None, optimizer: Any, loss: Any, scaler: Any) -> list[Finding]:
+        """One training step: count it, measure it if it is monitored."""
+        if self._probes is not None:
+            self._probes.losses_done()  # before anything else runs under the loss check
         label = self._count if step is None else int(step)
+        if self._routing is not None:
+            self._guard.call("routing evidence", self._routing.tick, default=None)
         if optimizer is not None:
             if (
                 optimizer is not self._optimizer
@@ -411,12 +457,17 @@ class Watcher:
             self._probes.disarm()
         self._guard.call("statistics", self._read_pending, default=[])
         self._watched.close()
+        self._remove_loop_hooks()
         summary = self._engine.summary()
+        coverage = self.coverage
         with layer_classes(self._display):
             for reporter in self.reporters:
+                part = f"reporter {_name(reporter)}"
+                told = getattr(reporter, "coverage", None)
+                if callable(told):
+                    self._guard.call(part, told, coverage, default=None)
                 close = getattr(reporter, "close", None)
                 if close is not None:
-                    part = f"reporter {_name(reporter)}"
                     self._guard.call(part, close, summary, default=None)
         self._release()
 
@@ -441,6 +492,7 @@ class Watcher:
             "last_detail": self._last_detail,
             "engine": self._engine.state_dict(),
             "findings": [f.to_dict() for f in self._findings],
+            "routing": self._routing.state_dict() if self._routing is not None else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -450,6 +502,8 @@ class Watcher:
         self._engine.load_state_dict(state.get("engine", {}))
         self._findings.clear()
         self._findings.extend(Finding.from_dict(f) for f in state.get("findings", []))
+        if self._routing is not None:
+            self._routing.load_state_dict(dict(state.get("routing", {})))
         self._arm_for(self._count)
 
     # -- internals ---------------------------------------------------------------------
@@ -460,7 +514,13 @@ class Watcher:
         if self._watched.changed():
             self._rebuild(label)
         if not self._gradients_changed():
+            if self._no_gradient_at_all():
+                # Counted, so that hooks are not left armed on the steps that follow.
+                if self._probes is not None:
+                    self._probes.take()
+                return [], True
             return [], False  # no backward since the last monitored step: nothing to read
+        self._no_grad_streak = 0
         info = describe(self._optimizer)
         record = self._probes.take() if self._probes is not None else None
         if record is not None and record.empty and self._probes is not None and trip is None:
@@ -470,6 +530,7 @@ class Watcher:
             self._last_detail = label
         self._monitored += 1
         self._force_detail = False
+        self._guard.call("carried-gradient check", self._carry.start, default=None)
         extras, scaler_state = self._scaler_extras()
         try:
             measured = self._collector.measure(
@@ -569,6 +630,8 @@ class Watcher:
         )
         self._display = indexed_classes(self.module.named_modules())
         self._params = [p for layer in self.layers for _, p in layer.params]
+        if self._step_hooks is not None:
+            self._step_hooks.params = self._params
         self._index_of = {layer.name: layer.index for layer in self.layers}
         self._depth = {
             layer.index: depth
@@ -577,6 +640,12 @@ class Watcher:
         }
         self._seen_grads = []
         self._sentinel = self._make_sentinel()
+        self._carry.close()
+        self._carry = CarryCheck(checked_parameters(self.layers), self._guard)
+        if self._routing is not None:
+            self._routing.close()
+        self._routing = self._follow_routing()
+        self._hook_remover()
         if change:
             text = f"gradwatch: the watched layers changed at step {label} ({change.describe()})"
             if not any(isinstance(r, LoggingReporter) for r in self.reporters):
@@ -625,6 +694,7 @@ class Watcher:
         if self._probes is None or not self._probes.active:
             stats.activations_observed = False
         stats.loss = context.loss
+        self._add_loop_evidence(stats)
         trip = context.trip
         if trip is not None:
             stats.trigger = trip.reason
@@ -669,6 +739,10 @@ class Watcher:
             if activation is None:
                 continue  # the model changed since these statistics were taken
             producer = stats.layers.get(group.producer)
+            if self._carry.seen:
+                # Gradients carried across steps: a dead unit's row keeps its old gradient.
+                covered.discard(activation)
+                continue
             seen = alive_units(group, stats)
             dead = dead_fraction(group, stats)
             if (
@@ -683,6 +757,98 @@ class Watcher:
             else:
                 covered.discard(activation)
         return covered
+
+    # -- the training loop (gradwatch.optimizer_hooks, .carry, .routing, .coverage) --------
+
+    @property
+    def coverage(self) -> Coverage:
+        """How many steps were counted and measured, over how many layers (the close
+        summary says it)."""
+        return Coverage(
+            steps=self._count + self._stray_calls,
+            measured=self._monitored + self._no_grad_steps,
+            layers=sum(1 for layer in self.layers if layer.params),
+            empty=self._no_grad_steps + self._zero_grad_steps,
+            reason=self._empty_reason,
+        )
+
+    def _hook_optimizer(self, optimizer: Any) -> OptimizerStepHooks | None:
+        """With ``optimizer=``, step from the optimizer's own step hook."""
+        if optimizer is None:
+            return None
+        if not has_step_hooks(optimizer):
+            self._guard.say_once(
+                "no step hooks",
+                f"gradwatch: {type(optimizer).__name__} has no step hooks (it is not a "
+                "torch.optim.Optimizer): call watcher.step() after loss.backward() and "
+                "before optimizer.step().",
+            )
+            return None
+        hooks = OptimizerStepHooks(optimizer, _weak_method(self, "_on_optimizer_step"), self._guard)
+        hooks.params = self._params
+        return hooks
+
+    def _on_optimizer_step(self) -> None:
+        """Inside ``optimizer.step()``, before the update: this step's gradients."""
+        if self._closed:
+            return
+        given, self._handover = self._handover, None
+        step, optimizer, loss, scaler = given if given is not None else (None, None, None, None)
+        self._from_hooks.extend(self._step(step, optimizer, loss, scaler))
+
+    def _follow_routing(self) -> RoutingEvidence | None:
+        watched = {id(p) for p in self._params}
+        evidence = self._guard.call(
+            "routing evidence", RoutingEvidence, self.module, watched, default=None
+        )
+        if evidence is not None and not evidence.following:
+            return None
+        return evidence
+
+    def _no_gradient_at_all(self) -> bool:
+        """Every watched ``.grad`` is None at a monitored step, twice in a row (or the
+        optimizer steps inside backward): say once why, and where ``step()`` belongs.
+        True when so: the step is then counted, so that no hook stays armed."""
+        if any(p.grad is not None for p in self._params):
+            return False
+        reason = IN_BACKWARD if step_in_backward(self._params) else NO_GRADIENT
+        self._no_grad_streak += 1
+        if reason == NO_GRADIENT and self._no_grad_streak < 2:
+            self._stray_calls += 1
+            return False  # once may be a stray call; twice in a row is the loop
+        self._no_grad_steps += 1
+        self._empty_reason = reason
+        self._tell(reason, misplaced_text(reason, hooked=self._step_hooks is not None))
+        return True
+
+    def _add_loop_evidence(self, stats: StepStats) -> None:
+        """Per-step evidence gathered between monitored steps, onto this step's stats."""
+        if self._routing is not None:
+            stats.steps_without_gradient = self._routing.without_gradient()
+        stats.carry_checked, stats.carried = self._carry.take()
+        if stats.global_grad_norm == 0.0 and all(not s.grad_norm for s in stats):
+            self._zero_grad_steps += 1
+            self._empty_reason = ZERO_GRADIENT
+            self._tell(ZERO_GRADIENT, misplaced_text(ZERO_GRADIENT, hooked=False))
+
+    def _tell(self, key: str, text: str) -> None:
+        """A notice about the watching itself, once: to the reporters (terminal), and to
+        the "gradwatch" logger as a warning."""
+        if key in self._told:
+            return
+        self._told.add(key)
+        warn_user(text, stacklevel=6)
+        for reporter in self.reporters:
+            notice = getattr(reporter, "notice", None)
+            if callable(notice) and not isinstance(reporter, LoggingReporter):
+                self._guard.call(f"reporter {_name(reporter)}", notice, text, default=None)
+
+    def _remove_loop_hooks(self) -> None:
+        if self._step_hooks is not None:
+            self._step_hooks.remove()
+        self._carry.close()
+        if self._routing is not None:
+            self._routing.close()
 
     def _arm_for(self, label: int) -> None:
         """Place the forward hooks only ahead of a monitored step."""
@@ -831,6 +997,15 @@ class Watcher:
         teardown.probes = self.__dict__.get("_probes")
         teardown.watched = self.__dict__.get("_watched")
         teardown.autocast = self.__dict__.get("_autocast")
+        teardown.loop = [
+            part
+            for part in (
+                self.__dict__.get("_step_hooks"),
+                self.__dict__.get("_carry"),
+                self.__dict__.get("_routing"),
+            )
+            if part is not None
+        ]
         return teardown
 
     def _abandon(self) -> None:
@@ -858,6 +1033,7 @@ class _Teardown:
         self.probes: Probes | None = None
         self.watched: WatchedSet | None = None
         self.autocast: AutocastProbe | None = None
+        self.loop: list[Any] = []  # optimizer step hooks, carried-gradient check, routing
 
     def __call__(self) -> None:
         if self.autocast is not None:
@@ -866,6 +1042,8 @@ class _Teardown:
             self.probes.disarm()
         if self.watched is not None:
             self.watched.close()
+        for part in self.loop:
+            (part.remove if hasattr(part, "remove") else part.close)()
 
 
 def release(module: nn.Module) -> bool:
@@ -933,6 +1111,19 @@ def _has_nonfinite(values: list[float], layout: Layout) -> bool:
     # NaN and Inf survive a sum; finite sums of squares of float32 values cannot overflow
     # a float64 sum of a few thousand terms.
     return not math.isfinite(sum(values[: len(layout.slots)]))
+
+
+def _weak_method(owner: object, name: str) -> Callable[[], None]:
+    """``owner.name`` called through a weak reference: the optimizer's hook must not keep
+    a dropped watcher alive (its finaliser removes the hook)."""
+    ref = weakref.ref(owner)
+
+    def call() -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, name)()
+
+    return call
 
 
 def _name(reporter: object) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..coverage import Coverage
 from ..findings import Finding
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
@@ -31,6 +32,10 @@ class Reporter:
     def notice(self, text: str) -> None:
         """A one-line notice about the watching itself, not about the model (the watched
         layers changed: some were frozen, unfrozen or replaced)."""
+
+    def coverage(self, coverage: Coverage) -> None:
+        """Called by ``Watcher.close()`` just before :meth:`close`: how many steps and
+        layers were measured (:class:`gradwatch.coverage.Coverage`)."""
 
     def close(self, summary: Sequence[SummaryRow]) -> None:
         """Called once by ``Watcher.close()`` with one row per announced problem."""

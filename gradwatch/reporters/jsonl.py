@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .._version import __version__
+from ..coverage import Coverage
 from ..findings import Finding
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
@@ -79,8 +80,15 @@ class JsonlRecorder(Reporter):
         for finding in findings:
             self._write({"type": "finding", **finding.to_dict()})
 
+    def coverage(self, coverage: Coverage) -> None:
+        self._coverage = coverage
+
     def close(self, summary: Sequence[SummaryRow]) -> None:
-        self._write({"type": "summary", "rows": [asdict(row) for row in summary]})
+        record: dict[str, Any] = {"type": "summary", "rows": [asdict(row) for row in summary]}
+        coverage = getattr(self, "_coverage", None)
+        if coverage is not None:
+            record["coverage"] = coverage.to_dict()
+        self._write(record)
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -149,6 +157,8 @@ class Record:
     steps: list[StepStats] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     summary: list[SummaryRow] = field(default_factory=list)
+    #: what the run measured (steps, measured steps, layers), from the summary record
+    coverage: Coverage | None = None
     #: the last line was cut short (a crash while writing it) and was left out
     truncated: bool = False
     version: str | None = None
@@ -249,6 +259,8 @@ def _add(record: Record, data: dict[str, Any]) -> bool:
                 SummaryRow(**{**row, "layers": tuple(row.get("layers", ()))})
                 for row in data.get("rows", [])
             ]
+            if isinstance(data.get("coverage"), dict):
+                record.coverage = Coverage.from_dict(data["coverage"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
     return True

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from ..coverage import Coverage
 from ..findings import Finding
 from ..logsink import log_off_terminal
 from ..rules.engine import SummaryRow
@@ -54,11 +55,19 @@ class LoggingReporter(Reporter):
     def notice(self, text: str) -> None:
         self._log(logging.INFO, text)
 
+    def coverage(self, coverage: Coverage) -> None:
+        self._coverage = coverage
+
     def close(self, summary: Sequence[SummaryRow]) -> None:
         active = [row for row in summary if row.status == "active"]
+        coverage = getattr(self, "_coverage", None)
+        if coverage is not None and coverage.nothing_measured:
+            self._log(logging.WARNING, f"gradwatch closed: {coverage.describe()}")
+            return
+        over = f", over {coverage.describe()}" if coverage is not None else ""
         self._log(
             logging.INFO,
-            f"gradwatch closed: {len(summary)} finding(s), {len(active)} still active",
+            f"gradwatch closed: {len(summary)} finding(s), {len(active)} still active{over}",
         )
 
     def _log(self, level: int, text: str, extra: dict[str, Any] | None = None) -> None:

@@ -20,6 +20,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..coverage import Coverage
 from ..findings import Finding, severity_rank
 from ..rules.engine import SummaryRow
 from ..stats import StepStats
@@ -130,15 +131,26 @@ def summary_table(rows: Sequence[SummaryRow]) -> Table:
     return table
 
 
-def summary_text(rows: Sequence[SummaryRow]) -> str:
+def summary_text(rows: Sequence[SummaryRow], coverage: Coverage | None = None) -> str:
+    """The summary as plain text; with ``coverage``, what was measured.
+
+    >>> summary_text([], Coverage(steps=180, measured=12, layers=20))
+    'gradwatch summary: no findings in 12 measured steps of 180 (20 layers)'
+    """
     if not rows:
-        return "gradwatch summary: no findings"
+        if coverage is None:
+            return "gradwatch summary: no findings"
+        if coverage.nothing_measured:
+            return f"gradwatch summary: {coverage.describe()}"
+        return f"gradwatch summary: no findings in {coverage.describe()}"
     lines = ["gradwatch summary:"]
     for row in rows:
         lines.append(
             f"  {row.code} {row.rule} [{row.severity}] first at step {row.first_step}, "
             f"{_row_status(row)}: {layers_text(row.layers, 4)}"
         )
+    if coverage is not None:
+        lines.append(f"  over {coverage.describe()}")
     return "\n".join(lines)
 
 
@@ -258,14 +270,23 @@ class TerminalReporter(Reporter):
     def notice(self, text: str) -> None:
         self._emit(Text(text, style="dim"), text)
 
+    def coverage(self, coverage: Coverage) -> None:
+        self._coverage = coverage
+
     def close(self, summary: Sequence[SummaryRow]) -> None:
         if not self.summary:
             return
         rows = [r for r in summary if severity_rank(r.severity) >= severity_rank(self.min_severity)]
+        coverage = getattr(self, "_coverage", None)
         if not rows:
-            self._emit(Text(summary_text([]), style="green"), summary_text([]))
+            text = summary_text([], coverage)
+            style = "yellow" if coverage is not None and coverage.nothing_measured else "green"
+            self._emit(Text(text, style=style), text)
             return
-        self._emit(summary_table(rows), summary_text(rows))
+        table = summary_table(rows)
+        if coverage is not None:
+            table.caption = f"over {coverage.describe()}"
+        self._emit(table, summary_text(rows, coverage))
 
 
 def _width() -> int | None:

@@ -24,6 +24,7 @@ from .base import (
     greater_than,
     whole_at_least,
 )
+from .carried import CarriedGradient
 from .clamped_output import ClampedOutput
 from .dead_units import DeadUnits
 from .engine import RuleEngine, SummaryRow
@@ -43,6 +44,7 @@ BUILTIN_RULES: tuple[type[Rule], ...] = (
     DeadUnits,
     SaturatedActivation,
     AttentionLogitGrowth,
+    CarriedGradient,
     LossInputMismatch,
     ClampedOutput,
     SaturatedOutput,
@@ -102,7 +104,7 @@ def resolve_rules(
     rule's :attr:`~Rule.threshold_specs`. ``rules`` replaces the built-in set.
 
     >>> [r.code for r in resolve_rules(select=["GW1"], ignore="no-gradient")]
-    ['GW101', 'GW102', 'GW103']
+    ['GW101', 'GW102', 'GW103', 'GW107']
     >>> resolve_rules(thresholds={"GW101": {"ratio": -1}})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...

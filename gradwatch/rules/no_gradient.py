@@ -89,6 +89,11 @@ monitored steps without any gradient, where n is the number after which a module
 that gets one at a share `min_use` of the steps would have shown one with
 probability 1 - `miss_chance`: n = ceil(ln(miss_chance) / ln(1 - min_use)),
 44 monitored steps with the defaults 0.1 and 0.01 (660 steps at every 15).
+Members of a ModuleList or ModuleDict are also followed at every step (a flag set
+when one of their parameters receives a gradient): a member that never got one
+in n steps, counted at every step, is reported then, at the first monitored step
+after that (within 60 steps at the defaults); a member that gets a gradient at
+any step, as the experts of a balanced mixture do, is never reported.
 
 Why it matters: such parameters are trained by nothing. A quantiser
 (torch.round), argmax, a comparison, an integer cast, .detach(), .data, .item()
@@ -134,7 +139,12 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
         chance = min(max(self.t("miss_chance"), 1e-12), 1.0 - 1e-9)
         return max(self.window, math.ceil(math.log(chance) / math.log(1.0 - use)))
 
-    def _required(self, entry: Absent) -> int:
+    def _required(self, entry: Absent, *, every_step: bool = False) -> int:
+        """Monitored steps (or, with ``every_step``, steps counted at every step) without
+        a gradient after which ``entry`` is reported."""
+        if every_step:
+            # Per-step evidence only speeds up the wait for members that may be routed.
+            return self.patience() if _unrouted(entry) else MAX_STEPS
         if entry.ran:
             return self.window  # it runs at every step: the graph is the same each time
         if self._conditional is not None or entry.container is not None:
@@ -163,7 +173,16 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
                 continue  # no trainable parameters of its own
             self._observe_module(layer, stats, cuts.get(layer.name), known, first)
             self._observe_params(layer, params.get(layer.name, ()), stats.step, first)
-        due = [e for e in self._absent.values() if e.misses and e.misses >= self._required(e)]
+        every_step = stats.steps_without_gradient
+        due = [
+            e
+            for e in self._absent.values()
+            if e.misses
+            and (
+                e.misses >= self._required(e)
+                or _steps_without(e, every_step) >= self._required(e, every_step=True)
+            )
+        ]
         # A cut is one finding: once any module behind it is certain, all of them are
         # reported (they sit behind the same boundary).
         edges = {(e.before, e.after) for e in due if e.before and not e.param}
@@ -287,8 +306,10 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
         return out
 
     def _span(self, group: list[Absent], stats: StepStats) -> dict[str, Any]:
+        every_step = stats.steps_without_gradient
         return {
             "monitored_steps": max(e.misses for e in group),
+            "steps": max((_steps_without(e, every_step) for e in group), default=0) or None,
             "first_step": min(e.first_step for e in group),
             "required_steps": max(self._required(e) for e in group),
             "conditional_use_seen": self._conditional is not None,
@@ -356,10 +377,15 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
         span = self._span(group, stats)
         label = container or "the model's top-level Sequential"
         ran = " and never ran on any input" if forward_order_known(stats) else ""
+        counted = (
+            f"{span['steps']} steps, checked at every step"
+            if span["steps"]
+            else f"{span['monitored_steps']} monitored steps"
+        )
         message = (
-            f"{format_layers(branches)} never received a gradient in "
-            f"{span['monitored_steps']} monitored steps (since step {span['first_step']})"
-            f"{ran}, while other members of {label} get gradients"
+            f"{format_layers(branches)} never received a gradient in {counted} "
+            f"(since step {span['first_step']}){ran}, while other members of {label} get "
+            "gradients"
         )
         if siblings:
             message += f" ({format_layers(siblings, 3)} at this step)"
@@ -457,6 +483,23 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
         for item in list(state.get("absent", []))[:MAX_TRACKED]:
             entry = Absent(**{k: v for k, v in dict(item).items() if k in known})
             self._absent[entry.name] = entry
+
+
+#: Effectively "never" for :meth:`NoGradient._required` with per-step evidence.
+MAX_STEPS = 2**62
+
+
+def _steps_without(entry: Absent, every_step: Mapping[str, int]) -> int:
+    """Steps (counted at every step) that the container member holding ``entry`` went
+    without any gradient; 0 when it is not followed at every step."""
+    if not every_step:
+        return 0
+    parts = entry.module.split(".")
+    for cut in range(len(parts), 0, -1):
+        found = every_step.get(".".join(parts[:cut]))
+        if found is not None:
+            return found
+    return 0
 
 
 def _unrouted(entry: Absent) -> bool:

@@ -1,0 +1,212 @@
+"""Exact detection of gradients carried across an optimizer step (``zero_grad`` forgotten,
+or clearing only part of the model).
+
+PyTorch's ``AccumulateGrad`` adds a new gradient *in place* into an existing ``.grad``
+(its version counter goes up by exactly one) and creates a new tensor when ``.grad`` is
+None. ``zero_grad()`` sets ``.grad`` to None (the default) or zeroes it in place (one
+more version). Optimizers read ``.grad`` without writing it. So a parameter whose
+``.grad`` is, at each accumulation between one ``optimizer.step()`` and the next, the
+same tensor with its version exactly one above the version it had before, and is still
+that tensor when the next step starts, was never cleared: the step uses the sum of this
+step's gradients and every earlier one.
+
+Intended accumulation (``zero_grad`` and ``step`` every k micro-batches, DDP's
+``no_sync``, Lightning's ``accumulate_grad_batches``, the Trainer's
+``gradient_accumulation_steps``) clears after each optimizer step and is never flagged;
+a GAN whose generator's backward also fills the discriminator's ``.grad`` clears it
+before the discriminator's step. Anything else that touches ``.grad`` in between (an
+in-place scaling between micro-batches) breaks the chain and the check stays silent: it
+can miss, never invent.
+
+Cost: nothing on most steps. After a monitored step, PyTorch's process-wide optimizer
+hooks are registered until the next optimizer step that owns a checked parameter, and
+one post-accumulate-grad hook per checked parameter (one per watched layer, at most
+``MAX_CHECKED``) lives for one optimizer step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+from .guard import Guard
+
+#: Parameters checked per cycle: one per watched layer, spread evenly when there are more.
+MAX_CHECKED = 256
+#: A check cycle not finished after this many monitored steps starts again.
+_STALE_CYCLES = 2
+
+
+class _Chain:
+    """One checked parameter during one cycle."""
+
+    __slots__ = ("added", "broken", "decided", "grad", "handle", "version")
+
+    def __init__(self, grad: torch.Tensor | None) -> None:
+        self.grad = weakref.ref(grad) if grad is not None else None
+        self.version = grad._version if grad is not None else -1
+        self.added = 0  # accumulations seen into the uncleared tensor
+        self.broken = False  # cleared (or written to) since the step
+        self.handle: Any = None
+        # No gradient at the step: nothing can be carried, nothing to decide.
+        self.decided = grad is None
+
+
+class CarryCheck:
+    """Checks, once per monitored interval, whether ``.grad`` was cleared between two
+    optimizer steps, for one parameter per watched layer.
+
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    >>> check = CarryCheck([("layer", layer.weight)], Guard())
+    >>> check.start()
+    >>> for _ in range(3):  # no zero_grad(): every step adds the earlier gradients
+    ...     layer(torch.ones(1, 2)).sum().backward()
+    ...     opt.step()
+    >>> check.take()
+    (1, ('layer',))
+    >>> check.close()
+    """
+
+    def __init__(self, params: Sequence[tuple[str, torch.nn.Parameter]], guard: Guard) -> None:
+        if len(params) > MAX_CHECKED:
+            stride = len(params) / MAX_CHECKED
+            params = [params[int(i * stride)] for i in range(MAX_CHECKED)]
+        self._names = [name for name, _ in params]
+        self._params = [p for _, p in params]
+        self._guard = guard
+        self._owners: dict[int, tuple[weakref.ref[Any], int, list[int]]] = {}
+        self._chains: dict[int, _Chain] = {}
+        self._global: list[Any] = []
+        self._cycles = 0  # monitored steps since this cycle started
+        self._checked: set[str] = set()
+        self._carried: set[str] = set()
+        #: a carried gradient has been seen (weight-gradient rows are then not evidence)
+        self.seen = False
+
+    # -- the cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Called at a monitored step: check the next optimizer step (if not checking)."""
+        if self._global:
+            self._cycles += 1
+            if self._cycles <= _STALE_CYCLES:
+                return
+            self._end_cycle()
+        if not self._params:
+            return
+        self._cycles = 0
+        self._global = [register_optimizer_step_post_hook(self._after_step)]
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._guard.call("carried-gradient check", self._arm, optimizer, default=None)
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._guard.call("carried-gradient check", self._decide, optimizer, default=None)
+
+    def _arm(self, optimizer: Any) -> None:
+        """After an optimizer step: note each owned parameter's ``.grad`` and follow it."""
+        fresh = [i for i in self._owned(optimizer) if i not in self._chains]
+        for i in fresh:
+            param = self._params[i]
+            chain = _Chain(param.grad)
+            if not chain.decided:
+                chain.handle = param.register_post_accumulate_grad_hook(self._follower(i))
+            self._chains[i] = chain
+        if fresh and len(self._global) == 1:
+            self._global.append(register_optimizer_step_pre_hook(self._before_step))
+
+    def _follower(self, index: int) -> Any:
+        chains = self._chains
+
+        def on_accumulated(param: torch.Tensor) -> None:
+            chain = chains.get(index)
+            if chain is None or chain.broken:
+                return
+            grad = param.grad
+            if chain.grad is None or grad is None or chain.grad() is not grad:
+                chain.broken = True  # a new tensor: it was cleared (set to None)
+            elif grad._version != chain.version + 1:
+                chain.broken = True  # zeroed (or otherwise written) in between
+            else:
+                chain.version = grad._version
+                chain.added += 1
+
+        return on_accumulated
+
+    def _decide(self, optimizer: Any) -> None:
+        """Before the owner's next step: a parameter followed since the last step whose
+        ``.grad`` was only ever added to still holds the earlier steps' gradients."""
+        for i in self._owned(optimizer):
+            chain = self._chains.get(i)
+            if chain is None or chain.decided:
+                continue
+            chain.decided = True
+            chain.handle.remove()
+            if not chain.added and not chain.broken:
+                continue  # no backward reached it: no evidence either way
+            name = self._names[i]
+            self._checked.add(name)
+            still = chain.grad() if chain.grad is not None else None
+            if not chain.broken and still is not None and still is self._params[i].grad:
+                self._carried.add(name)
+                self.seen = True
+        if all(chain.decided for chain in self._chains.values()):
+            self._end_cycle()
+
+    def _owned(self, optimizer: Any) -> list[int]:
+        """Indices of the checked parameters that ``optimizer`` updates (worked out once per
+        optimizer and again when its parameter groups change)."""
+        groups = getattr(optimizer, "param_groups", None) or []
+        known = self._owners.get(id(optimizer))
+        if known is not None and known[0]() is optimizer and known[1] == len(groups):
+            return known[2]
+        ids = {id(p) for group in groups for p in group.get("params", ())}
+        owned = [i for i, p in enumerate(self._params) if id(p) in ids]
+        try:
+            self._owners[id(optimizer)] = (weakref.ref(optimizer), len(groups), owned)
+        except TypeError:
+            pass  # an optimizer that cannot be weakly referenced: worked out each time
+        return owned
+
+    def _end_cycle(self) -> None:
+        for chain in self._chains.values():
+            if chain.handle is not None and not chain.decided:
+                chain.handle.remove()
+        self._chains = {}
+        for handle in self._global:
+            handle.remove()
+        self._global = []
+
+    # -- results -------------------------------------------------------------------------
+
+    def take(self) -> tuple[int, tuple[str, ...]]:
+        """(layers checked, layers whose gradient was carried) since the last call."""
+        checked, carried = len(self._checked), tuple(
+            n for n in self._names if n in self._carried
+        )
+        self._checked, self._carried = set(), set()
+        return checked, carried
+
+    def close(self) -> None:
+        self._end_cycle()
+
+
+def checked_parameters(layers: Sequence[Any]) -> list[tuple[str, torch.nn.Parameter]]:
+    """One trainable parameter per watched layer (its first), in model order."""
+    out = []
+    for layer in layers:
+        if layer.params:
+            out.append((layer.name, layer.params[0][1]))
+    return out
+
+
+__all__ = ["MAX_CHECKED", "CarryCheck", "checked_parameters"]
