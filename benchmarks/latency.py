@@ -97,6 +97,10 @@ def _confident_sigmoid() -> nn.Module:
     return model
 
 
+def _sigmoid_head() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10), nn.Sigmoid())
+
+
 def _bce(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     targets = (labels[:, None] == torch.arange(10)).float()
     return nn.functional.binary_cross_entropy(out, targets)
@@ -119,6 +123,17 @@ def _smoothed_weighted_ce(out: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 def _raw_pixels(model: nn.Module) -> dict[str, Any]:
     x, y = digits(standardize=False)
     return {"x": x * 16, "y": y}
+
+
+def _rounded_mse(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(torch.round(out).squeeze(1), labels.float())
+
+
+def _separable(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two clusters far apart: a hinge loss reaches exactly 0 on them."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return torch.randn(n, 2, generator=g) + 6.0 * (labels[:, None].float() * 2 - 1), labels
 
 
 #: q.k * sqrt(head size) instead of / sqrt(head size): zoo.CausalLM has 16-wide heads
@@ -149,6 +164,7 @@ def _left_padded(model: nn.Module, watcher: Any) -> int:
 def scenarios() -> list[Scenario]:
     tokens, labels = zoo.token_task()
     x, y = digits()
+    sx, sy = _separable()
     return [
         # -- sick: tests/test_rules.py
         Scenario("deep sigmoid MLP (30)", lambda: mlp(30, nn.Sigmoid), "GW101", train={"lr": 0.1}),
@@ -304,6 +320,33 @@ def scenarios() -> list[Scenario]:
             train={"lr": 0.1, "loss_fn": _bce},
             extra=_raw_pixels,
         ),
+        # -- sick: tests/test_recurrent.py, tests/test_zero_gradient.py
+        Scenario(
+            "tanh RNN, recurrent gain 3, 32 steps",
+            lambda: zoo.SequenceClassifier("rnn", steps=32, hidden=64, recurrent_gain=3.0),
+            "GW102",
+            train={"lr": 1e-3, "optimizer": "adam"},
+        ),
+        Scenario(
+            "LSTM, recurrent gain 6, 64 steps",
+            lambda: zoo.SequenceClassifier("lstm", steps=64, hidden=64, recurrent_gain=6.0),
+            "GW102",
+            train={"lr": 1e-3, "optimizer": "adam"},
+        ),
+        Scenario(
+            "sigmoid + BCELoss, all gradients 0",
+            _sigmoid_head,
+            "GW108",
+            onset=1,
+            train={"lr": 0.5, "loss_fn": _bce},
+            extra=_raw_pixels,
+        ),
+        Scenario(
+            "round() before the loss",
+            lambda: mlp(3, nn.ReLU, outputs=1, init="kaiming"),
+            "GW108",
+            train={"lr": 0.05, "loss_fn": _rounded_mse},
+        ),
         # -- healthy: tests/test_rules.py
         Scenario(
             "He-init ReLU MLP (8)",
@@ -399,6 +442,43 @@ def scenarios() -> list[Scenario]:
             None,
             train={"lr": 0.05, "loss_fn": _bce},
             absent=("GW202",),
+        ),
+        # -- healthy: tests/test_recurrent.py, tests/test_zero_gradient.py
+        Scenario(
+            "LSTM classifier (8 steps), Adam",
+            lambda: zoo.SequenceClassifier("lstm"),
+            None,
+            steps=150,
+            train={"lr": 1e-2, "optimizer": "adam"},
+        ),
+        Scenario(
+            "GRU classifier (32 steps, h_n), Adam",
+            lambda: zoo.SequenceClassifier("gru", steps=32, read_state=True),
+            None,
+            steps=150,
+            train={"lr": 1e-2, "optimizer": "adam"},
+        ),
+        Scenario(
+            "2-layer LSTM, SGD",
+            lambda: zoo.SequenceClassifier("lstm", layers=2),
+            None,
+            steps=150,
+            train={"lr": 0.05},
+        ),
+        Scenario(
+            "tanh RNN (8 steps), SGD",
+            lambda: zoo.SequenceClassifier("rnn"),
+            None,
+            steps=150,
+            train={"lr": 0.05},
+        ),
+        Scenario("RNNCell loop, SGD", zoo.CellLoop, None, steps=150, train={"lr": 0.05}),
+        Scenario(
+            "hinge loss reaching 0",
+            lambda: nn.Linear(2, 2),
+            None,
+            steps=150,
+            train={"lr": 0.1, "x": sx, "y": sy, "loss_fn": nn.MultiMarginLoss()},
         ),
         # -- healthy: tests/test_rules_flow.py
         Scenario(

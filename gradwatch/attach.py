@@ -53,6 +53,7 @@ from torch import nn
 from .findings import Finding
 from .guard import Guard, logger
 from .layers import unwrap
+from .optimizer_events import after_any_step, before_any_step
 from .reporters.base import Reporter
 from .trained import optimizer_parameters, trained_models
 from .watcher import Watcher, _owner, watch
@@ -107,14 +108,9 @@ class Attachment:
 
     def start(self) -> Attachment:
         if not self._handles:
-            from torch.optim.optimizer import (
-                register_optimizer_step_post_hook,
-                register_optimizer_step_pre_hook,
-            )
-
             self._handles = [
-                register_optimizer_step_pre_hook(self._before_step),
-                register_optimizer_step_post_hook(self._after_step),
+                before_any_step(self._before_step),
+                after_any_step(self._after_step),
             ]
         return self
 
@@ -174,7 +170,9 @@ class Attachment:
                 continue
             reporters = self._reporters(model) if self._reporters is not None else None
             try:
-                watcher = watch(model, optimizer=optimizer, reporters=reporters, **self._options)
+                # No optimizer= here: that would step the watcher from the optimizer's own
+                # hook as well; this attachment steps it (with the optimizer) itself.
+                watcher = watch(model, reporters=reporters, **self._options)
             except ValueError as error:  # this model cannot be watched; others may be
                 self._guard.say_once(
                     f"unwatchable {id(model)}", f"gradwatch: {error}", level=logging.WARNING

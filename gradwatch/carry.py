@@ -31,12 +31,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.optim.optimizer import (
-    register_optimizer_step_post_hook,
-    register_optimizer_step_pre_hook,
-)
 
 from .guard import Guard
+from .optimizer_events import after_any_step, before_any_step
 
 #: Parameters checked per cycle: one per watched layer, spread evenly when there are more.
 MAX_CHECKED = 256
@@ -104,7 +101,7 @@ class CarryCheck:
         if not self._params:
             return
         self._cycles = 0
-        self._global = [register_optimizer_step_post_hook(self._after_step)]
+        self._global = [after_any_step(self._after_step)]
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._guard.call("carried-gradient check", self._arm, optimizer, default=None)
@@ -122,7 +119,7 @@ class CarryCheck:
                 chain.handle = param.register_post_accumulate_grad_hook(self._follower(i))
             self._chains[i] = chain
         if fresh and len(self._global) == 1:
-            self._global.append(register_optimizer_step_pre_hook(self._before_step))
+            self._global.append(before_any_step(self._before_step))
 
     def _follower(self, index: int) -> Any:
         chains = self._chains

@@ -22,8 +22,9 @@ import torch
 from . import attention_sample as _attention
 from . import loss_contract as _loss
 from .distributed import Reducer
-from .layers import UNIT_ROW_KINDS, LayerInfo
+from .layers import RECURRENT, UNIT_ROW_KINDS, LayerInfo
 from .probes import ProbeRecord
+from .recurrent import split_gradients
 from .stats import LayerStats, OptimizerInfo, StepStats, UnitMask
 
 _F32 = torch.float32
@@ -82,6 +83,8 @@ class Layout:
     #: attention calls measured (their sums follow the input norm, their largest logits
     #: the extras)
     attention: list[_attention.AttentionCall] = field(default_factory=list)
+    #: some watched module is recurrent (its weight_hh / weight_ih are read apart)
+    recurrent: bool = False
     #: loss calls measured (their statistics follow the attention maxima); ``loss_fixed``:
     #: sent as a fixed number of calls (several ranks)
     loss_calls: list[_loss.LossCall] = field(default_factory=list)
@@ -400,6 +403,7 @@ class Collector:
         self.table, self.aliases = param_tables([layer for layer in layers if layer.params])
         self.reducer = reducer
         self._segment_cache: dict[tuple, torch.Tensor] = {}
+        self.recurrent = any(layer.kind == RECURRENT for layer in layers)
         self._params = [param for _, _, param, _, _ in self.table]
         self._plan: _SlotPlan | None = None
 
@@ -515,6 +519,7 @@ class Collector:
             layers=self.layers,
             aliases=plan.aliases,
             attention=attention,
+            recurrent=self.recurrent,
             loss_calls=loss_calls,
             loss_fixed=loss_fixed,
         )
@@ -823,6 +828,8 @@ def read(
         if layout.detail:
             ls.grad_zero_fraction = 1.0 - nz / numel if numel else 0.0
             ls.grad_max = mx
+    if layout.recurrent:
+        split_gradients(slots, sumsq, {i: by_index[i].kind for i in by_index}, stats)
     for index, names in layout.missing.items():
         stats[index].missing_grad = tuple(names)
 

@@ -16,6 +16,10 @@ CONV = "conv"
 EMBEDDING = "embedding"
 NORM = "norm"
 ATTENTION = "attention"
+#: RNN/LSTM/GRU and their cells: weight matrices applied at every time step (input-to-
+#: hidden ``weight_ih*`` and hidden-to-hidden ``weight_hh*``); their gate rows are not
+#: units that can die, and their tanh/sigmoid run inside one kernel, out of a hook's sight.
+RECURRENT = "recurrent"
 RELU = "relu"  # hard-gated: zero derivative where inactive, so units can die
 SIGMOID = "sigmoid"
 TANH = "tanh"
@@ -25,7 +29,7 @@ OTHER = "other"
 #: Kinds whose weight rows are output units (a zero row means a unit got no gradient).
 UNIT_ROW_KINDS = (LINEAR, CONV)
 #: Kinds whose weight gradients carry the depth profile (dense, input-independent layout).
-MATRIX_KINDS = (LINEAR, CONV, ATTENTION)
+MATRIX_KINDS = (LINEAR, CONV, ATTENTION, RECURRENT)
 SATURATING_KINDS = (SIGMOID, TANH)
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "MATRIX_KINDS",
     "NORM",
     "OTHER",
+    "RECURRENT",
     "RELU",
     "SATURATING_KINDS",
     "SIGMOID",

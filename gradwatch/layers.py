@@ -18,6 +18,7 @@ from .kinds import (  # noqa: F401
     MATRIX_KINDS,
     NORM,
     OTHER,
+    RECURRENT,
     RELU,
     SATURATING_KINDS,
     SIGMOID,
@@ -41,6 +42,8 @@ def module_kind(module: nn.Module) -> str:
 
     >>> module_kind(nn.Linear(2, 3)), module_kind(nn.ReLU()), module_kind(nn.GELU())
     ('linear', 'relu', 'activation')
+    >>> module_kind(nn.LSTM(2, 3)), module_kind(nn.GRUCell(2, 3))
+    ('recurrent', 'recurrent')
     """
     if isinstance(module, nn.Linear):
         return LINEAR
@@ -52,6 +55,8 @@ def module_kind(module: nn.Module) -> str:
         return NORM
     if isinstance(module, nn.MultiheadAttention):
         return ATTENTION
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return RECURRENT
     if isinstance(module, (nn.ReLU, nn.ReLU6)):
         return RELU
     if isinstance(module, nn.Sigmoid):

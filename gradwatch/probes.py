@@ -33,8 +33,9 @@ from .attention import AttentionCapture
 from .attention_sample import AttentionCall
 from .forward_context import grad_enabled, in_backward, is_compiling
 from .guard import Guard
-from .layers import CONV, EMBEDDING, LINEAR, NORM, RELU, SIGMOID, TANH, LayerInfo
+from .layers import CONV, EMBEDDING, LINEAR, NORM, RECURRENT, RELU, SIGMOID, TANH, LayerInfo
 from .loss_contract import LossCall, LossCheck
+from .recurrent import state_tensors
 
 # A sigmoid/tanh output counts as saturated where the derivative is below this share
 # of its maximum (sigmoid' <= 0.25, tanh' <= 1).
@@ -341,6 +342,9 @@ class Probes:
             layer.module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
         )
         core = self._make_core_hook(layer) if kind in _ACTIVATION_KINDS else None
+        # A recurrent layer returns its final state beside the output sequence, and a
+        # classifier often reads only the state: the backward signal is what reaches either.
+        recurrent = kind == RECURRENT
 
         def full_hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._off or is_compiling():
@@ -366,6 +370,9 @@ class Probes:
                     record.out_norms.append((index, norm, values.numel()))
                     if tensor.requires_grad:
                         tensor.register_hook(self._grad_hooks[index])
+                    if recurrent:
+                        for state in state_tensors(output):
+                            state.register_hook(self._grad_hooks[index])
                     if positive_axis is not None and values.dim() >= 2:
                         axis = positive_axis % values.dim()
                         positive = per_unit_sum(values.clamp(min=0), axis)

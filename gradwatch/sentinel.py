@@ -122,6 +122,9 @@ class Sentinel:
         self._transfer: HostTransfer[int] = HostTransfer(False)
         self._grads: deque[float] = deque(maxlen=window)
         self._losses: deque[float] = deque(maxlen=window)
+        #: (step, loss) as judged: on CUDA the watcher cannot read a loss tensor without
+        #: waiting for the GPU, but a monitored step read later can take its loss from here
+        self._judged_losses: deque[tuple[int, float]] = deque(maxlen=window)
         # A surge or a NaN that lasts trips once, not at every step: a NaN again only
         # after a finite step, a surge again only when it doubles the last one.
         self._in_nonfinite = False
@@ -245,6 +248,8 @@ class Sentinel:
             grads.append(value)
         if loss_value is not None and math.isfinite(loss_value):
             losses.append(loss_value)
+        if loss_value is not None:
+            self._judged_losses.append((step, loss_value))
         return trip
 
     def _loss_surge(self, loss: float) -> bool:
@@ -264,6 +269,22 @@ class Sentinel:
             if trip is not None:
                 trips.append(trip)
         return trips
+
+    def loss_at(self, step: int) -> float | None:
+        """The loss passed at ``step``, once judged (None: not passed, or not yet judged:
+        on CUDA a step is judged at the next one; only the last ``window`` are kept).
+
+        >>> p = torch.nn.Parameter(torch.zeros(3))
+        >>> sentinel = Sentinel([p])
+        >>> p.grad = torch.ones(3)
+        >>> _ = sentinel.observe(7, loss=torch.tensor(2.5))
+        >>> sentinel.loss_at(7), sentinel.loss_at(8)
+        (2.5, None)
+        """
+        for judged, loss in reversed(self._judged_losses):
+            if judged == step:
+                return loss
+        return None
 
     def state(self) -> dict[str, Any]:
         return {"grads": list(self._grads), "losses": list(self._losses)}

@@ -99,6 +99,13 @@ class LayerStats:
     units: int | None = None
     zero_grad_units: UnitMask | None = None
 
+    # Recurrent layers: gradient RMS of the hidden-to-hidden (weight_hh*) and
+    # input-to-hidden (weight_ih*) matrices, all layers and directions together.
+    hh_grad_rms: float | None = None
+    ih_grad_rms: float | None = None
+    #: norm of the weight_hh gradient per input unit (its column): |dW_hh| / sqrt(columns)
+    hh_grad_per_input: float | None = None
+
     # Signals: forward output and the gradient with respect to that output.
     output_rms: float | None = None
     output_grad_norm: float | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kinds import RELU, SATURATING_KINDS, UNIT_ROW_KINDS
+from .kinds import RECURRENT, RELU, SATURATING_KINDS, UNIT_ROW_KINDS
 from .stats import LayerStats, StepStats, UnitMask
 
 
@@ -45,6 +45,9 @@ def _pair(stats: StepStats) -> list[UnitGroup]:
             follower = _next_activation(ordered, position)
             if follower is not None and follower.kind in SATURATING_KINDS:
                 claimed.add(layer.name)  # saturation is GW202's business
+            continue
+        if layer.kind == RECURRENT:
+            last_producer = None  # a ReLU after it reads the recurrent layer's output
             continue
         if layer.kind != RELU:
             continue

@@ -45,6 +45,7 @@ from .routing import RoutingEvidence
 from .rules import resolve_rules
 from .rules.base import ModelFacts, Rule, RuleContext
 from .rules.engine import RuleEngine, SummaryRow
+from .rules.zero_gradient import wants_detail
 from .sentinel import Sentinel, Trip
 from .stats import OptimizerInfo, StepStats
 from .structure import WatchedSet
@@ -573,7 +574,12 @@ class Watcher:
             self._arm_for(layout.step + 1)
             if fresh and not self._transfer.deferred:  # the gradients are still there
                 nonfinite = self._collector.inspect_nonfinite(layout.slots)
-        return self._process(layout, context, values, nonfinite)
+        findings = self._process(layout, context, values, nonfinite)
+        if wants_detail(self._history):
+            # Every gradient exactly 0: the backward signal shows where it stops.
+            self._force_detail = True
+            self._arm_for(layout.step + 1)
+        return findings
 
     def _read_ready(self) -> list[Finding]:
         findings = []
@@ -695,6 +701,8 @@ class Watcher:
             stats.activations_observed = False
         stats.loss = context.loss
         self._add_loop_evidence(stats)
+        if stats.loss is None and self._sentinel is not None:
+            stats.loss = self._sentinel.loss_at(stats.step)  # a loss on the GPU, read by now
         trip = context.trip
         if trip is not None:
             stats.trigger = trip.reason

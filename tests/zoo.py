@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -364,3 +366,55 @@ class QuantisedStack(nn.Module):
             if i == self.cut:
                 h = quantise(h, self.how)
         return self.out(h)
+
+
+# -- recurrent classifiers (tests/test_recurrent.py) ----------------------------------
+
+RECURRENT_CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+class SequenceClassifier(nn.Module):
+    """Digits read as a sequence: ``steps`` time steps of 64/steps pixels each."""
+
+    def __init__(
+        self,
+        cell: str = "lstm",
+        *,
+        steps: int = 8,
+        hidden: int = 32,
+        layers: int = 1,
+        recurrent_gain: float | None = None,
+        read_state: bool = False,
+    ) -> None:
+        super().__init__()
+        self.steps = steps
+        self.read_state = read_state
+        self.rnn = RECURRENT_CELLS[cell](64 // steps, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+        if recurrent_gain is not None:
+            # Gaussian weight_hh with spectral radius ~ recurrent_gain
+            for name, param in self.rnn.named_parameters():
+                if name.startswith("weight_hh"):
+                    nn.init.normal_(param, 0.0, recurrent_gain / math.sqrt(param.shape[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, state = self.rnn(x.view(len(x), self.steps, -1))
+        if self.read_state:
+            h = state[0] if isinstance(state, tuple) else state
+            return self.head(h[-1])
+        return self.head(out[:, -1])
+
+
+class CellLoop(nn.Module):
+    """An nn.RNNCell driven by a Python loop over 8 time steps."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(8, hidden)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = None
+        for t in range(8):
+            h = self.cell(x[:, 8 * t : 8 * t + 8], h)
+        return self.head(h)

@@ -4,6 +4,7 @@ or jump far above their recent level."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..wording import capitalised, clip_gradients, display_name
 from .base import (
@@ -20,6 +21,7 @@ from .base import (
     whole_at_least,
 )
 from .profile import gradient_profile, latest_param_rms, signal_profile
+from .recurrent import has_recurrent, through_time, time_step_hint
 
 
 class ExplodingGradient(Rule):
@@ -28,7 +30,7 @@ class ExplodingGradient(Rule):
     severity = "warning"
     summary = "gradients grow with depth, dwarf the weights, or spike far above their recent level"
     explanation = """\
-What it measures, four ways (each must hold for `window` monitored steps unless it says
+What it measures, five ways (each must hold for `window` monitored steps unless it says
 "at once"):
 - growth with depth: the gradient flowing back into each weight layer's output (its
   RMS; the weight-gradient RMS where that is not observed) in the
@@ -45,7 +47,13 @@ What it measures, four ways (each must hold for `window` monitored steps unless 
   gradients every step; when it jumps above `spike_factor` times its median over the
   last 16 steps, the whole model is measured at that step and this fires without the
   window, naming the layers whose gradient grew most since the last measurement. It
-  comes before the NaN that a diverging run produces a few steps later.
+  comes before the NaN that a diverging run produces a few steps later;
+- through time: a recurrent layer (nn.RNN/LSTM/GRU or a cell) whose hidden-to-hidden
+  (weight_hh) gradient per input unit (its norm over the square root of its columns)
+  is above `time_ratio` times the median of the weight layers after it. The hidden
+  state that weight_hh multiplies is bounded, as is the input of the layers after it,
+  so healthy recurrent classifiers and language models measure at most ~5x; far above
+  that, the gradient of early time steps multiplies up once per step.
 
 Why it matters: backpropagation multiplies one local derivative per layer; weights
 initialised too large (or a learning rate that inflates them) make that product grow
@@ -54,7 +62,13 @@ NaN follows (GW103).
 
 How to fix it: clip gradients (torch.nn.utils.clip_grad_norm_, or gradient_clip_val in
 Lightning), lower the learning rate or warm it up, initialise with kaiming/xavier
-(not larger), add normalization (BatchNorm/LayerNorm) or residual scaling."""
+(not larger), add normalization (BatchNorm/LayerNorm) or residual scaling. Through
+time: clip gradients, initialise weight_hh orthogonally or as a scaled identity (gain
+at most 1), use LSTM/GRU instead of a vanilla RNN, or backpropagate through fewer time
+steps (truncated BPTT).
+
+When it stays silent: through time, on healthy RNN/LSTM/GRU classifiers (their
+weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's."""
     defaults = {
         "ratio": 1e-3,
         "update_ratio": 1.0,
@@ -63,6 +77,7 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         "baseline_steps": 8,
         "min_baseline": 4,
         "min_layers": 3,
+        "time_ratio": 100.0,
     }
     threshold_docs = {
         "ratio": "late/early ratio of the gradient at layer outputs below which growth fires",
@@ -72,6 +87,8 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         "baseline_steps": "how many earlier monitored steps make the spike baseline",
         "min_baseline": "fewest earlier monitored steps before spikes are judged",
         "min_layers": "fewest weight layers for a depth comparison",
+        "time_ratio": "recurrent weight_hh gradient per input unit / that of the layers after "
+        "it above which the gradient explodes through time",
     }
     threshold_specs = {
         "ratio": RATIO,
@@ -81,6 +98,7 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
         "baseline_steps": whole_at_least(1),
         "min_baseline": whole_at_least(1, at_most="baseline_steps"),
         "min_layers": whole_at_least(2),
+        "time_ratio": greater_than(1.0),
     }
     window = 3
     worse_by = 1.0
@@ -96,10 +114,18 @@ Lightning), lower the learning rate or warm it up, initialise with kaiming/xavie
             "normalization layers help."
         )
         out: list[Condition] = []
-        growth = self._growth(ctx, hint)
+        # Through time is the more precise reading of growth in a recurrent layer.
+        time = through_time(ctx, self.t("time_ratio"))
+        growth = self._growth(ctx, hint) if time is None else time
         if growth is not None:
             out.append(growth)
         update = self._update(ctx, hint)
+        if update is not None and has_recurrent(ctx, update.layers):
+            update = replace(
+                update,
+                hint=time_step_hint(ctx, list(update.layers))
+                + " Until then, a lower learning rate keeps one step from ruining the weights.",
+            )
         if update is not None:
             out.append(update)
         spike = self._spike(ctx, hint)

@@ -8,7 +8,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from ..kinds import MATRIX_KINDS, RELU, SATURATING_KINDS
+from ..kinds import MATRIX_KINDS, RECURRENT, RELU, SATURATING_KINDS
 from ..stats import LayerStats, OptimizerInfo, StepStats
 from ..units import UnitGroup, recent_blockers
 from .base import RuleContext, edge_size, gradients_finite, matrix_layers, median
@@ -73,8 +73,12 @@ def gradient_profile(
 
 def signal_profile(stats: StepStats, min_layers: int) -> Profile | None:
     """RMS of the gradient with respect to each weight layer's output: the backward
-    signal itself, independent of the scale of each layer's input."""
-    layers = [s for s in matrix_layers(stats) if s.output_grad_rms is not None]
+    signal itself, independent of the scale of each layer's input. Recurrent layers are
+    left out: the loss often reads one time step (or the final state) of their output, so
+    the signal there is spread thin over the sequence and says little about their inside."""
+    layers = [
+        s for s in matrix_layers(stats) if s.output_grad_rms is not None and s.kind != RECURRENT
+    ]
     values = [s.output_grad_rms or 0.0 for s in layers]
     return build_profile(layers, values, min_layers)
 
