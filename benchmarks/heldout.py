@@ -232,8 +232,8 @@ class Harness:
         for watcher in self.watchers:
             found = watcher.findings
             for finding in found[self.seen[id(watcher)] :]:
-                if finding.message.startswith("resolved"):
-                    continue  # the end of an earlier finding, not a new one
+                if getattr(finding, "status", "new") != "new":
+                    continue  # the end of an earlier finding (resolved), not a new one
                 layers = tuple(str(name) for name in finding.layers)
                 self.run.findings.append((self.step_index, finding.code, finding.rule, layers))
                 self.run.details.append(
