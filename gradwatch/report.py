@@ -295,6 +295,9 @@ def print_report(record: Record, path: str | os.PathLike[str], console: Console)
         _say(console, f"  {text}", style="yellow" if nothing else None)
     console.print()
     _print_gradients(console, record)
+    if any(s.update_ratio is not None for stats in steps for s in stats):
+        console.print()
+        _print_updates(console, record)
 
 
 def _print_findings(console: Console, findings: Sequence[Finding]) -> None:
@@ -427,6 +430,46 @@ def record_json(record: Record, path: str | os.PathLike[str]) -> dict[str, Any]:
             ],
             "global_grad_norm": [s.global_grad_norm for s in record.steps],
         }
+    )
+
+
+def _print_updates(console: Console, record: Record) -> None:
+    """The update-to-weight ratio |Δw|/|w| of each layer over the monitored steps that
+    measured it (about 1e-3 is healthy)."""
+    layers = [
+        n
+        for n in gradient_layers(record)
+        if any(v is not None for v in series(record, n, "update_ratio"))
+    ]
+    measured = [
+        k for k, s in enumerate(record.steps) if any(x.update_ratio is not None for x in s)
+    ]
+    plain = not console.is_terminal
+    name_width = max(len("layer"), *(len(n or "<root>") for n in layers))
+    spark = [measured[i] for i in sample_indices(len(measured), SPARK_WIDTH)]
+    room = console.width - name_width - max(len("over time"), len(spark)) - (8 if plain else 12)
+    count = max(2, min(TEXT_COLUMNS, room // 10))
+    picks = [measured[i] for i in sample_indices(len(measured), count)]
+    columns = ["layer", *(f"step {record.steps[i].step}" for i in picks), "over time"]
+    per_layer = {name: series(record, name, "update_ratio") for name in layers}
+    scale = log_range(per_layer.values())
+    rows: list[list[Cell]] = [
+        [
+            name or "<root>",
+            *(value_text(values[i]) for i in picks),
+            sparkline([values[i] for i in spark], plain=plain, scale=scale),
+        ]
+        for name, values in per_layer.items()
+    ]
+    print_table(
+        console,
+        "update / weight ratio |Δw|/|w| per layer over one optimizer step (about 1e-3 is healthy)",
+        columns,
+        rows,
+        right=columns[1:-1],
+        keep_whole=("layer", "over time"),
+        caption="measured from a sample of the weights one step before each monitored step; "
+        "blank = exactly 0 (the weights did not move), '-' = not measured",
     )
 
 

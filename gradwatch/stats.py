@@ -120,6 +120,13 @@ class LayerStats:
     mean_derivative: float | None = None
     calls: int = 0
 
+    # The update: how far the last optimizer step moved the module's own parameters.
+    #: |Δw| / |w| over one optimizer step, from a sample of the weights taken one step
+    #: before this monitored step (see gradwatch.update); None when not measured
+    update_ratio: float | None = None
+    #: parameters the optimizer does not update, each as "name (reason)"
+    not_updated: tuple[str, ...] = ()
+
     @property
     def has_gradient(self) -> bool:
         """True when the module owns trainable parameters that received a gradient."""
@@ -135,6 +142,7 @@ class LayerStats:
             mask = getattr(self, key)
             data[key] = mask.to_hex() if mask is not None else None
         data["missing_grad"] = list(self.missing_grad)
+        data["not_updated"] = list(self.not_updated)
         return {k: _json_number(v) for k, v in data.items() if v is not None and v != []}
 
     @classmethod
@@ -144,6 +152,7 @@ class LayerStats:
             if data.get(key) is not None:
                 data[key] = UnitMask.from_hex(data[key])
         data["missing_grad"] = tuple(data.get("missing_grad", ()))
+        data["not_updated"] = tuple(data.get("not_updated", ()))
         known = cls.__dataclass_fields__
         return cls(**{k: _from_json_number(v) for k, v in data.items() if k in known})
 
@@ -275,6 +284,9 @@ class StepStats:
     #: step, and those among them whose gradient was carried over (never cleared)
     carry_checked: int = 0
     carried: tuple[str, ...] = ()
+    #: median of the losses passed to ``watcher.step(loss=...)`` at the last (up to 16)
+    #: steps, every step counted: a steadier level than this step's loss
+    recent_loss: float | None = None
 
     def __iter__(self) -> Iterator[LayerStats]:
         return iter(self.layers.values())
@@ -306,6 +318,7 @@ class StepStats:
             "loss_scale": _json_number(self.loss_scale),
             "trigger": self.trigger,
             "surge": _json_number(self.surge),
+            "recent_loss": _json_number(self.recent_loss),
             "layers": {name: s.to_dict() for name, s in self.layers.items()},
             **(
                 {"attention": {n: a.to_dict() for n, a in self.attention.items()}}
@@ -340,6 +353,7 @@ class StepStats:
             loss_scale=_from_json_number(data.get("loss_scale")),
             trigger=data.get("trigger"),
             surge=_from_json_number(data.get("surge")),
+            recent_loss=_from_json_number(data.get("recent_loss")),
             attention={
                 n: AttentionStats.from_dict(v) for n, v in (data.get("attention") or {}).items()
             },

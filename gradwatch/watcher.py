@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import math
+import statistics
 import time
 import weakref
 from collections import deque
@@ -51,6 +52,7 @@ from .stats import OptimizerInfo, StepStats
 from .structure import WatchedSet
 from .transfer import HostTransfer
 from .units import alive_units, dead_fraction, unit_groups
+from .update import OptimizerCoverage, UpdateLayout, UpdateSampler, moved, read_updates
 from .validation import (
     deferred_option,
     flag,
@@ -270,6 +272,8 @@ class Watcher:
         self._index_of = {layer.name: layer.index for layer in self.layers}
         self._sentinel_on = sentinel
         self._sentinel = self._make_sentinel()
+        self._updates = UpdateSampler(self.layers)
+        self._coverage = OptimizerCoverage(self.layers)
         self._flush_next = False
         self._seen_grads: list[tuple[Any, int] | None] = []
         self._depth: dict[int, float] = {}
@@ -373,6 +377,7 @@ class Watcher:
         if not self.is_monitored(label) and trip is None:
             self._count += 1
             self._arm_for(label + 1)
+            self._sample_weights_before(label)
             return findings
         # On every rank at every monitored step, statistics on or off: a rank whose
         # statistics failed after the last step's collectives tells its peers now.
@@ -387,6 +392,7 @@ class Watcher:
         if measured:
             self._count += 1
             self._arm_for(label + 1)
+        self._sample_weights_before(label)
         return findings
 
     def is_monitored(self, step: int) -> bool:
@@ -544,6 +550,12 @@ class Watcher:
             return [], True
         packed, layout = measured
         layout.scaler = scaler_state
+        updates = self._guard.call("update ratio", self._updates.measure, label, default=None)
+        if updates is not None:  # travels at the end of the vector: still one transfer
+            packed = torch.cat([packed, updates[0].to(packed.device)])
+        left_out = self._guard.call(
+            "update ratio", self._coverage.left_out, self._optimizer, default={}
+        )
         if layout.missing:
             self._forget_removed(layout)
         if layout.order:
@@ -554,7 +566,14 @@ class Watcher:
         self._transfer.deferred = self._use_deferred(packed) and not (
             label % self.every_n_steps and self.also_measure is not None
         )
-        context = _StepContext(info, _loss_value(loss) if not packed.is_cuda else None, trip)
+        context = _StepContext(
+            info,
+            _loss_value(loss) if not packed.is_cuda else None,
+            trip,
+            updates[1] if updates is not None else None,
+            left_out,
+            self._recent_loss(),
+        )
         findings: list[Finding] = []
         for (ready_layout, ready_context), values in self._transfer.submit(
             packed, (layout, context)
@@ -652,6 +671,8 @@ class Watcher:
             self._routing.close()
         self._routing = self._follow_routing()
         self._hook_remover()
+        self._updates = UpdateSampler(self.layers)
+        self._coverage = OptimizerCoverage(self.layers)
         if change:
             text = f"gradwatch: the watched layers changed at step {label} ({change.describe()})"
             if not any(isinstance(r, LoggingReporter) for r in self.reporters):
@@ -688,6 +709,10 @@ class Watcher:
         values: list[float],
         nonfinite: tuple[list[int], list[float]] | None,
     ) -> list[Finding]:
+        update_values: list[float] = []
+        if context.updates is not None and context.updates.length:
+            update_values = values[-context.updates.length :]
+            values = values[: -context.updates.length]
         stats = read(
             values,
             layout,
@@ -703,6 +728,10 @@ class Watcher:
         self._add_loop_evidence(stats)
         if stats.loss is None and self._sentinel is not None:
             stats.loss = self._sentinel.loss_at(stats.step)  # a loss on the GPU, read by now
+        stats.recent_loss = context.recent_loss
+        self._guard.call(
+            "update ratio", self._add_updates, stats, layout, context, update_values, default=None
+        )
         trip = context.trip
         if trip is not None:
             stats.trigger = trip.reason
@@ -732,6 +761,37 @@ class Watcher:
             notice = slow_reporter_notice(*slow, every_n_steps=self.every_n_steps)
             self._guard.say_once("slow reporter", notice, level=logging.WARNING)
         return new
+
+    def _sample_weights_before(self, label: int) -> None:
+        """Right before a monitored step, sample the weights, so that the monitored step
+        sees how far this step's optimizer update moved them."""
+        if self.is_monitored(label + 1) and not self._closed:
+            self._guard.call("update ratio", self._updates.snapshot, label, default=None)
+
+    def _add_updates(
+        self, stats: StepStats, layout: Layout, context: _StepContext, values: list[float]
+    ) -> None:
+        layers = layout.layers if layout.layers is not None else self.layers
+        names = {layer.index: layer.name for layer in layers}
+        changed: set[tuple[int, str]] = set()
+        if context.updates is not None and values:
+            read_updates(stats, values, context.updates, names)
+            changed = moved(values, context.updates)
+        for index, params in (context.left_out or {}).items():
+            layer = stats.layers.get(names.get(index, ""))
+            # a left-out parameter that moved all the same: another optimizer updates
+            # this module (a GAN's two optimizers)
+            elsewhere = any((index, p.split(" ", 1)[0]) in changed for p in params)
+            if layer is not None and not elsewhere:
+                layer.not_updated = tuple(params)
+
+    def _recent_loss(self) -> float | None:
+        """The median of the losses passed at the last steps (checked every step), a
+        steadier level than one step's loss."""
+        if self._sentinel is None:
+            return None
+        losses = self._sentinel.state().get("losses") or []
+        return statistics.median(losses) if losses else None
 
     def _rows_cover_relus(self, stats: StepStats) -> set[int]:
         """ReLU modules whose units the feeding Linear/Conv already shows (its zero
@@ -1090,6 +1150,12 @@ class _StepContext:
     optimizer: OptimizerInfo | None
     loss: float | None
     trip: Trip | None
+    #: the update sums at the end of the vector (None: not measured at this step)
+    updates: UpdateLayout | None = None
+    #: module index -> parameters the optimizer does not update, with the reason
+    left_out: Mapping[int, list[str]] | None = None
+    #: median of the losses passed at the last steps
+    recent_loss: float | None = None
 
 
 def _loss_value(loss: Any) -> float | None:

@@ -249,6 +249,8 @@ def _chart_rows(text: str) -> list[list[str]]:
     rows = []
     for line in lines[start + 1 :]:
         parts = line.lstrip(" !").split()
+        if parts and parts[-1].startswith("Δw/w="):
+            parts = parts[:-1]  # the update ratio, once it is measured
         if not line.startswith((" !", "  ")) or len(parts) not in (3, 4):
             break
         # "0 (Linear) 1.2e-05 ####": the layer's real name, the value, the bar

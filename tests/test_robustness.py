@@ -1,5 +1,6 @@
 """Training is never broken by gradwatch, and bad input gets a clear error."""
 
+import gc
 import math
 import warnings
 
@@ -185,6 +186,10 @@ def test_ddp_wrapped_model_uses_the_inner_names(tmp_path):
             names = [s.name for s in watcher.latest.by_depth(with_gradient=True)]
         assert names == ["0", "2", "4"]
     finally:
+        # DDP's reducer goes before its process group: freed after it, gloo's destructor
+        # can wait forever on its worker thread.
+        model = watcher = None
+        gc.collect()
         dist.destroy_process_group()
 
 

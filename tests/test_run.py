@@ -3,6 +3,7 @@ attachment (optimizer hook, model finding) in this process."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 
@@ -182,6 +183,10 @@ def test_a_ddp_model_is_watched_unwrapped(tmp_path):
             assert watcher.module is model
             assert watcher.latest.layers["0"].grad_norm > 0
     finally:
+        # DDP's reducer goes before its process group: freed after it, gloo's destructor
+        # can wait forever on its worker thread.
+        ddp = optimizer = attachment = watcher = None
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -243,8 +243,13 @@ def test_step_after_zero_grad_without_set_to_none_is_said(tmp_path, capsys):
     assert watcher.coverage.nothing_measured
     summary = [line for line in path.read_text().splitlines() if '"summary"' in line]
     assert '"nothing_measured": true' in summary[0]
+    # GW108 (every gradient exactly 0) may name the same cause from the gradients' side;
+    # nothing else is found on gradients that were never there to measure.
+    assert {f.code for f in watcher.findings} <= {"GW108"}
+    assert all("zero_grad" in f.message + f.hint for f in watcher.findings)
     record = read_record(path)
-    assert record.summary == [] and record.coverage is not None
+    assert [row.code for row in record.summary] in ([], ["GW108"])
+    assert record.coverage is not None
     assert record.coverage.nothing_measured and record.coverage.steps == 12
     from gradwatch.cli import main
 

@@ -147,6 +147,9 @@ def gradient_flow_table(
     table.add_column("layer", style="dim", no_wrap=True)
     table.add_column("bar", no_wrap=True)
     table.add_column("rms", justify="right", no_wrap=True)
+    updates = _has_updates(layers)
+    if updates:
+        table.add_column("update", justify="right", no_wrap=True, style="dim")
     for layer in layers:
         rms = layer.grad_rms
         length = bar_length(rms, low, high)
@@ -156,7 +159,10 @@ def gradient_flow_table(
             style = "red" if top and rms < STARVED * top else "green"
             bar = Text("█" * length + "·" * (BAR_WIDTH - length), style=style)
             value = f"{rms:.1e}"
-        table.add_row(_label(layer), bar, Text(value, style=style))
+        cells = [_label(layer), bar, Text(value, style=style)]
+        if updates:
+            cells.append(update_text(layer.update_ratio))
+        table.add_row(*cells)
     return Group(Text(title, style="bold"), table)
 
 
@@ -168,6 +174,7 @@ def gradient_flow_text(stats: StepStats, max_layers: int = 32, rows: int | None 
     top = 10**high if everything else 0.0
     lines = [title]
     width = max((len(_label(s)) for s in layers), default=5)
+    updates = _has_updates(layers)
     for layer in layers:
         rms = layer.grad_rms
         if rms is None or not math.isfinite(rms):
@@ -176,5 +183,19 @@ def gradient_flow_text(stats: StepStats, max_layers: int = 32, rows: int | None 
         length = bar_length(rms, low, high)
         mark = "!" if top and rms < STARVED * top else " "
         bar = "#" * length + "." * (BAR_WIDTH - length)
-        lines.append(f" {mark}{_label(layer):<{width}}  {bar}  {rms:.1e}")
+        update = f"  {update_text(layer.update_ratio)}" if updates else ""
+        lines.append(f" {mark}{_label(layer):<{width}}  {bar}  {rms:.1e}{update}")
     return "\n".join(lines)
+
+
+def _has_updates(layers: Sequence[LayerStats]) -> bool:
+    return any(s.update_ratio is not None for s in layers)
+
+
+def update_text(ratio: float | None) -> str:
+    """A layer's update-to-weight ratio for the chart's last column.
+
+    >>> update_text(1.234e-3), update_text(None)
+    ('Δw/w=1.2e-03', '')
+    """
+    return f"Δw/w={ratio:.1e}" if ratio is not None else ""

@@ -23,10 +23,17 @@ LAYER_STATS: tuple[str, ...] = (
     "active_fraction",
     "saturated_fraction",
     "mean_derivative",
+    "update_ratio",
 )
 #: What metrics reporters log per layer unless told otherwise (the activation shares exist
 #: only for ReLU and sigmoid/tanh modules).
-DEFAULT_STATS: tuple[str, ...] = ("grad_norm", "grad_rms", "active_fraction", "saturated_fraction")
+DEFAULT_STATS: tuple[str, ...] = (
+    "grad_norm",
+    "grad_rms",
+    "active_fraction",
+    "saturated_fraction",
+    "update_ratio",
+)
 
 
 def check_stats(names: Sequence[str], option: str = "stats") -> tuple[str, ...]:

@@ -27,13 +27,16 @@ from .base import (
 from .carried import CarriedGradient
 from .clamped_output import ClampedOutput
 from .dead_units import DeadUnits
+from .divergence import Diverging
 from .engine import RuleEngine, SummaryRow
 from .exploding import ExplodingGradient
 from .loss_mismatch import LossInputMismatch
 from .no_gradient import NoGradient
 from .nonfinite import NonFiniteGradient
+from .not_updated import NotUpdated
 from .saturated_output import SaturatedOutput
 from .saturation import SaturatedActivation
+from .tiny_updates import TinyUpdates
 from .vanishing import VanishingGradient
 from .zero_gradient import ZeroGradient
 
@@ -42,8 +45,11 @@ BUILTIN_RULES: tuple[type[Rule], ...] = (
     ExplodingGradient,
     NonFiniteGradient,
     NoGradient,
+    NotUpdated,
+    Diverging,
     CarriedGradient,
     ZeroGradient,
+    TinyUpdates,
     DeadUnits,
     SaturatedActivation,
     AttentionLogitGrowth,
@@ -105,8 +111,8 @@ def resolve_rules(
     ``{"vanishing-gradient": {"ratio": 1e-4}}``; each value is checked against the
     rule's :attr:`~Rule.threshold_specs`. ``rules`` replaces the built-in set.
 
-    >>> [r.code for r in resolve_rules(select=["GW1"], ignore="no-gradient")][:3]
-    ['GW101', 'GW102', 'GW103']
+    >>> [r.code for r in resolve_rules(select=["GW1"], ignore="no-gradient")]
+    ['GW101', 'GW102', 'GW103', 'GW105', 'GW106', 'GW107', 'GW108', 'GW109']
     >>> resolve_rules(thresholds={"GW101": {"ratio": -1}})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from ..stats import StepStats
 from ..wording import capitalised, clip_gradients, display_name
 from .base import (
     POSITIVE,
@@ -20,8 +21,9 @@ from .base import (
     median,
     whole_at_least,
 )
-from .profile import gradient_profile, latest_param_rms, signal_profile
+from .profile import build_profile, latest_param_rms, signal_profile
 from .recurrent import has_recurrent, through_time, time_step_hint
+from .updates import stuck_layers
 
 
 class ExplodingGradient(Rule):
@@ -33,16 +35,20 @@ class ExplodingGradient(Rule):
 What it measures, five ways (each must hold for `window` monitored steps unless it says
 "at once"):
 - growth with depth: the gradient flowing back into each weight layer's output (its
-  RMS; the weight-gradient RMS where that is not observed) in the
-  first quarter of layers is more than 1/`ratio` times that of the last quarter;
+  RMS; the weight-gradient RMS where that is not observed, whatever the optimizer) in
+  the first quarter of layers is more than 1/`ratio` times that of the last quarter (at
+  once on the first monitored step: that is the initialisation);
 - updates larger than the weights: for SGD-like optimizers, lr * |grad| / |weight| of
   a weight layer above `update_ratio` (with the optimizer unknown, lr is taken as
-  `assumed_lr`; Adam-like optimizers bound their steps by lr, so this check is skipped).
+  `assumed_lr`; Adam-like optimizers bound their steps by lr, so for them the step is
+  judged from the measured update instead: GW106).
   When at least half of the weight layers (of ordinary scale, gain >= 0.1) exceed it,
   it is announced at once, without the window: such a step ruins the weights, and
   waiting would only report the NaN that follows; above 10x it is an error;
 - a spike: the global gradient norm above `spike_factor` times the median of the
-  previous monitored steps, held for `window` steps;
+  previous monitored steps, held for `window` steps; at once above `spike_at_once`
+  times (a corrupted batch: under Adam its trace stays in the second moment for
+  thousands of steps);
 - a surge, at once: between monitored steps a cheap check reads a small sample of
   gradients every step; when it jumps above `spike_factor` times its median over the
   last 16 steps, the whole model is measured at that step and this fires without the
@@ -54,6 +60,11 @@ What it measures, five ways (each must hold for `window` monitored steps unless 
   state that weight_hh multiplies is bounded, as is the input of the layers after it,
   so healthy recurrent classifiers and language models measure at most ~5x; far above
   that, the gradient of early time steps multiplies up once per step.
+A jump is announced at once only above twice every gradient norm of the monitored
+steps kept in the history: when the data changes (a curriculum), the gradient returns
+to about its size early in training, and that is no divergence. Layers the optimizer
+does not update (GW105) are left out: their gradient piles up when zero_grad() clears
+only the optimizer's parameters.
 
 Why it matters: backpropagation multiplies one local derivative per layer; weights
 initialised too large (or a learning rate that inflates them) make that product grow
@@ -78,6 +89,7 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
         "min_baseline": 4,
         "min_layers": 3,
         "time_ratio": 100.0,
+        "spike_at_once": 100.0,
     }
     threshold_docs = {
         "ratio": "late/early ratio of the gradient at layer outputs below which growth fires",
@@ -89,6 +101,8 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
         "min_layers": "fewest weight layers for a depth comparison",
         "time_ratio": "recurrent weight_hh gradient per input unit / that of the layers after "
         "it above which the gradient explodes through time",
+        "spike_at_once": "global norm / median of recent steps above which a spike is "
+        "announced at once",
     }
     threshold_specs = {
         "ratio": RATIO,
@@ -99,6 +113,7 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
         "min_baseline": whole_at_least(1, at_most="baseline_steps"),
         "min_layers": whole_at_least(2),
         "time_ratio": greater_than(1.0),
+        "spike_at_once": greater_than(1.0),
     }
     window = 3
     worse_by = 1.0
@@ -114,12 +129,7 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
             "normalization layers help."
         )
         out: list[Condition] = []
-        # Through time is the more precise reading of growth in a recurrent layer.
-        time = through_time(ctx, self.t("time_ratio"))
-        growth = self._growth(ctx, hint) if time is None else time
-        if growth is not None:
-            out.append(growth)
-        update = self._update(ctx, hint)
+        update = self._update(ctx, hint)  # first: a step larger than the weights is worse
         if update is not None and has_recurrent(ctx, update.layers):
             update = replace(
                 update,
@@ -128,6 +138,11 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
             )
         if update is not None:
             out.append(update)
+        # Through time is the more precise reading of growth in a recurrent layer.
+        time = through_time(ctx, self.t("time_ratio"))
+        growth = self._growth(ctx, hint) if time is None else time
+        if growth is not None:
+            out.append(growth)
         spike = self._spike(ctx, hint)
         if spike is not None:
             out.append(spike)
@@ -142,6 +157,8 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
         stats = ctx.stats
         factor = stats.surge
         if stats.trigger != "surge" or factor is None or factor <= self.t("spike_factor"):
+            return None
+        if not _above_all_before(ctx, stats.global_grad_norm):
             return None
         earlier = next(
             (
@@ -199,9 +216,18 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
         profile = signal_profile(ctx.stats, min_layers)
         source = "backward signal"
         if profile is None:
-            profile = gradient_profile(ctx.stats, min_layers)
+            # The gradient's own size, whatever the optimizer: growth with depth is a
+            # pathology of the network (Adam would hide it in its steps, not cure it).
+            # Layers the optimizer does not update are left out: their gradient piles up.
+            stuck = stuck_layers(ctx)
+            layers = [
+                s
+                for s in matrix_layers(ctx.stats)
+                if s.grad_rms is not None and s.name not in stuck
+            ]
+            profile = build_profile(layers, [s.grad_rms or 0.0 for s in layers], min_layers)
             source = "gradient RMS"
-            if profile is None or (ctx.stats.optimizer and ctx.stats.optimizer.adaptive):
+            if profile is None:
                 return None
         if profile.early <= 0 or profile.late <= 0:
             return None
@@ -225,6 +251,10 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
                 "measure": source,
             },
             score=math.log10(growth),
+            # The first monitored step shows the initialisation itself, not a noisy moment
+            # of training: growth with depth there is announced at once, before the first
+            # steps (SGD at any lr, Adam) rewrite the weights and hide it.
+            window=1 if len(ctx.history) <= 1 else None,
         )
 
     def _update(self, ctx: RuleContext, hint: str) -> Condition | None:
@@ -236,7 +266,8 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
             return None
         flagged: list[tuple[str, float]] = []
         ordinary_scale = False
-        layers = matrix_layers(ctx.stats)
+        stuck = stuck_layers(ctx)  # their gradient is never applied: no step to judge
+        layers = [s for s in matrix_layers(ctx.stats) if s.name not in stuck]
         for layer in layers:
             weight = latest_param_rms(ctx, layer.name)
             if not weight or layer.grad_rms is None:
@@ -281,16 +312,23 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
 
     def _spike(self, ctx: RuleContext, hint: str) -> Condition | None:
         earlier = ctx.recent(int(self.t("baseline_steps")) + 1)[:-1]
-        norms = [s.global_grad_norm for s in earlier if math.isfinite(s.global_grad_norm)]
+        # Gradients that the optimizer never applies pile up (zero_grad() clears only the
+        # optimizer's parameters): the spike is judged on the rest.
+        stuck = stuck_layers(ctx)
+        norms = [_applied_norm(s, stuck) for s in earlier if math.isfinite(s.global_grad_norm)]
         if len(norms) < int(self.t("min_baseline")):
             return None
         baseline = median(norms)
-        now = ctx.stats.global_grad_norm
+        now = _applied_norm(ctx.stats, stuck)
         if baseline <= 0 or now <= self.t("spike_factor") * baseline:
             return None
         factor = now / baseline
         ranked = sorted(
-            (s for s in ctx.stats.by_depth(with_gradient=True) if s.grad_norm),
+            (
+                s
+                for s in ctx.stats.by_depth(with_gradient=True)
+                if s.grad_norm and s.name not in stuck
+            ),
             key=lambda s: -(s.grad_norm or 0.0),
         )
         names = [s.name for s in ranked[:3]]
@@ -304,4 +342,35 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
             hint=hint,
             evidence={"global_grad_norm": now, "baseline": baseline, "factor": factor},
             score=math.log10(factor),
+            # A jump far above the recent level is a bad batch or the start of a divergence
+            # whatever the optimizer (Adam's second moment keeps its trace for thousands of
+            # steps): waiting for it to last would miss a single corrupted batch.
+            window=1
+            if factor > self.t("spike_at_once") and _above_all_before(ctx, now)
+            else None,
         )
+
+
+def _above_all_before(ctx: RuleContext, norm: float) -> bool:
+    """A jump is news at once only well above (twice) every gradient norm of the earlier
+    monitored steps kept in the history: when the data changes (a curriculum's next
+    stage, a new task), the gradient jumps back to about the size it had early in
+    training, which is no divergence; a corrupted batch or a diverging step goes far
+    beyond it."""
+    earlier = [
+        s.global_grad_norm
+        for s in ctx.history
+        if s is not ctx.stats and math.isfinite(s.global_grad_norm)
+    ]
+    return not earlier or norm > 2.0 * max(earlier)
+
+
+def _applied_norm(stats: StepStats, stuck: set[str]) -> float:
+    """The global gradient norm without the layers named in ``stuck``."""
+    norm = stats.global_grad_norm
+    if not stuck:
+        return norm
+    removed = sum(
+        (layer.grad_norm or 0.0) ** 2 for name in stuck if (layer := stats.layers.get(name))
+    )
+    return math.sqrt(max(norm * norm - removed, 0.0))

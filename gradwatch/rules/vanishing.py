@@ -32,6 +32,7 @@ from .profile import (
     latest_param_rms,
     signal_profile,
 )
+from .updates import stuck_layers
 
 #: Monitored steps judged at the start: healthy on all of them means "healthy at first".
 _START_STEPS = 2
@@ -87,6 +88,9 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
         # Layers behind a cut get no gradient because an operation blocks it, not because
         # it fades: that is GW104's finding; the layers after the cut are judged here.
         cut_off = {name for cut in find_cuts(stats, ctx.recent(16)) for name in cut.blocked}
+        # Layers the optimizer never updates pile up gradient when zero_grad() clears
+        # only the optimizer's parameters: no yardstick for the others (GW105's finding).
+        cut_off |= stuck_layers(ctx)
         profile = gradient_profile(stats, int(self.t("min_layers")), skip=cut_off)
         if profile is None:
             return []
