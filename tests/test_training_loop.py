@@ -495,3 +495,28 @@ def test_explain_covers_the_training_loop(capsys, name, words):
 
     assert main(["explain", name]) == 0
     assert words in " ".join(capsys.readouterr().out.split())
+
+
+def test_two_watchers_with_their_own_optimizers_never_raise_into_training():
+    """A GAN-style loop: two models, each watched with its own optimizer. The carried-
+    gradient check of each sees every optimizer step of the process; ending a check must
+    not change PyTorch's hook dictionary while an optimizer step runs through it."""
+    torch.manual_seed(0)
+    cleared, forgotten = mlp(3), mlp(3)
+    opt_c = torch.optim.SGD(cleared.parameters(), lr=0.01)
+    opt_f = torch.optim.SGD(forgotten.parameters(), lr=0.01)
+    watchers = [
+        gradwatch.watch(model, optimizer=opt, every_n_steps=3, reporters=[])
+        for model, opt in ((cleared, opt_c), (forgotten, opt_f))
+    ]
+    for x, y in _batches(24):
+        opt_c.zero_grad()
+        nn.functional.cross_entropy(cleared(x), y).backward()
+        opt_c.step()
+        nn.functional.cross_entropy(forgotten(x), y).backward()  # never cleared
+        opt_f.step()
+    for watcher in watchers:
+        watcher.close()
+    carried = [[f for f in w.findings if f.rule == "carried-gradient"] for w in watchers]
+    assert not carried[0]
+    assert carried[1]

@@ -377,3 +377,35 @@ def test_a_part_that_a_second_optimizer_updates_is_not_reported():
     watcher.close()
     assert watcher.latest.layers["6"].update_ratio > 0
     assert _alarms(watcher) == [], [(f.code, f.message) for f in _alarms(watcher)]
+
+
+def test_sgdr_restarts_at_a_high_learning_rate_are_silent():
+    """Each restart lifts a loss near its floor 2-4x while a step changes the weights by
+    ~2% (SGD with momentum at lr 0.2): a restart, not a divergence."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    torch.manual_seed(23)
+    model = nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=60)
+    watcher = gradwatch.watch(model, optimizer=opt, every_n_steps=5, reporters=[])
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(300):
+        idx = torch.randint(0, len(x), (32,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    watcher.close()
+    assert max(losses[125:135]) > 2 * min(losses[100:120])  # the restart lifted the loss
+    assert sum(losses[-20:]) < 0.2 * sum(losses[:20])  # and it learnt
+    assert _alarms(watcher) == [], [(f.code, f.step, f.message) for f in _alarms(watcher)]

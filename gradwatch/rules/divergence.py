@@ -68,7 +68,7 @@ ratios mean nothing)."""
         "update_at_once": 1.0,
         "loss_factor": 10.0,
         "loss_rise": 2.0,
-        "ratio_with_loss": 0.02,
+        "ratio_with_loss": 0.05,
         "rise": 2.0,
         "rising_steps": 3,
     }
