@@ -23,10 +23,12 @@ from .amp import ScalerView, check_scaler
 from .carry import CarryCheck, checked_parameters
 from .collect import Collector, Layout, read
 from .coverage import (
+    CUT_OFF_LOSS,
     IN_BACKWARD,
     NO_GRADIENT,
     ZERO_GRADIENT,
     Coverage,
+    loss_reaches,
     misplaced_text,
     step_in_backward,
 )
@@ -521,7 +523,7 @@ class Watcher:
         if self._watched.changed():
             self._rebuild(label)
         if not self._gradients_changed():
-            if self._no_gradient_at_all():
+            if self._no_gradient_at_all(loss):
                 # Counted, so that hooks are not left armed on the steps that follow.
                 if self._probes is not None:
                     self._probes.take()
@@ -873,15 +875,17 @@ class Watcher:
             return None
         return evidence
 
-    def _no_gradient_at_all(self) -> bool:
+    def _no_gradient_at_all(self, loss: Any = None) -> bool:
         """Every watched ``.grad`` is None at a monitored step, twice in a row (or the
         optimizer steps inside backward): say once why, and where ``step()`` belongs.
         True when so: the step is then counted, so that no hook stays armed."""
         if any(p.grad is not None for p in self._params):
             return False
         reason = IN_BACKWARD if step_in_backward(self._params) else NO_GRADIENT
+        if reason == NO_GRADIENT and loss_reaches(loss, self._params) is False:
+            reason = CUT_OFF_LOSS  # the loss given is evidence: placement is not the cause
         self._no_grad_streak += 1
-        if reason == NO_GRADIENT and self._no_grad_streak < 2:
+        if reason != IN_BACKWARD and self._no_grad_streak < 2:
             self._stray_calls += 1
             return False  # once may be a stray call; twice in a row is the loop
         self._no_grad_steps += 1
