@@ -40,6 +40,7 @@ from .keywords import suggest_keywords
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
 from .optimizer_hooks import OptimizerStepHooks, has_step_hooks
+from .optimizer_owners import OptimizerOwners
 from .precision import AutocastProbe, has_fp16_weights
 from .probes import ProbeRecord, Probes
 from .reporters import LoggingReporter, Reporter, default_reporters
@@ -286,6 +287,7 @@ class Watcher:
         self._force_detail = False
         self._said_no_hooks = False
         self._carry = CarryCheck(checked_parameters(self.layers), self._guard)
+        self._owners = OptimizerOwners(self.layers, self._guard)
         self._routing = self._follow_routing()
         self._no_grad_steps = 0  # monitored steps where every .grad was None
         self._no_grad_streak = 0  # such calls in a row
@@ -669,6 +671,8 @@ class Watcher:
         self._sentinel = self._make_sentinel()
         self._carry.close()
         self._carry = CarryCheck(checked_parameters(self.layers), self._guard)
+        self._owners.close()
+        self._owners = OptimizerOwners(self.layers, self._guard)
         if self._routing is not None:
             self._routing.close()
         self._routing = self._follow_routing()
@@ -898,6 +902,7 @@ class Watcher:
         if self._routing is not None:
             stats.steps_without_gradient = self._routing.without_gradient()
         stats.carry_checked, stats.carried = self._carry.take()
+        stats.optimizer_of = self._owners.of_layer
         if stats.global_grad_norm == 0.0 and all(not s.grad_norm for s in stats):
             self._zero_grad_steps += 1
             self._empty_reason = ZERO_GRADIENT
@@ -916,6 +921,7 @@ class Watcher:
                 self._guard.call(f"reporter {_name(reporter)}", notice, text, default=None)
 
     def _remove_loop_hooks(self) -> None:
+        self._owners.close()
         if self._step_hooks is not None:
             self._step_hooks.remove()
         self._carry.close()
@@ -1074,6 +1080,7 @@ class Watcher:
             for part in (
                 self.__dict__.get("_step_hooks"),
                 self.__dict__.get("_carry"),
+                self.__dict__.get("_owners"),
                 self.__dict__.get("_routing"),
             )
             if part is not None
