@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .findings import Finding
+
 #: Why a step found nothing to measure.
 NO_GRADIENT = "no-gradient"  # every .grad is None
 ZERO_GRADIENT = "zero-gradient"  # every gradient is exactly 0
@@ -152,6 +154,31 @@ def loss_reaches(loss: Any, params: Sequence[Any]) -> bool | None:
     return False
 
 
+def cut_off_finding(step: int, layers: Sequence[str], steps: int) -> Finding:
+    """GW104 for a whole model that gets no gradient because the loss does not reach it.
+
+    >>> cut_off_finding(3, ["0", "2"], 2).code
+    'GW104'
+    """
+    return Finding(
+        code="GW104",
+        rule="no-gradient",
+        severity="error",
+        step=step,
+        layers=tuple(layers),
+        message=(
+            f"no watched parameter got a gradient in {steps} steps (every .grad is None): "
+            "the loss passed to watcher.step() does not reach the parameters"
+        ),
+        hint=(
+            f"The loss's graph is cut off from the model ({_CUT_HOW}), so backward() "
+            "computes nothing for the parameters and the model does not train: compute "
+            "the loss from the model's output tensor itself, without detaching it."
+        ),
+        evidence={"steps_without_gradient": steps, "layers": len(layers)},
+    )
+
+
 def misplaced_text(reason: str, *, hooked: bool) -> str:
     """What to say, once, when a step finds no gradient to measure."""
     if reason == CUT_OFF_LOSS:
@@ -209,6 +236,7 @@ __all__ = [
     "NO_GRADIENT",
     "ZERO_GRADIENT",
     "Coverage",
+    "cut_off_finding",
     "loss_reaches",
     "misplaced_text",
     "step_in_backward",

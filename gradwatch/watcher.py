@@ -28,6 +28,7 @@ from .coverage import (
     NO_GRADIENT,
     ZERO_GRADIENT,
     Coverage,
+    cut_off_finding,
     loss_reaches,
     misplaced_text,
     step_in_backward,
@@ -529,7 +530,7 @@ class Watcher:
                 # Counted, so that hooks are not left armed on the steps that follow.
                 if self._probes is not None:
                     self._probes.take()
-                return [], True
+                return self._cut_off_finding(label), True
             return [], False  # no backward since the last monitored step: nothing to read
         self._no_grad_streak = 0
         info = describe(self._optimizer)
@@ -896,6 +897,17 @@ class Watcher:
         self._empty_reason = reason
         self._tell(reason, misplaced_text(reason, hooked=self._step_hooks is not None))
         return True
+
+    def _cut_off_finding(self, label: int) -> list[Finding]:
+        """Once: a loss shown not to reach the parameters is a finding (GW104, every
+        layer without a gradient), not only a notice: the model does not train."""
+        if self._empty_reason != CUT_OFF_LOSS or "cut-off finding" in self._told:
+            return []
+        self._told.add("cut-off finding")
+        steps = self._no_grad_steps + self._stray_calls
+        finding = cut_off_finding(label, [layer.name for layer in self.layers], steps)
+        self._findings.append(finding)
+        return [finding]
 
     def _add_loop_evidence(self, stats: StepStats) -> None:
         """Per-step evidence gathered between monitored steps, onto this step's stats."""

@@ -13,7 +13,7 @@ from torch import nn
 import gradwatch
 
 
-def _train(cut: bool, hooked: bool, step_before_backward: bool = False) -> str:
+def _train(cut: bool, hooked: bool, step_before_backward: bool = False) -> tuple[str, list]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -36,23 +36,26 @@ def _train(cut: bool, hooked: bool, step_before_backward: bool = False) -> str:
         summary = watcher.summary() if hasattr(watcher, "summary") else None
         watcher.close()
     text = " ".join(str(w.message) for w in caught)
-    return text + " " + str(summary)
+    return text + " " + str(summary), [f.code for f in watcher.findings]
 
 
 @pytest.mark.parametrize("hooked", [False, True])
 def test_detached_logits_blame_the_loss_not_the_step(hooked: bool) -> None:
-    text = _train(cut=True, hooked=hooked)
+    text, codes = _train(cut=True, hooked=hooked)
+    assert codes == ["GW104"]  # once: the model does not train
     assert "the loss does not reach them" in text
     assert "requires_grad_()" in text
     assert "seems to run before loss.backward()" not in text
 
 
 def test_step_before_backward_keeps_the_placement_wording() -> None:
-    text = _train(cut=False, hooked=False, step_before_backward=True)
+    text, codes = _train(cut=False, hooked=False, step_before_backward=True)
+    assert codes == []
     assert "seems to run before loss.backward()" in text
     assert "does not reach" not in text
 
 
 def test_healthy_loop_says_nothing_about_gradients() -> None:
-    text = _train(cut=False, hooked=True)
+    text, codes = _train(cut=False, hooked=True)
+    assert codes == []
     assert "no gradient" not in text and "does not reach" not in text
