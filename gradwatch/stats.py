@@ -284,6 +284,9 @@ class StepStats:
     #: step, and those among them whose gradient was carried over (never cleared)
     carry_checked: int = 0
     carried: tuple[str, ...] = ()
+    #: layer name -> index of the optimizer that updates it, learned from the loop's first
+    #: optimizer steps (empty until learned); several indices: separately trained networks
+    optimizer_of: dict[str, int] = field(default_factory=dict)
     #: median of the losses passed to ``watcher.step(loss=...)`` at the last (up to 16)
     #: steps, every step counted: a steadier level than this step's loss
     recent_loss: float | None = None
@@ -334,6 +337,12 @@ class StepStats:
                if self.steps_without_gradient else {}),
             **({"carry_checked": self.carry_checked} if self.carry_checked else {}),
             **({"carried": list(self.carried)} if self.carried else {}),
+            # only when it matters to a replay: several optimizers share the layers
+            **(
+                {"optimizer_of": dict(self.optimizer_of)}
+                if len(set(self.optimizer_of.values())) > 1
+                else {}
+            ),
         }
 
     @classmethod
@@ -361,6 +370,7 @@ class StepStats:
             steps_without_gradient=dict(data.get("steps_without_gradient") or {}),
             carry_checked=int(data.get("carry_checked", 0)),
             carried=tuple(data.get("carried", ())),
+            optimizer_of={n: int(i) for n, i in (data.get("optimizer_of") or {}).items()},
         )
 
 

@@ -23,10 +23,13 @@ from .amp import ScalerView, check_scaler
 from .carry import CarryCheck, checked_parameters
 from .collect import Collector, Layout, read
 from .coverage import (
+    CUT_OFF_LOSS,
     IN_BACKWARD,
     NO_GRADIENT,
     ZERO_GRADIENT,
     Coverage,
+    cut_off_finding,
+    loss_reaches,
     misplaced_text,
     step_in_backward,
 )
@@ -38,6 +41,7 @@ from .keywords import suggest_keywords
 from .layers import LayerInfo, discover, is_compiled, trainable_parameters, unwrap
 from .optim import describe
 from .optimizer_hooks import OptimizerStepHooks, has_step_hooks
+from .optimizer_owners import OptimizerOwners
 from .precision import AutocastProbe, has_fp16_weights
 from .probes import ProbeRecord, Probes
 from .reporters import LoggingReporter, Reporter, default_reporters
@@ -284,6 +288,7 @@ class Watcher:
         self._force_detail = False
         self._said_no_hooks = False
         self._carry = CarryCheck(checked_parameters(self.layers), self._guard)
+        self._owners = OptimizerOwners(self.layers, self._guard)
         self._routing = self._follow_routing()
         self._no_grad_steps = 0  # monitored steps where every .grad was None
         self._no_grad_streak = 0  # such calls in a row
@@ -521,11 +526,11 @@ class Watcher:
         if self._watched.changed():
             self._rebuild(label)
         if not self._gradients_changed():
-            if self._no_gradient_at_all():
+            if self._no_gradient_at_all(loss):
                 # Counted, so that hooks are not left armed on the steps that follow.
                 if self._probes is not None:
                     self._probes.take()
-                return [], True
+                return self._cut_off_finding(label), True
             return [], False  # no backward since the last monitored step: nothing to read
         self._no_grad_streak = 0
         info = describe(self._optimizer)
@@ -667,6 +672,8 @@ class Watcher:
         self._sentinel = self._make_sentinel()
         self._carry.close()
         self._carry = CarryCheck(checked_parameters(self.layers), self._guard)
+        self._owners.close()
+        self._owners = OptimizerOwners(self.layers, self._guard)
         if self._routing is not None:
             self._routing.close()
         self._routing = self._follow_routing()
@@ -873,15 +880,17 @@ class Watcher:
             return None
         return evidence
 
-    def _no_gradient_at_all(self) -> bool:
+    def _no_gradient_at_all(self, loss: Any = None) -> bool:
         """Every watched ``.grad`` is None at a monitored step, twice in a row (or the
         optimizer steps inside backward): say once why, and where ``step()`` belongs.
         True when so: the step is then counted, so that no hook stays armed."""
         if any(p.grad is not None for p in self._params):
             return False
         reason = IN_BACKWARD if step_in_backward(self._params) else NO_GRADIENT
+        if reason == NO_GRADIENT and loss_reaches(loss, self._params) is False:
+            reason = CUT_OFF_LOSS  # the loss given is evidence: placement is not the cause
         self._no_grad_streak += 1
-        if reason == NO_GRADIENT and self._no_grad_streak < 2:
+        if reason != IN_BACKWARD and self._no_grad_streak < 2:
             self._stray_calls += 1
             return False  # once may be a stray call; twice in a row is the loop
         self._no_grad_steps += 1
@@ -889,11 +898,23 @@ class Watcher:
         self._tell(reason, misplaced_text(reason, hooked=self._step_hooks is not None))
         return True
 
+    def _cut_off_finding(self, label: int) -> list[Finding]:
+        """Once: a loss shown not to reach the parameters is a finding (GW104, every
+        layer without a gradient), not only a notice: the model does not train."""
+        if self._empty_reason != CUT_OFF_LOSS or "cut-off finding" in self._told:
+            return []
+        self._told.add("cut-off finding")
+        steps = self._no_grad_steps + self._stray_calls
+        finding = cut_off_finding(label, [layer.name for layer in self.layers], steps)
+        self._findings.append(finding)
+        return [finding]
+
     def _add_loop_evidence(self, stats: StepStats) -> None:
         """Per-step evidence gathered between monitored steps, onto this step's stats."""
         if self._routing is not None:
             stats.steps_without_gradient = self._routing.without_gradient()
         stats.carry_checked, stats.carried = self._carry.take()
+        stats.optimizer_of = self._owners.of_layer
         if stats.global_grad_norm == 0.0 and all(not s.grad_norm for s in stats):
             self._zero_grad_steps += 1
             self._empty_reason = ZERO_GRADIENT
@@ -912,6 +933,7 @@ class Watcher:
                 self._guard.call(f"reporter {_name(reporter)}", notice, text, default=None)
 
     def _remove_loop_hooks(self) -> None:
+        self._owners.close()
         if self._step_hooks is not None:
             self._step_hooks.remove()
         self._carry.close()
@@ -1070,6 +1092,7 @@ class Watcher:
             for part in (
                 self.__dict__.get("_step_hooks"),
                 self.__dict__.get("_carry"),
+                self.__dict__.get("_owners"),
                 self.__dict__.get("_routing"),
             )
             if part is not None

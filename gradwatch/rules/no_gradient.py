@@ -80,6 +80,12 @@ It reports one of three things, naming the modules:
 - a module never routed to: a member of a ModuleList (e.g. "experts.3") whose
   siblings get gradients never got one and was never seen running with input.
 - an unused module or parameter: any other case.
+- a loss cut off from the whole model: every watched .grad is None at two
+  monitored steps in a row and the loss passed to watcher.step(loss=...) does not
+  reach any watched parameter through its autograd graph (it was detached, or
+  re-wrapped with requires_grad_()). Reported once, at once: nothing trains.
+  Without that evidence (no loss passed) a step with no gradient at all is only
+  said as a notice, with where watcher.step() belongs.
 
 How long it waits: a module that runs at every step has the same graph at every
 step, so `window` (3) monitored steps tell. A module that may be used only at

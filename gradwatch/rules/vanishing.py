@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..kinds import SATURATING_KINDS, SIGMOID, TANH
+from ..stats import StepStats
 from ..units import mostly_dead, recent_blockers
 from ..wording import display_name
 from .base import (
@@ -52,6 +53,9 @@ rms / (rms + eps): Adam rescales every gradient, so only one that sinks towards 
 stops a layer. It fires when the early/late ratio stays below `ratio` for `window`
 monitored steps, and is an error when the early updates are below float32 resolution
 (w - lr*g == w) or exactly zero.
+Layers that separate optimizers update (a GAN's generator and discriminator watched as
+one module, learned from the loop's optimizer steps) are compared only with the layers
+of their own optimizer: separate losses give the two networks unrelated gradient scales.
 
 Vanishing fades: each layer gets a fraction of what the next one gets, so the layers
 next to an exactly-zero gradient are starved too (a 30-layer sigmoid stack has ~1e-21
@@ -91,7 +95,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
         # Layers the optimizer never updates pile up gradient when zero_grad() clears
         # only the optimizer's parameters: no yardstick for the others (GW105's finding).
         cut_off |= stuck_layers(ctx)
-        profile = gradient_profile(stats, int(self.t("min_layers")), skip=cut_off)
+        profile = _worst_per_optimizer(stats, int(self.t("min_layers")), cut_off)
         if profile is None:
             return []
         if profile.late <= 0:
@@ -275,6 +279,27 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
                 "a direct gradient path."
             )
         return " ".join(hints)
+
+
+def _worst_per_optimizer(stats: StepStats, min_layers: int, skip: set[str]) -> Profile | None:
+    """The depth profile judged within the layers of each optimizer, the lowest ratio of
+    them. Networks stepped by separate optimizers are trained on separate losses (a GAN's
+    generator and discriminator): one's first layers and the other's last are not one
+    gradient path, and their scales say nothing about each other. With one optimizer
+    (or none learned yet) this is the whole model's profile."""
+    owners = stats.optimizer_of
+    groups = sorted(set(owners.values()))
+    if len(groups) < 2:
+        return gradient_profile(stats, min_layers, skip=skip)
+    worst: Profile | None = None
+    for group in groups:
+        others = {name for name in stats.layers if owners.get(name) != group}
+        profile = gradient_profile(stats, min_layers, skip=skip | others)
+        if profile is None or profile.late <= 0:
+            continue
+        if worst is None or profile.ratio < worst.ratio:
+            worst = profile
+    return worst
 
 
 def _ratio_text(ratio: float) -> str:
