@@ -146,8 +146,12 @@ def script(folder: Path, text: str, name: str = "train.py", steps: int = 60) -> 
 
 
 def environment(folder: Path, **extra: str) -> dict[str, str]:
+    inherited = dict(os.environ)
+    # Set by wandb in this test process once any test started a run: a script that
+    # inherited it would join this process's W&B service instead of starting its own.
+    inherited.pop("WANDB_SERVICE", None)
     return {
-        **os.environ,
+        **inherited,
         "PYTHONUNBUFFERED": "1",
         # Tiny models: on a busy 2-core machine extra threads spin-wait.
         "OMP_NUM_THREADS": "1",
