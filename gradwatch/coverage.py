@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from .findings import Finding
 
 #: Why a step found nothing to measure.
@@ -131,6 +129,8 @@ def loss_reaches(loss: Any, params: Sequence[Any]) -> bool | None:
     >>> loss_reaches(torch.tensor(1.0), [w])  # a float, .item(), or under no_grad
     False
     """
+    import torch  # not at the top: `gradwatch rules`, `explain`, `report` run without it
+
     if not isinstance(loss, torch.Tensor):
         return None
     if not loss.requires_grad:
