@@ -5,6 +5,8 @@ capture, which both run only during the model's own training forward passes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -23,3 +25,20 @@ def in_backward() -> bool:
     """True inside a backward pass: a forward hook then sees activation checkpointing
     recompute its segment, not the model's own forward pass."""
     return _graph_task_id is not None and _graph_task_id() != -1
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a module output (tensor, tuple, list or dict)."""
+    if isinstance(output, torch.Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, (tuple, list)):
+        items: Any = output
+    elif isinstance(output, dict):
+        items = output.values()
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None

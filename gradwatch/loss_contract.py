@@ -49,7 +49,7 @@ from torch.overrides import (
     _push_mode,
 )
 
-from .forward_context import grad_enabled, in_backward, is_compiling
+from .forward_context import first_tensor, grad_enabled, in_backward, is_compiling
 from .guard import Guard
 from .loss_input import CLASS_LOSSES, VALUES, LossInput
 
@@ -408,7 +408,7 @@ class LossCheck:
             return None
         try:
             self._depth -= 1
-            tensor = output if type(output) is torch.Tensor else _first_tensor(output)
+            tensor = output if type(output) is torch.Tensor else first_tensor(output)
             if tensor is not None:
                 last = self._last
                 if last is None or last[0]() is not tensor:
@@ -482,22 +482,3 @@ class LossCheck:
                 values=values,
             )
         )
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    """The first floating-point tensor of a module output (tuple, list, dict: logits first
-    in the usual model outputs)."""
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
-    items: Any
-    if isinstance(output, (tuple, list)):
-        items = output
-    elif isinstance(output, dict):
-        items = output.values()
-    else:
-        return None
-    for item in items:
-        found = _first_tensor(item)
-        if found is not None:
-            return found
-    return None

@@ -31,7 +31,7 @@ from torch.nn.modules.module import (
 
 from .attention import AttentionCapture
 from .attention_sample import AttentionCall
-from .forward_context import grad_enabled, in_backward, is_compiling
+from .forward_context import first_tensor, grad_enabled, in_backward, is_compiling
 from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RECURRENT, RELU, SIGMOID, TANH, LayerInfo
 from .loss_contract import LossCall, LossCheck
@@ -54,23 +54,6 @@ def _norm(values: torch.Tensor) -> torch.Tensor:
     if values.dtype == torch.float64:
         return torch.linalg.vector_norm(values)
     return torch.linalg.vector_norm(values, dtype=_F32)
-
-
-def first_tensor(output: Any) -> torch.Tensor | None:
-    """The first floating-point tensor in a module output (tensor, tuple, list or dict)."""
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
-    if isinstance(output, (tuple, list)):
-        items: Any = output
-    elif isinstance(output, dict):
-        items = output.values()
-    else:
-        return None
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
 
 
 @dataclass
