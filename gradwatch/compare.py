@@ -24,16 +24,14 @@ from typing import Any
 
 from rich.console import Console
 
-from .demo.extras import MissingExtra
-from .demo.figure import check_image_path, save_figure, write_error
+from .demo.figure import save_figure, write_error
 from .demo.table import Cell, print_table
 from .report import (
-    ReportError,
     _layers,
     _say,
     _severity,
     gradient_layers,
-    load,
+    load_for_command,
     log_range,
     report_figure,
     sample_indices,
@@ -290,16 +288,10 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print("gradwatch report: --json reads one record at a time", file=sys.stderr)
         return 2
-    try:
-        if png is not None:
-            check_image_path(png)
-        a, b = load(paths[0]), load(paths[1])
-    except (ReportError, MissingExtra, ValueError) as error:
-        print(f"gradwatch report: {error}", file=sys.stderr)
+    records = load_for_command(paths, png)
+    if records is None:
         return 2
-    except OSError as error:
-        print(f"gradwatch report: {write_error(error)}", file=sys.stderr)
-        return 2
+    a, b = records
     print_comparison(a, b, paths, Console())
     if png is not None:
         names = tuple(

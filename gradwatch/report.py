@@ -674,6 +674,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def load_for_command(
+    paths: Sequence[str | os.PathLike[str]], png: str | None
+) -> list[Record] | None:
+    """The records at ``paths`` for ``gradwatch report``, the ``--png`` path checked first
+    (said before the report is printed, not after); None once the reason it cannot is on
+    stderr."""
+    try:
+        if png is not None:
+            check_image_path(png)
+        return [load(path) for path in paths]
+    except (ReportError, MissingExtra, ValueError) as error:
+        print(f"gradwatch report: {error}", file=sys.stderr)
+    except OSError as error:
+        print(f"gradwatch report: {write_error(error)}", file=sys.stderr)
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``gradwatch report`` (wired in :mod:`gradwatch.cli`)."""
     if getattr(args, "other", None) is not None:
@@ -682,16 +699,10 @@ def main(args: argparse.Namespace) -> int:
         return compare_main(args)
     path = args.record
     png = getattr(args, "png", None)
-    try:
-        if png is not None:
-            check_image_path(png)  # say so before printing the report, not after
-        record = load(path)
-    except (ReportError, MissingExtra, ValueError) as error:
-        print(f"gradwatch report: {error}", file=sys.stderr)
+    records = load_for_command([path], png)
+    if records is None:
         return 2
-    except OSError as error:
-        print(f"gradwatch report: {write_error(error)}", file=sys.stderr)
-        return 2
+    (record,) = records
     as_json = getattr(args, "json", False)
     if as_json:
         print(json.dumps(record_json(record, path), indent=2, allow_nan=False))
