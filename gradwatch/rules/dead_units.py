@@ -9,7 +9,7 @@ from typing import Any
 
 from ..kinds import ACTIVATION, RELU, SIGMOID, TANH, UNIT_ROW_KINDS
 from ..stats import StepStats
-from ..units import UnitGroup, alive_units, dead_fraction, unit_groups
+from ..units import UnitGroup, alive_bits, dead_fraction, unit_groups
 from ..wording import alternatives, clip_gradients, display_name
 from .base import SHARE, Condition, Rule, RuleContext, format_layers, whole_at_least
 
@@ -134,14 +134,14 @@ re-initialise (kaiming) and check biases and input scaling."""
         bits, size = 0, None
         sources: set[str] = set()
         for stats in recent:  # the union of the alive units, as plain ints (a mask per
-            seen = alive_units(group, stats)  # layer and step would cost more than this)
+            seen = alive_bits(group, stats)  # layer and step would cost more than this)
             if seen is None:
                 return None
-            mask, source = seen
-            if size is not None and size != mask.size:
+            alive, units, source = seen
+            if size is not None and size != units:
                 return None
-            bits |= mask.bits
-            size = mask.size
+            bits |= alive
+            size = units
             sources.add(source)
         if not size:
             return None
