@@ -26,6 +26,11 @@ def unit_groups(stats: StepStats) -> list[UnitGroup]:
     forward order, same number of units, norms in between allowed). Weight layers
     without a ReLU module are kept (they may feed a functional F.relu) unless a
     sigmoid/tanh follows them or they are the output layer."""
+    return list(shared_groups(stats))
+
+
+def shared_groups(stats: StepStats) -> tuple[UnitGroup, ...]:
+    """:func:`unit_groups`, as the tuple shared by every step with the same layers."""
     cached = stats.__dict__.get("_unit_groups")
     if cached is not None:
         return cached
@@ -44,9 +49,8 @@ def unit_groups(stats: StepStats) -> list[UnitGroup]:
         if len(_SHARED_GROUPS) >= _SHARED_LIMIT:
             _SHARED_GROUPS.clear()
         shared = _SHARED_GROUPS[key] = tuple(_pair(ordered))
-    groups = list(shared)
-    stats.__dict__["_unit_groups"] = groups
-    return groups
+    stats.__dict__["_unit_groups"] = shared
+    return shared
 
 
 #: Unit groups of the layer structures seen lately (a few: several watchers, a model that
@@ -140,6 +144,24 @@ def alive_bits(group: UnitGroup, stats: StepStats) -> tuple[int, int, str] | Non
 _UNSEEN = object()
 
 
+def alive_table(
+    stats: StepStats, groups: tuple[UnitGroup, ...]
+) -> dict[tuple[str | None, str | None], tuple[int, int, str] | None]:
+    """:func:`alive_bits` of each of ``groups`` (a :func:`shared_groups` tuple) at one
+    step, keyed by (producer, activation): for the rules that read every group at each
+    of the last steps, a dictionary look-up each instead of a call."""
+    memo = stats.__dict__.get("_alive_bits")
+    if memo is None:
+        memo = stats.__dict__["_alive_bits"] = {}
+    if stats.__dict__.get("_alive_for") is not groups:  # filled for these groups once
+        for group in groups:
+            key = (group.producer, group.activation)
+            if key not in memo:
+                memo[key] = _alive(group, stats)
+        stats.__dict__["_alive_for"] = groups
+    return memo
+
+
 def _alive(group: UnitGroup, stats: StepStats) -> tuple[int, int, str] | None:
     if group.activation is not None:
         act = stats.layers.get(group.activation)
@@ -185,9 +207,12 @@ def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
 
 def _dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     out = {}
-    for group in unit_groups(steps[-1]):
-        for stats in reversed(steps):
-            seen = alive_bits(group, stats)  # dead_fraction(), without its calls
+    groups = shared_groups(steps[-1])
+    tables = [alive_table(stats, groups) for stats in reversed(steps)]
+    for group in groups:
+        key = (group.producer, group.activation)
+        for table in tables:
+            seen = table[key]  # dead_fraction(), without its calls
             if seen is not None and seen[1]:
                 out[group] = 1.0 - seen[0].bit_count() / seen[1]
                 break

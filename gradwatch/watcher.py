@@ -55,7 +55,7 @@ from .sentinel import Sentinel, Trip
 from .stats import OptimizerInfo, StepStats
 from .structure import WatchedSet
 from .transfer import HostTransfer
-from .units import alive_bits, unit_groups
+from .units import alive_table, shared_groups
 from .update import OptimizerCoverage, UpdateLayout, UpdateSampler, moved, read_updates
 from .validation import (
     deferred_option,
@@ -807,7 +807,9 @@ class Watcher:
         nothing, and its ReLU's output is the only witness."""
         assert self._probes is not None
         covered = set(self._probes.skip_core)
-        for group in unit_groups(stats):
+        groups = shared_groups(stats)
+        alive = alive_table(stats, groups)
+        for group in groups:
             if group.producer is None or group.activation is None:
                 continue
             activation = self._index_of.get(group.activation)
@@ -818,7 +820,7 @@ class Watcher:
                 # Gradients carried across steps: a dead unit's row keeps its old gradient.
                 covered.discard(activation)
                 continue
-            seen = alive_bits(group, stats)  # (alive bits, units, how seen)
+            seen = alive[(group.producer, group.activation)]  # (alive bits, units, how)
             if (
                 seen is not None
                 and seen[1]

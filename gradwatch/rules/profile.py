@@ -180,6 +180,13 @@ def find_cuts(stats: StepStats, recent: Sequence[StepStats]) -> list[Cut]:
 def _find_cuts(stats: StepStats, recent: Sequence[StepStats]) -> list[Cut]:
     if not gradients_finite(stats):
         return []  # GW103's business
+    # The usual step: every module with parameters got a non-zero gradient, so there is
+    # no run to judge (lacks_gradient() inlined: one pass, no call per module).
+    if not any(
+        s.grad_norm == 0.0 if s.grad_norm is not None else s.missing_grad
+        for s in stats.layers.values()
+    ):
+        return []
     known = forward_order_known(stats)
     chain = [
         s
