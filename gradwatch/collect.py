@@ -659,6 +659,29 @@ def _per_module(
     return total
 
 
+#: Masks already handed out, per number of units and bits (a bounded number per size).
+_MASKS: dict[int, dict[int, UnitMask]] = {}
+_MASKS_PER_SIZE = 1024
+
+
+def shared_mask(bits: int, size: int) -> UnitMask:
+    """``UnitMask(bits, size)``, shared with earlier steps that had the same mask.
+
+    Masks repeat from step to step (a healthy layer: every unit active, no zero gradient
+    row). Each step's statistics stay in the history, and every object they hold is one
+    more for each garbage collection to walk: an immutable mask shared by the steps costs
+    that once. Looking it up is also cheaper than making a new one."""
+    known = _MASKS.get(size)
+    if known is None:
+        known = _MASKS[size] = {}
+    mask = known.get(bits)
+    if mask is None:
+        if len(known) >= _MASKS_PER_SIZE:
+            known.clear()  # masks that never repeat (a layer in flux): start afresh
+        mask = known[bits] = UnitMask(bits, size)
+    return mask
+
+
 _NEVER_RAN = math.inf  # sorts after every measured depth (positions are finite)
 
 
@@ -776,7 +799,7 @@ def read(
                 end = bit_pos + size
                 chunk = int.from_bytes(packed_masks[bit_pos >> 3 : (end + 7) >> 3], "little")
                 full = (1 << size) - 1
-                ls.zero_grad_units = UnitMask(((chunk >> (bit_pos & 7)) & full) ^ full, size)
+                ls.zero_grad_units = shared_mask(((chunk >> (bit_pos & 7)) & full) ^ full, size)
                 bit_pos = end
         per_slot = [
             [sumsq[k], float(slots[k].numel), 0.0, 0.0, 0.0, 0.0] for _, k in layout.aliases
@@ -807,7 +830,8 @@ def read(
             if slot.rows:
                 ls = stats[slot.layer]
                 ls.units = slot.rows
-                ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
+                size = slot.rows
+                ls.zero_grad_units = shared_mask(take_mask(size) ^ ((1 << size) - 1), size)
         total_sumsq = sum(a[0] for a in per_slot)
         total_psq = sum(a[3] for a in per_slot)
         aliases = layout.aliases
@@ -862,9 +886,9 @@ def read(
         ls.saturated_fraction = count / numel if numel else None
         ls.mean_derivative = deriv / numel if numel else None
     for index, units in layout.relu_units:
-        stats[index].active_units = UnitMask(take_mask(units), units)
+        stats[index].active_units = shared_mask(take_mask(units), units)
     for index, units in layout.positive_units:
-        stats[index].positive_units = UnitMask(take_mask(units), units)
+        stats[index].positive_units = shared_mask(take_mask(units), units)
 
     missing_names = tuple(
         f"{by_index[i].name}.{p}" if by_index[i].name else p
