@@ -23,6 +23,7 @@ from . import attention_sample as _attention
 from . import loss_contract as _loss
 from .distributed import Reducer
 from .layers import RECURRENT, UNIT_ROW_KINDS, LayerInfo
+from .per_tensor import Groups, counts_and_maxima, shape_groups
 from .probes import ProbeRecord
 from .recurrent import split_gradients
 from .stats import LayerStats, OptimizerInfo, StepStats, UnitMask
@@ -297,29 +298,11 @@ def _set_flags(parts: list[torch.Tensor], device: torch.device, world: int) -> t
     return flags.to(_F64) if world > 1 else flags
 
 
-#: Zero shares of larger gradients are estimated from this many evenly strided entries
-#: (standard error <= 0.8 percentage points); smaller ones are counted exactly.
-ZERO_SAMPLE = 4096
-
-
-def _nonzero_count(grad: torch.Tensor) -> torch.Tensor:
-    """Number of non-zero entries (a float32 scalar). Counting every entry of a large
-    tensor costs more than the rest of a monitored step, so those are estimated from a
-    strided sample."""
-    flat = grad.reshape(-1)
-    n = flat.numel()
-    if n <= ZERO_SAMPLE:
-        return torch.count_nonzero(flat).to(_F32)
-    stride = n // ZERO_SAMPLE
-    stride += stride % 2 == 0  # odd: the samples walk across the columns of a matrix
-    sample = flat[::stride]
-    return torch.count_nonzero(sample).to(_F32) * (n / sample.numel())
-
-
 def _param_sumsq(slots: list[Slot], device: torch.device) -> torch.Tensor:
     """Squared norm of each slot's parameter (its local shard under FSDP2), float64."""
-    params = [_local(s.param.detach())[0] for s in slots]
-    return _stack(_norms(params), device).to(_F64).square()
+    with torch.no_grad():  # outside autograd: cheaper than a detach() of each parameter
+        params = [_local(s.param)[0] for s in slots]
+        return _stack(_norms(params), device).to(_F64).square()
 
 
 def _stack(scalars: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -359,6 +342,8 @@ class _SlotPlan:
     aliases: list[tuple[int, int]]
     reusable: bool
     split: _SmallSplit | None  # how the other slots' norms are batched
+    #: how detail steps batch the per-tensor counts and maxima (worked out at the first)
+    detail_groups: Groups | None = None
 
     @property
     def row_slots(self) -> int:
@@ -441,12 +426,17 @@ class Collector:
             sums.append(self._squared_norms(grads[n_rows:], home, plan.split))
 
         maxima = None
-        with_values = [g for s, g in zip(slots, grads) if s.has_values] if detail else []
+        with_values = [k for k, s in enumerate(slots) if s.has_values] if detail else []
         if detail:
-            sums.append(_stack([_nonzero_count(g) for g in grads], home))
+            if plan.detail_groups is None:
+                plan.detail_groups = shape_groups(grads)
+            counts, largest = counts_and_maxima(grads, plan.detail_groups, home)
+            sums.append(counts)
             sums.append(_param_sumsq(slots, home))
-            if with_values:
-                maxima = _stack([g.abs().amax().to(_F64) for g in with_values], home)
+            if len(with_values) == len(grads):
+                maxima = largest
+            elif with_values:  # empty gradients (a sparse one without values) have none
+                maxima = largest[torch.tensor(with_values).to(home, non_blocking=True)]
 
         n_scaled = len(slots) * (3 if detail else 1)
         if record.out_norms:
