@@ -835,9 +835,11 @@ def read(
                 _add(mine, per_slot[k])
 
     previous_layers = previous.layers if previous is not None else {}
+    finite = True  # every gradient norm finite: rules.base.gradients_finite, known here
     for index, (s2, numel, nz, psq, mx, nf) in acc.items():
         ls = stats[index]
         norm = _sqrt(s2)
+        finite = finite and math.isfinite(norm)
         ls.grad_norm = norm
         ls.numel = int(numel)
         ls.grad_rms = norm / math.sqrt(numel) if numel else 0.0
@@ -906,4 +908,6 @@ def read(
     # ``named`` is in forward order already (the order StepStats.by_depth sorts into):
     # handed over, it spares the rules a sort of every layer at every step.
     step_stats.__dict__["_ordered"] = list(named.values())
+    # Several rules ask whether every gradient is finite: answered from the norms just read.
+    step_stats.__dict__["_gradients_finite"] = finite
     return step_stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 from .kinds import RECURRENT, RELU, SATURATING_KINDS, UNIT_ROW_KINDS
 from .stats import LayerStats, StepStats, UnitMask
@@ -39,10 +40,9 @@ def shared_groups(stats: StepStats) -> tuple[UnitGroup, ...]:
     # the same from step to step: the groups are worked out once and shared by the steps
     # (the history then holds one set of groups, not one per step for the garbage
     # collector to walk).
-    key = tuple(
-        (s.name, s.kind, s.depth, s.units, None if s.active_units is None else s.active_units.size)
-        for s in ordered
-        if s.kind in _PAIRED_KINDS
+    key = (
+        tuple(map(_STRUCTURE, ordered)),
+        tuple(None if m is None else m.size for m in map(_ACTIVE, ordered)),
     )
     shared = _SHARED_GROUPS.get(key)
     if shared is None:
@@ -95,8 +95,9 @@ def _pair(ordered: list[LayerStats]) -> list[UnitGroup]:
 
 
 _ACTIVATIONS = (RELU, *SATURATING_KINDS)
-#: the kinds :func:`_pair` reads; other modules (norms, dropout) do not change the groups
-_PAIRED_KINDS = frozenset((*UNIT_ROW_KINDS, RECURRENT, *_ACTIVATIONS))
+#: what :func:`_pair` reads of each layer (read in C: this runs at every step)
+_STRUCTURE = attrgetter("name", "kind", "depth", "units")
+_ACTIVE = attrgetter("active_units")
 
 
 def _next_activation(ordered: list[LayerStats], position: int) -> LayerStats | None:

@@ -67,6 +67,7 @@ re-initialise (kaiming) and check biases and input scaling."""
         judged = False
         groups = shared_groups(ctx.stats)
         tables = [alive_table(stats, groups) for stats in recent]
+        fraction = self.t("fraction")
         for group in groups:
             dead = self._dead(group, tables)
             if dead is None:
@@ -75,7 +76,7 @@ re-initialise (kaiming) and check biases and input scaling."""
                 continue
             judged = True
             n_dead, size, source = dead
-            if n_dead / size > self.t("fraction"):
+            if n_dead / size > fraction:
                 flagged.append((group, n_dead, size, source))
         if not judged:
             return None
