@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 
@@ -161,6 +162,11 @@ def gather_slots(
 
 
 _STRIDED = torch.strided
+_DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
+_GRAD = attrgetter("grad")
+_LAYOUT = attrgetter("layout")
+_SHAPE = attrgetter("shape")
 
 
 def _sparse_values(grad: torch.Tensor) -> torch.Tensor:
@@ -287,12 +293,11 @@ def _set_flags(parts: list[torch.Tensor], device: torch.device, world: int) -> t
     summed, so there they travel as numbers."""
     if not parts:
         return torch.zeros(0, device=device)
-    groups: list[list[torch.Tensor]] = []
-    for part in parts:  # consecutive parts of one dtype and device: one comparison
-        if groups and (groups[-1][0].dtype, groups[-1][0].device) == (part.dtype, part.device):
-            groups[-1].append(part)
-        else:
-            groups.append([part])
+    # Consecutive parts of one dtype and device: one comparison. (Hundreds of parts in a
+    # deep model: their kinds are read in C, and runs are cut only where a kind changes.)
+    kinds = list(zip(map(_DTYPE, parts), map(_DEVICE, parts)))
+    cuts = [k for k in range(1, len(parts)) if kinds[k] != kinds[k - 1]]
+    groups = [parts[a:b] for a, b in zip([0, *cuts], [*cuts, len(parts)])]
     flags = [(torch.cat(g) if len(g) > 1 else g[0]) > 0 for g in groups]
     flags = torch.cat([f if f.device == device else f.to(device) for f in flags])
     return flags.to(_F64) if world > 1 else flags
@@ -521,16 +526,17 @@ class Collector:
         The plan (slot objects, their order, the runs of row norms) depends only on which
         parameters have a gradient and of what type, so it is built once and reused while
         those stay the same: a step costs a pass over ``.grad`` and no per-slot objects."""
-        grads = [p.grad for p in self._params]
+        # (attributes read with attrgetter and map: in C, once per parameter per step)
+        grads = list(map(_GRAD, self._params))
         types = list(map(type, grads))
         plan = self._plan
         if plan is not None and types == plan.types:
-            ordered = [grads[k] for k in plan.order]
-            layouts = [g.layout for g in ordered]
+            ordered = list(map(grads.__getitem__, plan.order))
+            layouts = list(map(_LAYOUT, ordered))
             # shapes too: ``param.data = ...`` can resize a parameter without a trace
-            if layouts.count(_STRIDED) == len(ordered) and plan.shapes == [
-                g.shape for g in ordered
-            ]:
+            if layouts.count(_STRIDED) == len(ordered) and plan.shapes == list(
+                map(_SHAPE, ordered)
+            ):
                 return plan, ordered
         slots, missing = gather_slots(self.table)
         if not slots:
