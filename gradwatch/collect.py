@@ -655,9 +655,9 @@ def _per_module(
     return total
 
 
-#: Masks already handed out, per number of units and bits (a bounded number per size).
-_MASKS: dict[int, dict[int, UnitMask]] = {}
-_MASKS_PER_SIZE = 1024
+#: Masks already handed out, by (bits, units); a bounded number of them.
+_MASKS: dict[tuple[int, int], UnitMask] = {}
+_MASKS_KEPT = 4096
 
 
 def shared_mask(bits: int, size: int) -> UnitMask:
@@ -666,15 +666,17 @@ def shared_mask(bits: int, size: int) -> UnitMask:
     Masks repeat from step to step (a healthy layer: every unit active, no zero gradient
     row). Each step's statistics stay in the history, and every object they hold is one
     more for each garbage collection to walk: an immutable mask shared by the steps costs
-    that once. Looking it up is also cheaper than making a new one."""
-    known = _MASKS.get(size)
-    if known is None:
-        known = _MASKS[size] = {}
-    mask = known.get(bits)
+    that once. Looking it up is also cheaper than making a new one.
+
+    >>> shared_mask(0b101, 3) is shared_mask(0b101, 3), shared_mask(0b101, 3).indices()
+    (True, [0, 2])
+    """
+    key = (bits, size)
+    mask = _MASKS.get(key)
     if mask is None:
-        if len(known) >= _MASKS_PER_SIZE:
-            known.clear()  # masks that never repeat (a layer in flux): start afresh
-        mask = known[bits] = UnitMask(bits, size)
+        if len(_MASKS) >= _MASKS_KEPT:
+            _MASKS.clear()  # masks that do not repeat (layers in flux): start afresh
+        mask = _MASKS[key] = UnitMask(bits, size)
     return mask
 
 
