@@ -48,7 +48,12 @@ def shared_groups(stats: StepStats) -> tuple[UnitGroup, ...]:
     if shared is None:
         if len(_SHARED_GROUPS) >= _SHARED_LIMIT:
             _SHARED_GROUPS.clear()
-        shared = _SHARED_GROUPS[key] = tuple(_pair(ordered))
+            _SAME_GROUPS.clear()
+        groups = tuple(_pair(ordered))
+        # Keys that differ only where it does not change the pairing (a ReLU measured at
+        # one step and not at the next) get the very same tuple: the per-step tables of
+        # alive units (alive_table) are then known to be complete by identity.
+        shared = _SHARED_GROUPS[key] = _SAME_GROUPS.setdefault(groups, groups)
     stats.__dict__["_unit_groups"] = shared
     return shared
 
@@ -56,6 +61,7 @@ def shared_groups(stats: StepStats) -> tuple[UnitGroup, ...]:
 #: Unit groups of the layer structures seen lately (a few: several watchers, a model that
 #: changes), keyed by what the pairing reads.
 _SHARED_GROUPS: dict[tuple, tuple[UnitGroup, ...]] = {}
+_SAME_GROUPS: dict[tuple[UnitGroup, ...], tuple[UnitGroup, ...]] = {}
 _SHARED_LIMIT = 8
 
 
