@@ -75,9 +75,9 @@ re-initialise (kaiming) and check biases and input scaling."""
                     return None  # a flagged layer went out of sight: no verdict this step
                 continue
             judged = True
-            n_dead, size, source = dead
+            n_dead, size, sources = dead
             if n_dead / size > fraction:
-                flagged.append((group, n_dead, size, source))
+                flagged.append((group, n_dead, size, ",".join(sorted(sources))))
         if not judged:
             return None
         self._flagged = {group.name for group, *_ in flagged}
@@ -127,8 +127,8 @@ re-initialise (kaiming) and check biases and input scaling."""
             if share is not None:
                 self._first_seen[group.name] = share
 
-    def _dead(self, group: UnitGroup, tables: list[dict]) -> tuple[int, int, str] | None:
-        """(dead units, layer size, source) over the span, or None if it cannot be judged.
+    def _dead(self, group: UnitGroup, tables: list[dict]) -> tuple[int, int, set[str]] | None:
+        """(dead units, layer size, sources) over the span, or None if it cannot be judged.
 
         Each step contributes the units it saw alive: from the ReLU's output where it was
         hooked, else from the producer's non-zero gradient rows (a layer with no gradient
@@ -150,7 +150,7 @@ re-initialise (kaiming) and check biases and input scaling."""
             sources.add(source)
         if not size:
             return None
-        return size - bits.bit_count(), size, ",".join(sorted(sources))
+        return size - bits.bit_count(), size, sources  # named only for flagged layers
 
     def _hint(self, ctx: RuleContext, flagged: list) -> str:
         info = ctx.stats.optimizer
