@@ -844,6 +844,9 @@ def read(
 
     previous_layers = previous.layers if previous is not None else {}
     finite = True  # every gradient norm finite: rules.base.gradients_finite, known here
+    # (what is the same for every layer, decided once: this loop runs once per layer)
+    counted = nonfinite_counts is not None
+    params_read = layout.detail or checked_param_sumsq is not None
     for index, (s2, numel, nz, psq, mx, nf) in acc.items():
         ls = stats[index]
         norm = _sqrt(s2)
@@ -851,11 +854,11 @@ def read(
         ls.grad_norm = norm
         ls.numel = int(numel)
         ls.grad_rms = norm / math.sqrt(numel) if numel else 0.0
-        if nonfinite_counts is not None:
+        if counted:
             ls.grad_nonfinite = int(nf)
         elif math.isfinite(norm):
             ls.grad_nonfinite = 0
-        if layout.detail or checked_param_sumsq is not None:
+        if params_read:
             ls.param_norm = _sqrt(psq)
             ls.param_rms = ls.param_norm / math.sqrt(numel) if numel else 0.0
         else:
