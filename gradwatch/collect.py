@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import torch
 
@@ -23,6 +24,7 @@ from . import attention_sample as _attention
 from . import loss_contract as _loss
 from .distributed import Reducer
 from .layers import RECURRENT, UNIT_ROW_KINDS, LayerInfo
+from .per_tensor import Groups, counts_and_maxima, shape_groups
 from .probes import ProbeRecord
 from .recurrent import split_gradients
 from .stats import LayerStats, OptimizerInfo, StepStats, UnitMask
@@ -160,6 +162,11 @@ def gather_slots(
 
 
 _STRIDED = torch.strided
+_DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
+_GRAD = attrgetter("grad")
+_LAYOUT = attrgetter("layout")
+_SHAPE = attrgetter("shape")
 
 
 def _sparse_values(grad: torch.Tensor) -> torch.Tensor:
@@ -286,40 +293,21 @@ def _set_flags(parts: list[torch.Tensor], device: torch.device, world: int) -> t
     summed, so there they travel as numbers."""
     if not parts:
         return torch.zeros(0, device=device)
-    groups: list[list[torch.Tensor]] = []
-    for part in parts:  # consecutive parts of one dtype and device: one comparison
-        if groups and (groups[-1][0].dtype, groups[-1][0].device) == (part.dtype, part.device):
-            groups[-1].append(part)
-        else:
-            groups.append([part])
+    # Consecutive parts of one dtype and device: one comparison. (Hundreds of parts in a
+    # deep model: their kinds are read in C, and runs are cut only where a kind changes.)
+    kinds = list(zip(map(_DTYPE, parts), map(_DEVICE, parts)))
+    cuts = [k for k in range(1, len(parts)) if kinds[k] != kinds[k - 1]]
+    groups = [parts[a:b] for a, b in zip([0, *cuts], [*cuts, len(parts)])]
     flags = [(torch.cat(g) if len(g) > 1 else g[0]) > 0 for g in groups]
     flags = torch.cat([f if f.device == device else f.to(device) for f in flags])
     return flags.to(_F64) if world > 1 else flags
 
 
-#: Zero shares of larger gradients are estimated from this many evenly strided entries
-#: (standard error <= 0.8 percentage points); smaller ones are counted exactly.
-ZERO_SAMPLE = 4096
-
-
-def _nonzero_count(grad: torch.Tensor) -> torch.Tensor:
-    """Number of non-zero entries (a float32 scalar). Counting every entry of a large
-    tensor costs more than the rest of a monitored step, so those are estimated from a
-    strided sample."""
-    flat = grad.reshape(-1)
-    n = flat.numel()
-    if n <= ZERO_SAMPLE:
-        return torch.count_nonzero(flat).to(_F32)
-    stride = n // ZERO_SAMPLE
-    stride += stride % 2 == 0  # odd: the samples walk across the columns of a matrix
-    sample = flat[::stride]
-    return torch.count_nonzero(sample).to(_F32) * (n / sample.numel())
-
-
 def _param_sumsq(slots: list[Slot], device: torch.device) -> torch.Tensor:
     """Squared norm of each slot's parameter (its local shard under FSDP2), float64."""
-    params = [_local(s.param.detach())[0] for s in slots]
-    return _stack(_norms(params), device).to(_F64).square()
+    with torch.no_grad():  # outside autograd: cheaper than a detach() of each parameter
+        params = [_local(s.param)[0] for s in slots]
+        return _stack(_norms(params), device).to(_F64).square()
 
 
 def _stack(scalars: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -359,6 +347,8 @@ class _SlotPlan:
     aliases: list[tuple[int, int]]
     reusable: bool
     split: _SmallSplit | None  # how the other slots' norms are batched
+    #: how detail steps batch the per-tensor counts and maxima (worked out at the first)
+    detail_groups: Groups | None = None
 
     @property
     def row_slots(self) -> int:
@@ -441,12 +431,17 @@ class Collector:
             sums.append(self._squared_norms(grads[n_rows:], home, plan.split))
 
         maxima = None
-        with_values = [g for s, g in zip(slots, grads) if s.has_values] if detail else []
+        with_values = [k for k, s in enumerate(slots) if s.has_values] if detail else []
         if detail:
-            sums.append(_stack([_nonzero_count(g) for g in grads], home))
+            if plan.detail_groups is None:
+                plan.detail_groups = shape_groups(grads)
+            counts, largest = counts_and_maxima(grads, plan.detail_groups, home)
+            sums.append(counts)
             sums.append(_param_sumsq(slots, home))
-            if with_values:
-                maxima = _stack([g.abs().amax().to(_F64) for g in with_values], home)
+            if len(with_values) == len(grads):
+                maxima = largest
+            elif with_values:  # empty gradients (a sparse one without values) have none
+                maxima = largest[torch.tensor(with_values).to(home, non_blocking=True)]
 
         n_scaled = len(slots) * (3 if detail else 1)
         if record.out_norms:
@@ -531,16 +526,17 @@ class Collector:
         The plan (slot objects, their order, the runs of row norms) depends only on which
         parameters have a gradient and of what type, so it is built once and reused while
         those stay the same: a step costs a pass over ``.grad`` and no per-slot objects."""
-        grads = [p.grad for p in self._params]
+        # (attributes read with attrgetter and map: in C, once per parameter per step)
+        grads = list(map(_GRAD, self._params))
         types = list(map(type, grads))
         plan = self._plan
         if plan is not None and types == plan.types:
-            ordered = [grads[k] for k in plan.order]
-            layouts = [g.layout for g in ordered]
+            ordered = list(map(grads.__getitem__, plan.order))
+            layouts = list(map(_LAYOUT, ordered))
             # shapes too: ``param.data = ...`` can resize a parameter without a trace
-            if layouts.count(_STRIDED) == len(ordered) and plan.shapes == [
-                g.shape for g in ordered
-            ]:
+            if layouts.count(_STRIDED) == len(ordered) and plan.shapes == list(
+                map(_SHAPE, ordered)
+            ):
                 return plan, ordered
         slots, missing = gather_slots(self.table)
         if not slots:
@@ -659,13 +655,43 @@ def _per_module(
     return total
 
 
+#: Masks already handed out, by (bits, units); a bounded number of them.
+_MASKS: dict[tuple[int, int], UnitMask] = {}
+_MASKS_KEPT = 4096
+
+
+def shared_mask(bits: int, size: int) -> UnitMask:
+    """``UnitMask(bits, size)``, shared with earlier steps that had the same mask.
+
+    Masks repeat from step to step (a healthy layer: every unit active, no zero gradient
+    row). Each step's statistics stay in the history, and every object they hold is one
+    more for each garbage collection to walk: an immutable mask shared by the steps costs
+    that once. Looking it up is also cheaper than making a new one.
+
+    >>> shared_mask(0b101, 3) is shared_mask(0b101, 3), shared_mask(0b101, 3).indices()
+    (True, [0, 2])
+    """
+    key = (bits, size)
+    mask = _MASKS.get(key)
+    if mask is None:
+        if len(_MASKS) >= _MASKS_KEPT:
+            _MASKS.clear()  # masks that do not repeat (layers in flux): start afresh
+        mask = _MASKS[key] = UnitMask(bits, size)
+    return mask
+
+
 _NEVER_RAN = math.inf  # sorts after every measured depth (positions are finite)
 
 
 def _by_depth(layers: list[LayerInfo], depth: dict[int, float]) -> list[LayerInfo]:
     """``layers`` in forward order, modules that never ran last in registration order (as
     :meth:`StepStats.by_depth` orders them; a stable sort keeps equal keys in order)."""
-    return sorted(layers, key=lambda info: depth.get(info.index, _NEVER_RAN))
+    keys = [depth.get(info.index, _NEVER_RAN) for info in layers]
+    # Usually the forward order is the registration order already: checking that is one
+    # sort of floats in C, cheaper than a sort that calls a key function per layer.
+    if keys == sorted(keys):
+        return layers
+    return [layers[k] for k in sorted(range(len(layers)), key=keys.__getitem__)]
 
 
 def read(
@@ -742,9 +768,10 @@ def read(
     # every watched module appears, measured this step or not, in forward order
     stats: dict[int, LayerStats] = {}
     named: dict[str, LayerStats] = {}
+    get_depth = depth.get
     for info in _by_depth(layers, depth):
         # name, kind and depth by position: keywords cost more than the rest of the step
-        ls = LayerStats(info.name, info.kind, depth.get(info.index))
+        ls = LayerStats(info.name, info.kind, get_depth(info.index))
         if info.fan_in is not None:
             ls.fan_in = info.fan_in
         stats[info.index] = named[info.name] = ls
@@ -754,17 +781,24 @@ def read(
     checked = nonfinite_counts is not None and checked_param_sumsq is not None
     if not detailed and not checked:
         # The usual step: gradient norms only (same sums, in the same order, as below).
-        for k, slot in enumerate(slots):
+        # The rows' masks are read inline (this loop runs once per parameter): each mask
+        # is the bytes that hold its bits, shifted to its first bit.
+        for slot, square in zip(slots, sumsq):
             mine = acc.get(slot.layer)
             if mine is None:
-                acc[slot.layer] = [sumsq[k], float(slot.numel), 0.0, 0.0, 0.0, 0.0]
+                acc[slot.layer] = [square, float(slot.numel), 0.0, 0.0, 0.0, 0.0]
             else:
-                mine[0] += sumsq[k]
+                mine[0] += square
                 mine[1] += slot.numel
-            if slot.rows:
+            size = slot.rows
+            if size:
                 ls = stats[slot.layer]
-                ls.units = size = slot.rows
-                ls.zero_grad_units = UnitMask(take_mask(size) ^ ((1 << size) - 1), size)
+                ls.units = size
+                end = bit_pos + size
+                chunk = int.from_bytes(packed_masks[bit_pos >> 3 : (end + 7) >> 3], "little")
+                full = (1 << size) - 1
+                ls.zero_grad_units = shared_mask(((chunk >> (bit_pos & 7)) & full) ^ full, size)
+                bit_pos = end
         per_slot = [
             [sumsq[k], float(slots[k].numel), 0.0, 0.0, 0.0, 0.0] for _, k in layout.aliases
         ]
@@ -794,7 +828,8 @@ def read(
             if slot.rows:
                 ls = stats[slot.layer]
                 ls.units = slot.rows
-                ls.zero_grad_units = UnitMask(take_mask(slot.rows), slot.rows).complement()
+                size = slot.rows
+                ls.zero_grad_units = shared_mask(take_mask(size) ^ ((1 << size) - 1), size)
         total_sumsq = sum(a[0] for a in per_slot)
         total_psq = sum(a[3] for a in per_slot)
         aliases = layout.aliases
@@ -808,17 +843,22 @@ def read(
                 _add(mine, per_slot[k])
 
     previous_layers = previous.layers if previous is not None else {}
+    finite = True  # every gradient norm finite: rules.base.gradients_finite, known here
+    # (what is the same for every layer, decided once: this loop runs once per layer)
+    counted = nonfinite_counts is not None
+    params_read = layout.detail or checked_param_sumsq is not None
     for index, (s2, numel, nz, psq, mx, nf) in acc.items():
         ls = stats[index]
         norm = _sqrt(s2)
+        finite = finite and math.isfinite(norm)
         ls.grad_norm = norm
         ls.numel = int(numel)
         ls.grad_rms = norm / math.sqrt(numel) if numel else 0.0
-        if nonfinite_counts is not None:
+        if counted:
             ls.grad_nonfinite = int(nf)
         elif math.isfinite(norm):
             ls.grad_nonfinite = 0
-        if layout.detail or checked_param_sumsq is not None:
+        if params_read:
             ls.param_norm = _sqrt(psq)
             ls.param_rms = ls.param_norm / math.sqrt(numel) if numel else 0.0
         else:
@@ -849,9 +889,9 @@ def read(
         ls.saturated_fraction = count / numel if numel else None
         ls.mean_derivative = deriv / numel if numel else None
     for index, units in layout.relu_units:
-        stats[index].active_units = UnitMask(take_mask(units), units)
+        stats[index].active_units = shared_mask(take_mask(units), units)
     for index, units in layout.positive_units:
-        stats[index].positive_units = UnitMask(take_mask(units), units)
+        stats[index].positive_units = shared_mask(take_mask(units), units)
 
     missing_names = tuple(
         f"{by_index[i].name}.{p}" if by_index[i].name else p
@@ -862,7 +902,7 @@ def read(
         global_psq: float | None = _sqrt(total_psq)
     else:
         global_psq = previous.global_param_norm if previous is not None else None
-    return StepStats(
+    step_stats = StepStats(
         step=layout.step,
         layers=named,
         global_grad_norm=_sqrt(total_sumsq),
@@ -876,3 +916,9 @@ def read(
         attention=_attention.read_back(layout.attention, attention_sums, attention_max),
         loss_inputs=_loss.read_back(layout.loss_calls, loss_values),
     )
+    # ``named`` is in forward order already (the order StepStats.by_depth sorts into):
+    # handed over, it spares the rules a sort of every layer at every step.
+    step_stats.__dict__["_ordered"] = list(named.values())
+    # Several rules ask whether every gradient is finite: answered from the norms just read.
+    step_stats.__dict__["_gradients_finite"] = finite
+    return step_stats

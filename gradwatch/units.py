@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 from .kinds import RECURRENT, RELU, SATURATING_KINDS, UNIT_ROW_KINDS
 from .stats import LayerStats, StepStats, UnitMask
@@ -26,16 +27,45 @@ def unit_groups(stats: StepStats) -> list[UnitGroup]:
     forward order, same number of units, norms in between allowed). Weight layers
     without a ReLU module are kept (they may feed a functional F.relu) unless a
     sigmoid/tanh follows them or they are the output layer."""
+    return list(shared_groups(stats))
+
+
+def shared_groups(stats: StepStats) -> tuple[UnitGroup, ...]:
+    """:func:`unit_groups`, as the tuple shared by every step with the same layers."""
     cached = stats.__dict__.get("_unit_groups")
     if cached is not None:
         return cached
-    groups = _pair(stats)
-    stats.__dict__["_unit_groups"] = groups
-    return groups
-
-
-def _pair(stats: StepStats) -> list[UnitGroup]:
     ordered = stats.by_depth()
+    # The pairing depends only on the layers' names, kinds, order and sizes, which stay
+    # the same from step to step: the groups are worked out once and shared by the steps
+    # (the history then holds one set of groups, not one per step for the garbage
+    # collector to walk).
+    key = (
+        tuple(map(_STRUCTURE, ordered)),
+        tuple(None if m is None else m.size for m in map(_ACTIVE, ordered)),
+    )
+    shared = _SHARED_GROUPS.get(key)
+    if shared is None:
+        if len(_SHARED_GROUPS) >= _SHARED_LIMIT:
+            _SHARED_GROUPS.clear()
+            _SAME_GROUPS.clear()
+        groups = tuple(_pair(ordered))
+        # Keys that differ only where it does not change the pairing (a ReLU measured at
+        # one step and not at the next) get the very same tuple: the per-step tables of
+        # alive units (alive_table) are then known to be complete by identity.
+        shared = _SHARED_GROUPS[key] = _SAME_GROUPS.setdefault(groups, groups)
+    stats.__dict__["_unit_groups"] = shared
+    return shared
+
+
+#: Unit groups of the layer structures seen lately (a few: several watchers, a model that
+#: changes), keyed by what the pairing reads.
+_SHARED_GROUPS: dict[tuple, tuple[UnitGroup, ...]] = {}
+_SAME_GROUPS: dict[tuple[UnitGroup, ...], tuple[UnitGroup, ...]] = {}
+_SHARED_LIMIT = 8
+
+
+def _pair(ordered: list[LayerStats]) -> list[UnitGroup]:
     groups: list[UnitGroup] = []
     claimed: set[str] = set()
     last_producer: LayerStats | None = None
@@ -71,6 +101,9 @@ def _pair(stats: StepStats) -> list[UnitGroup]:
 
 
 _ACTIVATIONS = (RELU, *SATURATING_KINDS)
+#: what :func:`_pair` reads of each layer (read in C: this runs at every step)
+_STRUCTURE = attrgetter("name", "kind", "depth", "units")
+_ACTIVE = attrgetter("active_units")
 
 
 def _next_activation(ordered: list[LayerStats], position: int) -> LayerStats | None:
@@ -91,7 +124,23 @@ def alive_units(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | No
     pre-activations (a unit never positive is dead behind a ReLU, and a layer of such
     units blocks every gradient, which is why the rows show nothing).
     """
-    memo = stats.__dict__.setdefault("_alive_units", {})
+    seen = alive_bits(group, stats)
+    if seen is None:
+        return None
+    bits, size, how = seen
+    return UnitMask(bits, size), how
+
+
+def alive_bits(group: UnitGroup, stats: StepStats) -> tuple[int, int, str] | None:
+    """:func:`alive_units` as plain numbers: (bits of the alive units, units, how seen).
+
+    Asked about every group at every step, by several rules and about the last few steps,
+    so worked out once per group and step. Kept as a tuple of plain numbers, which the
+    garbage collector stops walking (a mask object per group and step, kept with the
+    history, made every collection walk them all)."""
+    memo = stats.__dict__.get("_alive_bits")
+    if memo is None:
+        memo = stats.__dict__["_alive_bits"] = {}
     key = (group.producer, group.activation)  # cheaper to hash than the dataclass
     found = memo.get(key, _UNSEEN)
     if found is _UNSEEN:
@@ -102,29 +151,48 @@ def alive_units(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | No
 _UNSEEN = object()
 
 
-def _alive(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | None:
+def alive_table(
+    stats: StepStats, groups: tuple[UnitGroup, ...]
+) -> dict[tuple[str | None, str | None], tuple[int, int, str] | None]:
+    """:func:`alive_bits` of each of ``groups`` (a :func:`shared_groups` tuple) at one
+    step, keyed by (producer, activation): for the rules that read every group at each
+    of the last steps, a dictionary look-up each instead of a call."""
+    memo = stats.__dict__.get("_alive_bits")
+    if memo is None:
+        memo = stats.__dict__["_alive_bits"] = {}
+    if stats.__dict__.get("_alive_for") is not groups:  # filled for these groups once
+        for group in groups:
+            key = (group.producer, group.activation)
+            if key not in memo:
+                memo[key] = _alive(group, stats)
+        stats.__dict__["_alive_for"] = groups
+    return memo
+
+
+def _alive(group: UnitGroup, stats: StepStats) -> tuple[int, int, str] | None:
     if group.activation is not None:
         act = stats.layers.get(group.activation)
         if act is not None and act.active_units is not None:
-            return act.active_units, "activations"
+            return act.active_units.bits, act.active_units.size, "activations"
     if group.producer is None:
         return None
     producer = stats.layers.get(group.producer)
     if producer is None or producer.grad_norm is None:
         return None
     if producer.grad_norm > 0 and producer.zero_grad_units is not None:
-        return producer.zero_grad_units.complement(), "weight-gradient rows"
+        zero = producer.zero_grad_units  # its complement: the rows that got a gradient
+        return ~zero.bits & ((1 << zero.size) - 1), zero.size, "weight-gradient rows"
     if producer.grad_norm == 0 and producer.positive_units is not None:
-        return producer.positive_units, "pre-activations"
+        return producer.positive_units.bits, producer.positive_units.size, "pre-activations"
     return None
 
 
 def dead_fraction(group: UnitGroup, stats: StepStats) -> float | None:
     """Share of the group's units seen dead at one step (None when not seen)."""
-    seen = alive_units(group, stats)
-    if seen is None or not seen[0].size:
+    seen = alive_bits(group, stats)
+    if seen is None or not seen[1]:
         return None
-    return 1.0 - seen[0].fraction()
+    return 1.0 - seen[0].bit_count() / seen[1]
 
 
 def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
@@ -146,12 +214,14 @@ def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
 
 def _dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     out = {}
-    for group in unit_groups(steps[-1]):
-        for stats in reversed(steps):
-            seen = alive_units(group, stats)  # dead_fraction(), without its calls
-            if seen is not None and seen[0].size:
-                mask = seen[0]
-                out[group] = 1.0 - mask.bits.bit_count() / mask.size
+    groups = shared_groups(steps[-1])
+    tables = [alive_table(stats, groups) for stats in reversed(steps)]
+    for group in groups:
+        key = (group.producer, group.activation)
+        for table in tables:
+            seen = table[key]  # dead_fraction(), without its calls
+            if seen is not None and seen[1]:
+                out[group] = 1.0 - seen[0].bit_count() / seen[1]
                 break
     return out
 

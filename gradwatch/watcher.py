@@ -55,7 +55,7 @@ from .sentinel import Sentinel, Trip
 from .stats import OptimizerInfo, StepStats
 from .structure import WatchedSet
 from .transfer import HostTransfer
-from .units import alive_units, dead_fraction, unit_groups
+from .units import alive_table, shared_groups
 from .update import OptimizerCoverage, UpdateLayout, UpdateSampler, moved, read_updates
 from .validation import (
     deferred_option,
@@ -807,7 +807,9 @@ class Watcher:
         nothing, and its ReLU's output is the only witness."""
         assert self._probes is not None
         covered = set(self._probes.skip_core)
-        for group in unit_groups(stats):
+        groups = shared_groups(stats)
+        alive = alive_table(stats, groups)
+        for group in groups:
             if group.producer is None or group.activation is None:
                 continue
             activation = self._index_of.get(group.activation)
@@ -818,15 +820,14 @@ class Watcher:
                 # Gradients carried across steps: a dead unit's row keeps its old gradient.
                 covered.discard(activation)
                 continue
-            seen = alive_units(group, stats)
-            dead = dead_fraction(group, stats)
+            seen = alive[(group.producer, group.activation)]  # (alive bits, units, how)
             if (
                 seen is not None
-                and dead is not None
+                and seen[1]
                 and producer is not None
                 and producer.grad_norm  # once no gradient reaches it, rows show nothing
-                and producer.units == seen[0].size
-                and dead < _AT_RISK
+                and producer.units == seen[1]
+                and 1.0 - seen[0].bit_count() / seen[1] < _AT_RISK  # the dead share
             ):
                 covered.add(activation)
             else:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..kinds import ACTIVATION, RELU, SIGMOID, TANH, UNIT_ROW_KINDS
 from ..stats import StepStats
-from ..units import UnitGroup, alive_units, dead_fraction, unit_groups
+from ..units import UnitGroup, alive_table, dead_fraction, shared_groups
 from ..wording import alternatives, clip_gradients, display_name
 from .base import SHARE, Condition, Rule, RuleContext, format_layers, whole_at_least
 
@@ -65,16 +65,19 @@ re-initialise (kaiming) and check biases and input scaling."""
             return None  # NaN makes every unit look dead; GW103 speaks for it
         flagged: list[tuple[UnitGroup, int, int, str]] = []
         judged = False
-        for group in unit_groups(ctx.stats):
-            dead = self._dead(group, recent)
+        groups = shared_groups(ctx.stats)
+        tables = [alive_table(stats, groups) for stats in recent]
+        fraction = self.t("fraction")
+        for group in groups:
+            dead = self._dead(group, tables)
             if dead is None:
                 if group.name in self._flagged:
                     return None  # a flagged layer went out of sight: no verdict this step
                 continue
             judged = True
-            n_dead, size, source = dead
-            if n_dead / size > self.t("fraction"):
-                flagged.append((group, n_dead, size, source))
+            n_dead, size, sources = dead
+            if n_dead / size > fraction:
+                flagged.append((group, n_dead, size, ",".join(sorted(sources))))
         if not judged:
             return None
         self._flagged = {group.name for group, *_ in flagged}
@@ -117,35 +120,37 @@ re-initialise (kaiming) and check biases and input scaling."""
         and are dead now died during training."""
         if not math.isfinite(stats.global_grad_norm):
             return
-        for group in unit_groups(stats):
+        for group in shared_groups(stats):
             if group.name in self._first_seen:
                 continue
             share = dead_fraction(group, stats)
             if share is not None:
                 self._first_seen[group.name] = share
 
-    def _dead(self, group: UnitGroup, recent: list[StepStats]) -> tuple[int, int, str] | None:
-        """(dead units, layer size, source) over the span, or None if it cannot be judged.
+    def _dead(self, group: UnitGroup, tables: list[dict]) -> tuple[int, int, set[str]] | None:
+        """(dead units, layer size, sources) over the span, or None if it cannot be judged.
 
         Each step contributes the units it saw alive: from the ReLU's output where it was
         hooked, else from the producer's non-zero gradient rows (a layer with no gradient
         at all cannot be judged: that is vanishing or missing gradient, not dead units).
+        ``tables`` are :func:`~gradwatch.units.alive_table` of the steps of the span.
         """
         bits, size = 0, None
         sources: set[str] = set()
-        for stats in recent:  # the union of the alive units, as plain ints (a mask per
-            seen = alive_units(group, stats)  # layer and step would cost more than this)
+        key = (group.producer, group.activation)
+        for table in tables:  # the union of the alive units, as plain ints (a mask per
+            seen = table[key]  # layer and step would cost more than this)
             if seen is None:
                 return None
-            mask, source = seen
-            if size is not None and size != mask.size:
+            alive, units, source = seen
+            if size is not None and size != units:
                 return None
-            bits |= mask.bits
-            size = mask.size
+            bits |= alive
+            size = units
             sources.add(source)
         if not size:
             return None
-        return size - bits.bit_count(), size, ",".join(sorted(sources))
+        return size - bits.bit_count(), size, sources  # named only for flagged layers
 
     def _hint(self, ctx: RuleContext, flagged: list) -> str:
         info = ctx.stats.optimizer

@@ -21,7 +21,7 @@ from .base import (
     median,
     whole_at_least,
 )
-from .profile import build_profile, latest_param_rms, signal_profile
+from .profile import build_profile, signal_profile
 from .recurrent import has_recurrent, through_time, time_step_hint
 from .updates import stuck_layers
 
@@ -268,12 +268,15 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
         ordinary_scale = False
         stuck = stuck_layers(ctx)  # their gradient is never applied: no step to judge
         layers = [s for s in matrix_layers(ctx.stats) if s.name not in stuck]
+        limit = self.t("update_ratio")
+        latest = ctx.stats.layers  # latest_param_rms() without a call per layer
         for layer in layers:
-            weight = latest_param_rms(ctx, layer.name)
+            now = latest.get(layer.name)
+            weight = now.param_rms if now is not None else None
             if not weight or layer.grad_rms is None:
                 continue  # a zero-initialised layer has no scale to compare with yet
             ratio = lr * layer.grad_rms / weight
-            if ratio > self.t("update_ratio"):
+            if ratio > limit:
                 flagged.append((layer.name, ratio))
                 # Layers initialised deliberately tiny (gain < 0.1, e.g. a zero-ish output
                 # head) may grow by more than their size at first: that alone is no alarm.

@@ -174,9 +174,17 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
         for entry in self._absent.values():
             if entry.param:
                 params.setdefault(entry.module, []).append(entry)
+        absent = self._absent
         for layer in stats.by_depth():
             if layer.grad_norm is None and not layer.missing_grad:
                 continue  # no trainable parameters of its own
+            if (
+                not layer.missing_grad
+                and layer.grad_norm != 0.0  # gets_gradient(): a gradient, not None nor 0
+                and layer.name not in absent
+                and layer.name not in params
+            ):
+                continue  # the usual module: every parameter got a gradient, none tracked
             self._observe_module(layer, stats, cuts.get(layer.name), known, first)
             self._observe_params(layer, params.get(layer.name, ()), stats.step, first)
         every_step = stats.steps_without_gradient

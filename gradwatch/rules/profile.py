@@ -55,7 +55,7 @@ def effective_speed(rms: float, optimizer: OptimizerInfo | None) -> float:
 def build_profile(
     layers: Sequence[LayerStats], values: Sequence[float], min_layers: int
 ) -> Profile | None:
-    if len(layers) < min_layers or any(not math.isfinite(v) for v in values):
+    if len(layers) < min_layers or not all(map(math.isfinite, values)):
         return None
     k = edge_size(len(layers))
     return Profile(list(layers), list(values), median(values[:k]), median(values[-k:]), k)
@@ -67,8 +67,12 @@ def gradient_profile(
     """Gradient RMS of each weight layer, as the optimizer will feel it (layers named in
     ``skip`` left out)."""
     layers = [s for s in matrix_layers(stats) if s.grad_rms is not None and s.name not in skip]
-    values = [effective_speed(s.grad_rms or 0.0, stats.optimizer) for s in layers]
-    return build_profile(layers, values, min_layers)
+    rms = [s.grad_rms or 0.0 for s in layers]
+    info = stats.optimizer
+    if info is not None and info.adaptive and info.eps:  # effective_speed(), inlined
+        eps = info.eps
+        rms = [r / (r + eps) for r in rms]
+    return build_profile(layers, rms, min_layers)
 
 
 def signal_profile(stats: StepStats, min_layers: int) -> Profile | None:
@@ -93,8 +97,10 @@ def init_gain(ctx: RuleContext, layers: Sequence[LayerStats]) -> float | None:
     """Median of param_rms * sqrt(fan_in) over Linear/Conv layers: 1.41 for He init,
     ~1 for Xavier on square layers, 0.58 for PyTorch's default."""
     gains = []
+    latest = ctx.stats.layers  # latest_param_rms() without a call per layer
     for layer in layers:
-        rms = latest_param_rms(ctx, layer.name)
+        now = latest.get(layer.name)
+        rms = now.param_rms if now is not None else None
         if rms is not None and layer.fan_in:
             gains.append(rms * math.sqrt(layer.fan_in))
     return median(gains) if gains else None
@@ -180,6 +186,13 @@ def find_cuts(stats: StepStats, recent: Sequence[StepStats]) -> list[Cut]:
 def _find_cuts(stats: StepStats, recent: Sequence[StepStats]) -> list[Cut]:
     if not gradients_finite(stats):
         return []  # GW103's business
+    # The usual step: every module with parameters got a non-zero gradient, so there is
+    # no run to judge (lacks_gradient() inlined: one pass, no call per module).
+    if not any(
+        s.grad_norm == 0.0 if s.grad_norm is not None else s.missing_grad
+        for s in stats.layers.values()
+    ):
+        return []
     known = forward_order_known(stats)
     chain = [
         s

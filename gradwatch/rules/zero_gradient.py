@@ -23,7 +23,7 @@ from typing import Any
 from ..history import History
 from ..kinds import RELU, SATURATING_KINDS
 from ..stats import LayerStats, StepStats
-from .base import RATIO, Condition, Rule, RuleContext
+from .base import RATIO, Condition, Rule, RuleContext, gradients_finite
 from .profile import forward_order_known
 
 
@@ -119,7 +119,7 @@ further (a model at its optimum gets none at its output)."""
     def check(self, ctx: RuleContext) -> list[Condition] | None:
         stats = ctx.stats
         norm = stats.global_grad_norm
-        if not math.isfinite(norm) or not all(s.grad_finite for s in stats):
+        if not math.isfinite(norm) or not gradients_finite(stats):
             return None  # GW103's business, or a step a GradScaler skips
         if not any(s.grad_norm is not None for s in stats):
             return None  # no gradient at all: GW104's business
