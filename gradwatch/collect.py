@@ -15,6 +15,7 @@ masks (gradient rows and active units that are non-zero).
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -214,6 +215,30 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(values: list[float]) -> int:
     return int.from_bytes(bytes(map(int, values)), "little")
+
+
+def pack_bit_words(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean vector into float64 values whose raw bytes are its bits (bit i =
+    element i, little-endian), 64 bits a value: the host turns them back into bytes with
+    one ``struct.pack`` (:func:`bit_words_to_bytes`) instead of one int() per byte, which
+    cost 0.2 ms a step at 400 layers. The values are bit patterns, not numbers (some are
+    NaN): they are only copied (cat, transfer, tolist), never computed with.
+
+    >>> mask = torch.tensor([True, False, True] + [False] * 60 + [True])
+    >>> words = pack_bit_words(mask)
+    >>> words.dtype, words.numel(), int.from_bytes(bit_words_to_bytes(words.tolist()), "little")
+    (torch.float64, 1, 9223372036854775813)
+    """
+    pad = (-mask.numel()) % 64
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(pad)])
+    return pack_bits(mask).to(torch.uint8).view(_F64)
+
+
+def bit_words_to_bytes(words: list[float]) -> bytes:
+    """The bytes :func:`pack_bit_words` packed, from the transferred values (a Python
+    float keeps its IEEE bits, NaN payloads included, and struct copies them as they are)."""
+    return struct.pack(f"<{len(words)}d", *words)
 
 
 def _row_norms(grad: torch.Tensor) -> torch.Tensor:
@@ -494,7 +519,7 @@ class Collector:
         summed, count_vec, mask_vec, max_vec = self.reducer.reduce(
             summed, count_vec, mask_vec, max_vec
         )
-        packed = torch.cat([summed, count_vec, max_vec, pack_bits(mask_vec > 0).to(_F64)])
+        packed = torch.cat([summed, count_vec, max_vec, pack_bit_words(mask_vec > 0)])
         del grads  # a vector still in flight (deferred) must not keep gradients alive
         layout = Layout(
             step=step,
@@ -735,7 +760,7 @@ def read(
     extras = take(layout.n_extra)
     attention_max = take(len(layout.attention))
     loss_values = take(_loss.packed_length(layout.loss_calls, layout.loss_fixed))
-    packed_masks = bytes(map(int, values[pos:]))
+    packed_masks = bit_words_to_bytes(values[pos:])
     bit_pos = 0
     if layout.layers is not None:
         layers = layout.layers
