@@ -5,13 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
-from .packed_layers import PackedLayers
 from .stats import StepStats
-
-#: Steps whose layers stay as they were measured. The built-in rules read the layers of
-#: at most the last 24 (``RuleContext.recent(16)`` looks 8 further back for steps measured
-#: off schedule); older ones keep their layers packed (see :mod:`gradwatch.packed_layers`).
-RECENT_STEPS = 32
 
 
 class History:
@@ -31,10 +25,7 @@ class History:
         self._steps: deque[StepStats] = deque(maxlen=maxlen)
 
     def append(self, stats: StepStats) -> None:
-        steps = self._steps
-        steps.append(stats)
-        if len(steps) > RECENT_STEPS:
-            _pack_layers(steps[-RECENT_STEPS - 1])
+        self._steps.append(stats)
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -57,14 +48,3 @@ class History:
 
     def clear(self) -> None:
         self._steps.clear()
-
-
-def _pack_layers(stats: StepStats) -> None:
-    """Keep an older step's layers as tuples the garbage collector does not walk."""
-    if isinstance(stats.layers, dict):
-        stats.layers = PackedLayers(stats.layers)  # type: ignore[assignment]
-        # What the rules worked out from this step and kept on it (by_depth's order,
-        # matrix layers, cuts...) holds the LayerStats themselves: dropped, and worked
-        # out again from the packed layers if a rule asks this far back.
-        for memo in [key for key in stats.__dict__ if key.startswith("_")]:
-            del stats.__dict__[memo]
