@@ -162,15 +162,16 @@ def class_statistics(x: torch.Tensor) -> torch.Tensor:
         rows = _strided(positions.transpose(1, 2).reshape(-1, classes), limit)
     if rows.dtype != torch.float64:
         rows = rows.to(_F32)
-    non_negative = (rows >= 0).all(-1)
+    # Row minima and maxima, not elementwise comparisons reduced with .all(): the same
+    # answers (a NaN makes both false) from two fast reductions instead of four passes
+    # over a boolean copy of the sample (a 2,048-class vocabulary: ~2 ms on one CPU core).
+    non_negative = rows.amin(-1) >= 0
     sums = rows.sum(-1)
     probability = non_negative & ((sums - 1).abs() <= TOLERANCE)
     spread = torch.logsumexp(rows, -1)
     # <= 0 with exp summing to at most 1: log-probabilities (a masked row, log_softmax plus
     # -inf on some classes, sums to less)
-    log_probability = (spread <= TOLERANCE) & (rows <= TOLERANCE).all(-1)
-    exact_zero = rows == 0
-    dead = exact_zero.all(0).sum()
+    log_probability = (spread <= TOLERANCE) & (rows.amax(-1) <= TOLERANCE)
     zero = sums.new_zeros(())
     return torch.stack(
         [
@@ -180,10 +181,23 @@ def class_statistics(x: torch.Tensor) -> torch.Tensor:
             zero,
             zero,
             non_negative.all().to(sums.dtype),
-            dead.to(sums.dtype),
-            exact_zero.to(sums.dtype).mean(),
+            _dead_columns(rows).to(sums.dtype),
+            _zero_share(rows),
         ]
     )
+
+
+def _dead_columns(rows: torch.Tensor) -> torch.Tensor:
+    """Columns of a 2-D tensor that are exactly 0 in every row (a column with a NaN is
+    not): the largest and the smallest value of the column are both 0."""
+    return ((rows.amax(0) == 0) & (rows.amin(0) == 0)).sum()
+
+
+def _zero_share(values: torch.Tensor) -> torch.Tensor:
+    """The share of values exactly 0, in ``values``' dtype (count_nonzero: one pass, no
+    boolean copy; the count is exact, so the share equals the mean of ``values == 0``)."""
+    zeros = values.numel() - torch.count_nonzero(values)
+    return zeros.to(values.dtype) / values.numel()
 
 
 def binary_statistics(x: torch.Tensor, target: Any) -> torch.Tensor:
@@ -206,7 +220,6 @@ def binary_statistics(x: torch.Tensor, target: Any) -> torch.Tensor:
         aims = _strided(target.detach().reshape(-1, width), limit).to(columns.dtype)
         wrong = (extreme & ((columns - aims).abs() > 0.5)).to(columns.dtype).mean()
     zero = columns.new_zeros(())
-    exact_zero = columns == 0
     return torch.stack(
         [
             zero,
@@ -214,9 +227,9 @@ def binary_statistics(x: torch.Tensor, target: Any) -> torch.Tensor:
             inside,
             extreme.to(columns.dtype).mean(),
             wrong,
-            (columns >= 0).all().to(columns.dtype),
-            exact_zero.all(0).sum().to(columns.dtype),
-            exact_zero.to(columns.dtype).mean(),
+            (columns.amin() >= 0).to(columns.dtype),
+            _dead_columns(columns).to(columns.dtype),
+            _zero_share(columns),
         ]
     )
 
