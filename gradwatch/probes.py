@@ -36,6 +36,8 @@ from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RECURRENT, RELU, SIGMOID, TANH, LayerInfo
 from .loss_contract import LossCall, LossCheck
 from .recurrent import state_tensors
+from .unit_sums import PendingSums, sum_dims
+from .unit_sums import accumulate as _accumulate
 
 # A sigmoid/tanh output counts as saturated where the derivative is below this share
 # of its maximum (sigmoid' <= 0.25, tanh' <= 1).
@@ -67,6 +69,8 @@ class ProbeRecord:
     out_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     grad_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     unit_activity: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: ReLU outputs whose unit_activity sums are still to be taken (see gradwatch.unit_sums)
+    pending: PendingSums = field(default_factory=PendingSums)
     # Linear/Conv outputs (pre-activations): per unit, the sum of the positive part
     positive: dict[int, torch.Tensor] = field(default_factory=dict)
     saturated: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -81,14 +85,6 @@ class ProbeRecord:
     @property
     def empty(self) -> bool:
         return not self.calls and not self.attention
-
-
-def _accumulate(store: dict[int, torch.Tensor], index: int, value: torch.Tensor) -> None:
-    previous = store.get(index)
-    if previous is None or previous.shape != value.shape:
-        store[index] = value  # a changed shape (dynamic model) restarts the sum
-    else:
-        store[index] = previous + value
 
 
 # Where the unit (neuron/channel) axis sits in a tensor produced by each kind of layer.
@@ -123,7 +119,7 @@ def per_unit_sum(values: torch.Tensor, axis: int) -> torch.Tensor:
     dtype = torch.float64 if values.dtype == torch.float64 else _F32
     if ndim == 2 and axis == 1:  # the common (batch, features) case, without a dims list
         return values.sum(0, dtype=dtype)
-    return values.sum(dim=[d for d in range(ndim) if d != axis], dtype=dtype)
+    return values.sum(dim=sum_dims(ndim, axis), dtype=dtype)
 
 
 class Probes:
@@ -251,6 +247,7 @@ class Probes:
 
     def take(self) -> ProbeRecord:
         """Hand over what was gathered and start afresh."""
+        self._sum_pending()
         record, self.record = self.record, ProbeRecord(detail=self._detail)
         self._producer = None
         if self.loss is not None:
@@ -278,6 +275,7 @@ class Probes:
             entry[1](module, args, output)
         if module is self._root:
             self._in_forward = False
+            self._sum_pending()  # the pass is over: hold no output past it
         return None
 
     def _dispatch_pre(self, module: nn.Module, args: Any) -> None:
@@ -298,6 +296,15 @@ class Probes:
             self.record = ProbeRecord(detail=self._detail, order=self.record.order)
             self._producer = None
         self._in_forward = True
+
+    def _sum_pending(self) -> None:
+        record = self.record
+        if not record.pending:
+            return
+        try:
+            record.pending.flush(record.unit_activity)
+        except Exception as error:
+            self.shut_down(error)
 
     def _make_order_hook(self, index: int) -> Callable[..., None]:
         def order_hook(module: nn.Module, args: Any) -> None:
@@ -395,17 +402,21 @@ class Probes:
                 if ndim == 0 or tensor.numel() == 0:
                     return None  # an empty call (an expert routed no tokens) says nothing
                 record.calls[index] = record.calls.get(index, 0) + 1
-                values = tensor.detach()
                 if kind == RELU:
                     axis = self._axis.get(index)
                     if axis is None or axis >= ndim:
                         axis = unit_axis(ndim, None, False)
+                    pending = record.pending
+                    if upper is None and pending.add(index, tensor, axis):
+                        return None  # summed with the other small outputs after the pass
+                    pending.flush(record.unit_activity)  # the sums stay in call order
+                    values = tensor.detach()
                     # The output is >= 0, so a unit was active iff its sum is > 0; under an
                     # upper clamp the product is > 0 only strictly inside the range.
                     activity = values if upper is None else values * (upper - values)
                     _accumulate(record.unit_activity, index, per_unit_sum(activity, axis))
                 else:
-                    self._saturation(index, kind, values)
+                    self._saturation(index, kind, tensor.detach())
             except Exception as error:
                 self.shut_down(error)
             return None
