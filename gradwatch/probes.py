@@ -393,7 +393,8 @@ class Probes:
                 return None
             try:
                 record = self.record
-                if index in record.calls and in_backward():
+                recomputing = in_backward()
+                if recomputing and index in record.calls:
                     return None  # recomputed by activation checkpointing: counted already
                 tensor = output if type(output) is _Tensor else first_tensor(output)
                 if tensor is None:
@@ -407,7 +408,8 @@ class Probes:
                     if axis is None or axis >= ndim:
                         axis = unit_axis(ndim, None, False)
                     pending = record.pending
-                    if upper is None and pending.add(index, tensor, axis):
+                    # (Not a recomputation inside backward: its pass is over already.)
+                    if upper is None and not recomputing and pending.add(index, tensor, axis):
                         return None  # summed with the other small outputs after the pass
                     pending.flush(record.unit_activity)  # the sums stay in call order
                     values = tensor.detach()

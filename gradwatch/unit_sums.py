@@ -8,10 +8,12 @@ forward pass: one stack and one reduction per shape instead of one reduction per
 
 Memory stays bounded: at most :data:`PENDING_BYTES` of outputs are held, each at most
 :data:`PENDING_EACH` bytes (larger ones are summed at once, where the reduction costs more
-than its launch anyway), and only outputs that autograd keeps for the backward pass anyway
-(a ReLU's backward reads its output) until the pass ends. That also means the values
-cannot change before they are summed: an in-place change of such an output fails the
-backward pass.
+than its launch anyway), until the watched model's forward pass returns (or until
+``watcher.step()`` where its modules are called on their own). Only outputs that require
+grad are held: autograd keeps those for the backward pass anyway (a ReLU's backward reads
+its output; activation checkpointing, which drops them, leaves the 4 MiB bound), and their
+values cannot change before they are summed (an in-place change of such an output fails
+the backward pass). Recomputations inside the backward pass are summed at once.
 """
 
 from __future__ import annotations
