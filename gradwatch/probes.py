@@ -178,7 +178,14 @@ class Probes:
 
     @property
     def armed(self) -> bool:
-        return bool(self._handles) or (self.attention is not None and self.attention.armed)
+        # The loss check counts too: with every ReLU covered by its layer's gradient rows
+        # and no attention, its hooks are the only ones, and they must come off after the
+        # monitored step like the others.
+        return (
+            bool(self._handles)
+            or (self.attention is not None and self.attention.armed)
+            or (self.loss is not None and self.loss.armed)
+        )
 
     @property
     def armed_detail(self) -> bool:
