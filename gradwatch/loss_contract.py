@@ -16,8 +16,9 @@ backward) of a monitored step. It stops looking when the backward pass starts (w
 runs with itself off, so nothing of the backward pass goes through it) and comes off the
 stack at ``watcher.step()`` or the next forward pass of the model, whichever is first.
 While a loss module (``nn.CrossEntropyLoss``, ...) runs inside the model's forward, the
-mode is on too. The global module hooks that decide
-this exist only ahead of monitored steps, as the other probes; other steps never see them.
+mode is on too. What decides this runs in the probes' global module hooks (see
+:class:`gradwatch.probes.Probes`), which exist only ahead of monitored steps; other steps
+never see them.
 
 Each loss call whose input needs a gradient (a teacher's output, or a metric under
 ``no_grad``, trains nothing and is not judged) gets a few statistics, computed on the
@@ -38,10 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.modules.module import (
-    register_module_forward_hook,
-    register_module_forward_pre_hook,
-)
 from torch.overrides import (
     TorchFunctionMode,
     _get_current_function_mode_stack,
@@ -335,7 +332,8 @@ class LossCheck:
         # A compiled part would be traced with the hooks in it: stay out (as attention does).
         self._off = compiled
         self._mode = _Mode(self)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        #: the probes' module hooks hand module calls to before_module/after_module
+        self.armed = False
         self._depth = 0
         self._pushed = False
         self._open = False  # losses seen now belong to the monitored step
@@ -343,23 +341,14 @@ class LossCheck:
         self._last: tuple[weakref.ref, str] | None = None
         self._last_layer: str | None = None
 
-    @property
-    def armed(self) -> bool:
-        return bool(self._handles)
-
     def arm(self) -> None:
-        """Place the hooks for the next forward pass. Placed again each time, so that they
-        run after the attention capture's (which leaves its mode at the same moment)."""
+        """Look at the module calls of the next forward pass (the probes' hooks run after the
+        attention capture's, which leaves its mode at the same moment)."""
         self.disarm()
-        if self._off:
-            return
-        self._handles.append(register_module_forward_pre_hook(self._pre))
-        self._handles.append(register_module_forward_hook(self._post, always_call=True))
+        self.armed = not self._off
 
     def disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.armed = False
         self.close_window()
 
     def close_window(self) -> None:
@@ -394,9 +383,10 @@ class LossCheck:
 
     # -- the forward pass ------------------------------------------------------------
 
-    # The global hooks run for every module call of the process while armed: one
+    # The probes' global hooks call these for every module call of the process while
+    # armed (the post-hook also for a forward that raised, to keep the depth right): one
     # dictionary lookup decides whether the module is the model's.
-    def _pre(self, module: nn.Module, args: Any) -> None:
+    def before_module(self, module: nn.Module, args: Any) -> None:
         entry = self._modules.get(id(module))
         if entry is not None and entry[0] is module:
             if not self._depth:
@@ -413,7 +403,7 @@ class LossCheck:
             self._open_window(module)
         return None
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def after_module(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._pushed_by is module:
             self._leave()  # the loss module inside the forward is done
         entry = self._modules.get(id(module))

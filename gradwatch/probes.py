@@ -18,6 +18,7 @@ Everything stays on the tensors' device; nothing is read by the host here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,12 @@ _MAX_ENTRIES = 8192
 _F32 = torch.float32
 _Tensor = torch.Tensor
 _ACTIVATION_KINDS = (RELU, SIGMOID, TANH)
+
+
+def _raised(output: Any) -> bool:
+    """Whether an ``always_call`` forward hook runs for a forward that raised: torch calls
+    it from its exception handler, with no output (``None``) while the exception is handled."""
+    return output is None and sys.exc_info()[1] is not None
 
 
 def _norm(values: torch.Tensor) -> torch.Tensor:
@@ -167,6 +174,7 @@ class Probes:
         # id(module) -> (module, hook), for the modules hooked in the current arming
         self._post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
         self._pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+        self._probing = False  # the probes have hooks in the current arming
         #: attention softmax statistics (see gradwatch.attention), armed with the hooks
         self.attention = (
             AttentionCapture(root, {layer.name for layer in layers}, guard, lambda: self.record)
@@ -216,18 +224,23 @@ class Probes:
             elif layer.index in self._core_hooks and layer.index not in self.skip_core:
                 post[id(module)] = (module, self._core_hooks[layer.index])
         self._post, self._pre = post, pre
+        self._probing = bool(post)  # (no post-hook: no pre-hook either)
         self._in_forward = False
-        # The global hooks also see the root start and end: that tells a forward pass an
-        # exception aborted (the out-of-memory pattern: catch, skip the batch, go on) from
-        # a finished one. (Global hooks, so the model's own hook tables stay untouched.)
-        if pre or (post and self._root is not None):
-            self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
-        if post:
-            self._handles.append(register_module_forward_hook(self._dispatch_post))
         if self.attention is not None:
             self.attention.arm(detail)
         if self.loss is not None:
-            self.loss.arm()  # after the attention capture: see LossCheck.arm
+            self.loss.arm()
+        # One pair of global hooks serves the probes and the loss check: each pair costs
+        # every module call of the process a dispatch of its own. (Global hooks, so the
+        # model's own hook tables stay untouched.) They also see the root start and end:
+        # that tells a forward pass an exception aborted (the out-of-memory pattern: catch,
+        # skip the batch, go on) from a finished one. Placed after the attention capture's:
+        # at the end of a pass its mode leaves the stack before the loss check's comes on.
+        if self._probing or (self.loss is not None and self.loss.armed):
+            self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
+            # always_call: the loss check keeps its depth right through a forward that raised
+            post_hook = register_module_forward_hook(self._dispatch_post, always_call=True)
+            self._handles.append(post_hook)
 
     def set_skip(self, indices: set[int]) -> None:
         """Change which activations go without a hook on steps without detail."""
@@ -242,6 +255,7 @@ class Probes:
             handle.remove()
         self._handles.clear()
         self._post, self._pre = {}, {}
+        self._probing = False
         if self.attention is not None:
             self.attention.disarm()
         if self.loss is not None:
@@ -277,20 +291,28 @@ class Probes:
     # The global hooks run for every module of the process while armed: one dictionary
     # lookup decides whether the module is one of ours.
     def _dispatch_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        entry = self._post.get(id(module))
-        if entry is not None and entry[0] is module:
-            entry[1](module, args, output)
-        if module is self._root:
-            self._in_forward = False
-            self._sum_pending()  # the pass is over: hold no output past it
+        if self._probing and not _raised(output):  # probes look at passes that returned
+            entry = self._post.get(id(module))
+            if entry is not None and entry[0] is module:
+                entry[1](module, args, output)
+            if module is self._root:
+                self._in_forward = False
+                self._sum_pending()  # the pass is over: hold no output past it
+        loss = self.loss
+        if loss is not None and loss.armed:
+            loss.after_module(module, args, output)
         return None
 
     def _dispatch_pre(self, module: nn.Module, args: Any) -> None:
-        if module is self._root:
-            self._root_starts()
-        entry = self._pre.get(id(module))
-        if entry is not None and entry[0] is module:
-            entry[1](module, args)
+        if self._probing:
+            if module is self._root:
+                self._root_starts()
+            entry = self._pre.get(id(module))
+            if entry is not None and entry[0] is module:
+                entry[1](module, args)
+        loss = self.loss
+        if loss is not None and loss.armed:
+            loss.before_module(module, args)
         return None
 
     def _root_starts(self) -> None:
