@@ -96,6 +96,46 @@ CASES = {
 }
 
 
+#: torch's process-wide module hook tables (gradwatch arms its probes there, and only
+#: ahead of a monitored step)
+_GLOBAL_HOOKS = [
+    getattr(torch.nn.modules.module, name)
+    for name in (
+        "_global_forward_pre_hooks",
+        "_global_forward_hooks",
+        "_global_forward_hooks_always_called",
+        "_global_forward_hooks_with_kwargs",
+    )
+    if hasattr(torch.nn.modules.module, name)
+]
+
+
+class OwnHooks:
+    """Only one copy's global module hooks present while that copy steps.
+
+    Global hooks slow down every module call in the process, so a copy armed for its next
+    monitored step would otherwise charge the bare copy, stepping in between, with its
+    hooks, and make gradwatch's own cost look smaller than it is."""
+
+    def __init__(self) -> None:
+        self.owned: list[dict] = [{} for _ in _GLOBAL_HOOKS]
+
+    def __enter__(self) -> OwnHooks:
+        self.others: list[dict] = []
+        for table, owned in zip(_GLOBAL_HOOKS, self.owned):
+            foreign = {key: value for key, value in table.items() if key not in owned}
+            for key in foreign:
+                del table[key]
+            self.others.append(foreign)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for table, owned, foreign in zip(_GLOBAL_HOOKS, self.owned, self.others):
+            owned.clear()
+            owned.update(table)  # what is left now is this copy's own
+            table.update(foreign)
+
+
 class Copy:
     """One copy of the model and its optimizer, with or without a watcher."""
 
@@ -113,8 +153,13 @@ class Copy:
         self.between: list[float] = []
         self.inside: list[float] = []
         self.between_inside: list[float] = []
+        self.hooks = OwnHooks()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
+        with self.hooks:
+            self._step(x, y, record)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
         monitored = self.watcher is not None and self.watcher.is_monitored(self.count)
         start = clock()
         loss = F.cross_entropy(self.model(x), y)
