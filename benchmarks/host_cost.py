@@ -48,6 +48,9 @@ from torch.nn import functional as F
 
 import gradwatch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from own_hooks import OwnHooks  # next to this file
+
 clock = time.thread_time
 
 
@@ -96,46 +99,6 @@ CASES = {
 }
 
 
-#: torch's process-wide module hook tables (gradwatch arms its probes there, and only
-#: ahead of a monitored step)
-_GLOBAL_HOOKS = [
-    getattr(torch.nn.modules.module, name)
-    for name in (
-        "_global_forward_pre_hooks",
-        "_global_forward_hooks",
-        "_global_forward_hooks_always_called",
-        "_global_forward_hooks_with_kwargs",
-    )
-    if hasattr(torch.nn.modules.module, name)
-]
-
-
-class OwnHooks:
-    """Only one copy's global module hooks present while that copy steps.
-
-    Global hooks slow down every module call in the process, so a copy armed for its next
-    monitored step would otherwise charge the bare copy, stepping in between, with its
-    hooks, and make gradwatch's own cost look smaller than it is."""
-
-    def __init__(self) -> None:
-        self.owned: list[dict] = [{} for _ in _GLOBAL_HOOKS]
-
-    def __enter__(self) -> OwnHooks:
-        self.others: list[dict] = []
-        for table, owned in zip(_GLOBAL_HOOKS, self.owned):
-            foreign = {key: value for key, value in table.items() if key not in owned}
-            for key in foreign:
-                del table[key]
-            self.others.append(foreign)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for table, owned, foreign in zip(_GLOBAL_HOOKS, self.owned, self.others):
-            owned.clear()
-            owned.update(table)  # what is left now is this copy's own
-            table.update(foreign)
-
-
 class Copy:
     """One copy of the model and its optimizer, with or without a watcher."""
 
@@ -143,9 +106,12 @@ class Copy:
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         self.watcher = None
+        #: what this copy arms (from watch() on) is present only while it steps
+        self.hooks = OwnHooks()
         if every is not None:
             options = {"every_n_steps": every} if every != 15 else {}
-            self.watcher = gradwatch.watch(model, reporters=[], optimizer=self.opt, **options)
+            with self.hooks:
+                self.watcher = gradwatch.watch(model, reporters=[], optimizer=self.opt, **options)
         self.count = 0
         #: pass the loss to watcher.step (the every-step sentinel then also checks it)
         self.pass_loss = pass_loss
@@ -153,7 +119,6 @@ class Copy:
         self.between: list[float] = []
         self.inside: list[float] = []
         self.between_inside: list[float] = []
-        self.hooks = OwnHooks()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
         with self.hooks:
@@ -182,7 +147,8 @@ class Copy:
 
     def close(self) -> None:
         if self.watcher is not None:
-            self.watcher.close()
+            with self.hooks:
+                self.watcher.close()
 
 
 def measure(case: str, steps: int, warmup: int, pass_loss: bool = False) -> dict[str, float]:
