@@ -48,6 +48,9 @@ from torch.nn import functional as F
 
 import gradwatch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from own_hooks import OwnHooks  # next to this file
+
 clock = time.thread_time
 
 
@@ -103,9 +106,12 @@ class Copy:
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         self.watcher = None
+        #: what this copy arms (from watch() on) is present only while it steps
+        self.hooks = OwnHooks()
         if every is not None:
             options = {"every_n_steps": every} if every != 15 else {}
-            self.watcher = gradwatch.watch(model, reporters=[], optimizer=self.opt, **options)
+            with self.hooks:
+                self.watcher = gradwatch.watch(model, reporters=[], optimizer=self.opt, **options)
         self.count = 0
         #: pass the loss to watcher.step (the every-step sentinel then also checks it)
         self.pass_loss = pass_loss
@@ -115,6 +121,10 @@ class Copy:
         self.between_inside: list[float] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
+        with self.hooks:
+            self._step(x, y, record)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
         monitored = self.watcher is not None and self.watcher.is_monitored(self.count)
         start = clock()
         loss = F.cross_entropy(self.model(x), y)
@@ -137,7 +147,8 @@ class Copy:
 
     def close(self) -> None:
         if self.watcher is not None:
-            self.watcher.close()
+            with self.hooks:
+                self.watcher.close()
 
 
 def measure(case: str, steps: int, warmup: int, pass_loss: bool = False) -> dict[str, float]:

@@ -190,6 +190,10 @@ class Config:
         self.before_step: Callable[[torch.Tensor], None] = lambda loss: None
         self.close: Callable[[], None] = lambda: None
         self.times: list[float] = []
+        #: the global module hooks this configuration placed are present only while it
+        #: runs (see own_hooks.py): a gradwatch copy armed for its next monitored step
+        #: must not slow down the bare loop's block
+        self.hooks = _own_hooks()
 
     def step(self) -> None:
         x, y = self.batch()
@@ -230,37 +234,49 @@ class Floor:
             handle.remove()
 
 
-def make_configs(model: nn.Module, batch: Callable, wanted: list[str]) -> list[Config]:
-    import gradwatch
+def _own_hooks():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from own_hooks import OwnHooks
 
+    return OwnHooks()
+
+
+def make_configs(model: nn.Module, batch: Callable, wanted: list[str]) -> list[Config]:
     configs = []
     for name in wanted:
         config = Config(name, copy.deepcopy(model), batch)
-        if name.startswith("gradwatch"):
-            options = {"every_n_steps": 1} if name.startswith("gradwatch/1") else {}
-            watcher = gradwatch.watch(config.model, reporters=[], optimizer=config.opt, **options)
-            if name.endswith("+loss"):
-                config.before_step = lambda loss, w=watcher: w.step(loss=loss)
-            else:
-                config.before_step = lambda loss, w=watcher: w.step()
-            config.close = watcher.close
-        elif name == "wandb.watch":
-            import wandb
-
-            run = wandb.run or wandb.init(project="gradwatch-bench", mode="offline")
-            wandb.watch(config.model, log="gradients", log_freq=1)
-            config.before_step = lambda loss, r=run: r.log({"loss": loss.item()})
-            config.close = lambda m=config.model: wandb.unwatch(m)
-        elif name == "lightning":
-            from lightning.pytorch.utilities import grad_norm
-
-            config.before_step = lambda loss, m=config.model: grad_norm(m, norm_type=2)
-        elif name == "floor":
-            floor = Floor(config.model)
-            config.before_step = floor.step
-            config.close = floor.close
+        with config.hooks:
+            _set_up(config, name)
         configs.append(config)
     return configs
+
+
+def _set_up(config: Config, name: str) -> None:
+    import gradwatch
+
+    if name.startswith("gradwatch"):
+        options = {"every_n_steps": 1} if name.startswith("gradwatch/1") else {}
+        watcher = gradwatch.watch(config.model, reporters=[], optimizer=config.opt, **options)
+        if name.endswith("+loss"):
+            config.before_step = lambda loss, w=watcher: w.step(loss=loss)
+        else:
+            config.before_step = lambda loss, w=watcher: w.step()
+        config.close = watcher.close
+    elif name == "wandb.watch":
+        import wandb
+
+        run = wandb.run or wandb.init(project="gradwatch-bench", mode="offline")
+        wandb.watch(config.model, log="gradients", log_freq=1)
+        config.before_step = lambda loss, r=run: r.log({"loss": loss.item()})
+        config.close = lambda m=config.model: wandb.unwatch(m)
+    elif name == "lightning":
+        from lightning.pytorch.utilities import grad_norm
+
+        config.before_step = lambda loss, m=config.model: grad_norm(m, norm_type=2)
+    elif name == "floor":
+        floor = Floor(config.model)
+        config.before_step = floor.step
+        config.close = floor.close
 
 
 def measure(
@@ -271,20 +287,23 @@ def measure(
     configs = make_configs(model, batch, names)
     try:
         for config in configs:  # warm-up: allocator, caches, the first detail steps
-            for _ in range(warmup):
-                config.step()
+            with config.hooks:
+                for _ in range(warmup):
+                    config.step()
         order = list(configs)
         shuffle = random.Random(0)
         for _ in range(rounds):
             shuffle.shuffle(order)  # no configuration always follows the same one
             for config in order:
-                start = clock()
-                for _ in range(steps):
-                    config.step()
-                config.times.append((clock() - start) / steps)
+                with config.hooks:
+                    start = clock()
+                    for _ in range(steps):
+                        config.step()
+                    config.times.append((clock() - start) / steps)
     finally:
         for config in configs:
-            config.close()
+            with config.hooks:
+                config.close()
     bare = statistics.median(next(c for c in configs if c.name == "bare").times)
     return {
         c.name: {"ms": 1e3 * statistics.median(c.times), "ratio": statistics.median(c.times) / bare}

@@ -228,7 +228,7 @@ def _masked(
             ("causal", plan.row_list, keys, plan.device),
             lambda: torch.arange(keys, device=plan.device).unsqueeze(0) > plan.rows.unsqueeze(1),
         )
-        z = z.masked_fill(later, -math.inf)
+        z = z.masked_fill_(later, -math.inf)  # in place: z is a fresh product of the sample
     return z.reshape(-1, keys)
 
 

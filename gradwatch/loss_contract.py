@@ -16,8 +16,9 @@ backward) of a monitored step. It stops looking when the backward pass starts (w
 runs with itself off, so nothing of the backward pass goes through it) and comes off the
 stack at ``watcher.step()`` or the next forward pass of the model, whichever is first.
 While a loss module (``nn.CrossEntropyLoss``, ...) runs inside the model's forward, the
-mode is on too. The global module hooks that decide
-this exist only ahead of monitored steps, as the other probes; other steps never see them.
+mode is on too. What decides this runs in the probes' global module hooks (see
+:class:`gradwatch.probes.Probes`), which exist only ahead of monitored steps; other steps
+never see them.
 
 Each loss call whose input needs a gradient (a teacher's output, or a metric under
 ``no_grad``, trains nothing and is not judged) gets a few statistics, computed on the
@@ -38,10 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.modules.module import (
-    register_module_forward_hook,
-    register_module_forward_pre_hook,
-)
 from torch.overrides import (
     TorchFunctionMode,
     _get_current_function_mode_stack,
@@ -162,15 +159,16 @@ def class_statistics(x: torch.Tensor) -> torch.Tensor:
         rows = _strided(positions.transpose(1, 2).reshape(-1, classes), limit)
     if rows.dtype != torch.float64:
         rows = rows.to(_F32)
-    non_negative = (rows >= 0).all(-1)
+    # Row minima and maxima, not elementwise comparisons reduced with .all(): the same
+    # answers (a NaN makes both false) from two fast reductions instead of four passes
+    # over a boolean copy of the sample (a 2,048-class vocabulary: ~2 ms on one CPU core).
+    non_negative = rows.amin(-1) >= 0
     sums = rows.sum(-1)
     probability = non_negative & ((sums - 1).abs() <= TOLERANCE)
     spread = torch.logsumexp(rows, -1)
     # <= 0 with exp summing to at most 1: log-probabilities (a masked row, log_softmax plus
     # -inf on some classes, sums to less)
-    log_probability = (spread <= TOLERANCE) & (rows <= TOLERANCE).all(-1)
-    exact_zero = rows == 0
-    dead = exact_zero.all(0).sum()
+    log_probability = (spread <= TOLERANCE) & (rows.amax(-1) <= TOLERANCE)
     zero = sums.new_zeros(())
     return torch.stack(
         [
@@ -180,10 +178,23 @@ def class_statistics(x: torch.Tensor) -> torch.Tensor:
             zero,
             zero,
             non_negative.all().to(sums.dtype),
-            dead.to(sums.dtype),
-            exact_zero.to(sums.dtype).mean(),
+            _dead_columns(rows).to(sums.dtype),
+            _zero_share(rows),
         ]
     )
+
+
+def _dead_columns(rows: torch.Tensor) -> torch.Tensor:
+    """Columns of a 2-D tensor that are exactly 0 in every row (a column with a NaN is
+    not): the largest and the smallest value of the column are both 0."""
+    return ((rows.amax(0) == 0) & (rows.amin(0) == 0)).sum()
+
+
+def _zero_share(values: torch.Tensor) -> torch.Tensor:
+    """The share of values exactly 0, in ``values``' dtype (count_nonzero: one pass, no
+    boolean copy; the count is exact, so the share equals the mean of ``values == 0``)."""
+    zeros = values.numel() - torch.count_nonzero(values)
+    return zeros.to(values.dtype) / values.numel()
 
 
 def binary_statistics(x: torch.Tensor, target: Any) -> torch.Tensor:
@@ -206,7 +217,6 @@ def binary_statistics(x: torch.Tensor, target: Any) -> torch.Tensor:
         aims = _strided(target.detach().reshape(-1, width), limit).to(columns.dtype)
         wrong = (extreme & ((columns - aims).abs() > 0.5)).to(columns.dtype).mean()
     zero = columns.new_zeros(())
-    exact_zero = columns == 0
     return torch.stack(
         [
             zero,
@@ -214,9 +224,9 @@ def binary_statistics(x: torch.Tensor, target: Any) -> torch.Tensor:
             inside,
             extreme.to(columns.dtype).mean(),
             wrong,
-            (columns >= 0).all().to(columns.dtype),
-            exact_zero.all(0).sum().to(columns.dtype),
-            exact_zero.to(columns.dtype).mean(),
+            (columns.amin() >= 0).to(columns.dtype),
+            _dead_columns(columns).to(columns.dtype),
+            _zero_share(columns),
         ]
     )
 
@@ -322,7 +332,8 @@ class LossCheck:
         # A compiled part would be traced with the hooks in it: stay out (as attention does).
         self._off = compiled
         self._mode = _Mode(self)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        #: the probes' module hooks hand module calls to before_module/after_module
+        self.armed = False
         self._depth = 0
         self._pushed = False
         self._open = False  # losses seen now belong to the monitored step
@@ -330,23 +341,14 @@ class LossCheck:
         self._last: tuple[weakref.ref, str] | None = None
         self._last_layer: str | None = None
 
-    @property
-    def armed(self) -> bool:
-        return bool(self._handles)
-
     def arm(self) -> None:
-        """Place the hooks for the next forward pass. Placed again each time, so that they
-        run after the attention capture's (which leaves its mode at the same moment)."""
+        """Look at the module calls of the next forward pass (the probes' hooks run after the
+        attention capture's, which leaves its mode at the same moment)."""
         self.disarm()
-        if self._off:
-            return
-        self._handles.append(register_module_forward_pre_hook(self._pre))
-        self._handles.append(register_module_forward_hook(self._post, always_call=True))
+        self.armed = not self._off
 
     def disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.armed = False
         self.close_window()
 
     def close_window(self) -> None:
@@ -381,9 +383,10 @@ class LossCheck:
 
     # -- the forward pass ------------------------------------------------------------
 
-    # The global hooks run for every module call of the process while armed: one
+    # The probes' global hooks call these for every module call of the process while
+    # armed (the post-hook also for a forward that raised, to keep the depth right): one
     # dictionary lookup decides whether the module is the model's.
-    def _pre(self, module: nn.Module, args: Any) -> None:
+    def before_module(self, module: nn.Module, args: Any) -> None:
         entry = self._modules.get(id(module))
         if entry is not None and entry[0] is module:
             if not self._depth:
@@ -400,7 +403,7 @@ class LossCheck:
             self._open_window(module)
         return None
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def after_module(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._pushed_by is module:
             self._leave()  # the loss module inside the forward is done
         entry = self._modules.get(id(module))

@@ -18,6 +18,7 @@ Everything stays on the tensors' device; nothing is read by the host here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RECURRENT, RELU, SIGMOID, TANH, LayerInfo
 from .loss_contract import LossCall, LossCheck
 from .recurrent import state_tensors
+from .unit_sums import PendingSums, sum_dims
+from .unit_sums import accumulate as _accumulate
 
 # A sigmoid/tanh output counts as saturated where the derivative is below this share
 # of its maximum (sigmoid' <= 0.25, tanh' <= 1).
@@ -47,6 +50,12 @@ _MAX_ENTRIES = 8192
 _F32 = torch.float32
 _Tensor = torch.Tensor
 _ACTIVATION_KINDS = (RELU, SIGMOID, TANH)
+
+
+def _raised(output: Any) -> bool:
+    """Whether an ``always_call`` forward hook runs for a forward that raised: torch calls
+    it from its exception handler, with no output (``None``) while the exception is handled."""
+    return output is None and sys.exc_info()[1] is not None
 
 
 def _norm(values: torch.Tensor) -> torch.Tensor:
@@ -67,6 +76,8 @@ class ProbeRecord:
     out_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     grad_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     unit_activity: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: ReLU outputs whose unit_activity sums are still to be taken (see gradwatch.unit_sums)
+    pending: PendingSums = field(default_factory=PendingSums)
     # Linear/Conv outputs (pre-activations): per unit, the sum of the positive part
     positive: dict[int, torch.Tensor] = field(default_factory=dict)
     saturated: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -81,14 +92,6 @@ class ProbeRecord:
     @property
     def empty(self) -> bool:
         return not self.calls and not self.attention
-
-
-def _accumulate(store: dict[int, torch.Tensor], index: int, value: torch.Tensor) -> None:
-    previous = store.get(index)
-    if previous is None or previous.shape != value.shape:
-        store[index] = value  # a changed shape (dynamic model) restarts the sum
-    else:
-        store[index] = previous + value
 
 
 # Where the unit (neuron/channel) axis sits in a tensor produced by each kind of layer.
@@ -123,7 +126,7 @@ def per_unit_sum(values: torch.Tensor, axis: int) -> torch.Tensor:
     dtype = torch.float64 if values.dtype == torch.float64 else _F32
     if ndim == 2 and axis == 1:  # the common (batch, features) case, without a dims list
         return values.sum(0, dtype=dtype)
-    return values.sum(dim=[d for d in range(ndim) if d != axis], dtype=dtype)
+    return values.sum(dim=sum_dims(ndim, axis), dtype=dtype)
 
 
 class Probes:
@@ -171,6 +174,7 @@ class Probes:
         # id(module) -> (module, hook), for the modules hooked in the current arming
         self._post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
         self._pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+        self._probing = False  # the probes have hooks in the current arming
         #: attention softmax statistics (see gradwatch.attention), armed with the hooks
         self.attention = (
             AttentionCapture(root, {layer.name for layer in layers}, guard, lambda: self.record)
@@ -182,7 +186,14 @@ class Probes:
 
     @property
     def armed(self) -> bool:
-        return bool(self._handles) or (self.attention is not None and self.attention.armed)
+        # The loss check counts too: with every ReLU covered by its layer's gradient rows
+        # and no attention, its hooks are the only ones, and they must come off after the
+        # monitored step like the others.
+        return (
+            bool(self._handles)
+            or (self.attention is not None and self.attention.armed)
+            or (self.loss is not None and self.loss.armed)
+        )
 
     @property
     def armed_detail(self) -> bool:
@@ -213,18 +224,23 @@ class Probes:
             elif layer.index in self._core_hooks and layer.index not in self.skip_core:
                 post[id(module)] = (module, self._core_hooks[layer.index])
         self._post, self._pre = post, pre
+        self._probing = bool(post)  # (no post-hook: no pre-hook either)
         self._in_forward = False
-        # The global hooks also see the root start and end: that tells a forward pass an
-        # exception aborted (the out-of-memory pattern: catch, skip the batch, go on) from
-        # a finished one. (Global hooks, so the model's own hook tables stay untouched.)
-        if pre or (post and self._root is not None):
-            self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
-        if post:
-            self._handles.append(register_module_forward_hook(self._dispatch_post))
         if self.attention is not None:
             self.attention.arm(detail)
         if self.loss is not None:
-            self.loss.arm()  # after the attention capture: see LossCheck.arm
+            self.loss.arm()
+        # One pair of global hooks serves the probes and the loss check: each pair costs
+        # every module call of the process a dispatch of its own. (Global hooks, so the
+        # model's own hook tables stay untouched.) They also see the root start and end:
+        # that tells a forward pass an exception aborted (the out-of-memory pattern: catch,
+        # skip the batch, go on) from a finished one. Placed after the attention capture's:
+        # at the end of a pass its mode leaves the stack before the loss check's comes on.
+        if self._probing or (self.loss is not None and self.loss.armed):
+            self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
+            # always_call: the loss check keeps its depth right through a forward that raised
+            post_hook = register_module_forward_hook(self._dispatch_post, always_call=True)
+            self._handles.append(post_hook)
 
     def set_skip(self, indices: set[int]) -> None:
         """Change which activations go without a hook on steps without detail."""
@@ -239,6 +255,7 @@ class Probes:
             handle.remove()
         self._handles.clear()
         self._post, self._pre = {}, {}
+        self._probing = False
         if self.attention is not None:
             self.attention.disarm()
         if self.loss is not None:
@@ -251,6 +268,7 @@ class Probes:
 
     def take(self) -> ProbeRecord:
         """Hand over what was gathered and start afresh."""
+        self._sum_pending()
         record, self.record = self.record, ProbeRecord(detail=self._detail)
         self._producer = None
         if self.loss is not None:
@@ -273,19 +291,28 @@ class Probes:
     # The global hooks run for every module of the process while armed: one dictionary
     # lookup decides whether the module is one of ours.
     def _dispatch_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        entry = self._post.get(id(module))
-        if entry is not None and entry[0] is module:
-            entry[1](module, args, output)
-        if module is self._root:
-            self._in_forward = False
+        if self._probing and not _raised(output):  # probes look at passes that returned
+            entry = self._post.get(id(module))
+            if entry is not None and entry[0] is module:
+                entry[1](module, args, output)
+            if module is self._root:
+                self._in_forward = False
+                self._sum_pending()  # the pass is over: hold no output past it
+        loss = self.loss
+        if loss is not None and loss.armed:
+            loss.after_module(module, args, output)
         return None
 
     def _dispatch_pre(self, module: nn.Module, args: Any) -> None:
-        if module is self._root:
-            self._root_starts()
-        entry = self._pre.get(id(module))
-        if entry is not None and entry[0] is module:
-            entry[1](module, args)
+        if self._probing:
+            if module is self._root:
+                self._root_starts()
+            entry = self._pre.get(id(module))
+            if entry is not None and entry[0] is module:
+                entry[1](module, args)
+        loss = self.loss
+        if loss is not None and loss.armed:
+            loss.before_module(module, args)
         return None
 
     def _root_starts(self) -> None:
@@ -298,6 +325,15 @@ class Probes:
             self.record = ProbeRecord(detail=self._detail, order=self.record.order)
             self._producer = None
         self._in_forward = True
+
+    def _sum_pending(self) -> None:
+        record = self.record
+        if not record.pending:
+            return
+        try:
+            record.pending.flush(record.unit_activity)
+        except Exception as error:
+            self.shut_down(error)
 
     def _make_order_hook(self, index: int) -> Callable[..., None]:
         def order_hook(module: nn.Module, args: Any) -> None:
@@ -386,7 +422,8 @@ class Probes:
                 return None
             try:
                 record = self.record
-                if index in record.calls and in_backward():
+                recomputing = in_backward()
+                if recomputing and index in record.calls:
                     return None  # recomputed by activation checkpointing: counted already
                 tensor = output if type(output) is _Tensor else first_tensor(output)
                 if tensor is None:
@@ -395,17 +432,22 @@ class Probes:
                 if ndim == 0 or tensor.numel() == 0:
                     return None  # an empty call (an expert routed no tokens) says nothing
                 record.calls[index] = record.calls.get(index, 0) + 1
-                values = tensor.detach()
                 if kind == RELU:
                     axis = self._axis.get(index)
                     if axis is None or axis >= ndim:
                         axis = unit_axis(ndim, None, False)
+                    pending = record.pending
+                    # (Not a recomputation inside backward: its pass is over already.)
+                    if upper is None and not recomputing and pending.add(index, tensor, axis):
+                        return None  # summed with the other small outputs after the pass
+                    pending.flush(record.unit_activity)  # the sums stay in call order
+                    values = tensor.detach()
                     # The output is >= 0, so a unit was active iff its sum is > 0; under an
                     # upper clamp the product is > 0 only strictly inside the range.
                     activity = values if upper is None else values * (upper - values)
                     _accumulate(record.unit_activity, index, per_unit_sum(activity, axis))
                 else:
-                    self._saturation(index, kind, values)
+                    self._saturation(index, kind, tensor.detach())
             except Exception as error:
                 self.shut_down(error)
             return None

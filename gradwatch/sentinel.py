@@ -135,8 +135,12 @@ class Sentinel:
     ) -> list[Trip]:
         """Read this step's sample; return the trips among the steps judged now (this
         one on the CPU, the previous one on CUDA)."""
-        grads = [g for p in self.params if (g := p.grad) is not None and g.layout is _STRIDED]
-        norm = self._sample_norm(grads) if grads else None
+        norm = self._whole_sample_norm()
+        if norm is None:
+            grads = [
+                g for p in self.params if (g := p.grad) is not None and g.layout is _STRIDED
+            ]
+            norm = self._sample_norm(grads) if grads else None
         if norm is not None and norm.is_cuda:
             return self._observe_on_device(step, norm, loss, scale)
         loss_value = _host_float(loss)
@@ -151,6 +155,27 @@ class Sentinel:
         trips = self.flush() if self._transfer.has_pending else []
         trip = self._judge(step, values)
         return [*trips, trip] if trip is not None else trips
+
+    def _whole_sample_norm(self) -> torch.Tensor | None:
+        """The usual step, made cheap: every sampled gradient there, dense, of the
+        buffer's dtype and device. Right after a backward pass every line runs with cold
+        caches (several times slower than warm), so this path checks nothing per tensor:
+        a missing (None) or sparse gradient, or one on another device, makes ``torch.cat``
+        raise, and the careful path takes over. None: take the careful path."""
+        buffer = self._buffer  # made by the careful path, for a flat sample of one dtype
+        if buffer is None or not self._flat:
+            return None
+        grads = [p.grad for p in self.params]
+        if grads[0] is None or grads[0].dtype is not buffer.dtype:
+            return None
+        try:
+            joined = torch.cat(grads, out=buffer)
+        except (TypeError, RuntimeError):  # a None, a sparse gradient, another device
+            # No buffer until the careful path sees the whole sample usable again (a
+            # gradient that is always None, say an unused bias, raises no more).
+            self._buffer = None
+            return None
+        return _norm(joined, out=self._norm_out)
 
     def _sample_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The norm of the sampled gradients: one concatenation and one norm (cheaper
@@ -302,12 +327,12 @@ def _cat32(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _host_float(value: Any) -> float | None:
     """A number on the host, or None; a CUDA tensor is never read here (that would sync)."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_cuda:
+    if isinstance(value, torch.Tensor):  # first: the usual loss
+        if value.is_cuda or value.numel() != 1:
             return None
         return value.item()  # no detached copy made first
+    if value is None or isinstance(value, bool):
+        return None
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -35,6 +35,7 @@ from .coverage import (
 )
 from .distributed import Reducer
 from .findings import Finding
+from .grad_marks import GradientMarks
 from .guard import Guard, logger, warn_user
 from .history import History
 from .keywords import suggest_keywords
@@ -279,7 +280,7 @@ class Watcher:
         self._updates = UpdateSampler(self.layers)
         self._coverage = OptimizerCoverage(self.layers)
         self._flush_next = False
-        self._seen_grads: list[tuple[Any, int] | None] = []
+        self._grad_marks = GradientMarks()
         self._depth: dict[int, float] = {}
         self._count = 0
         self._monitored = 0
@@ -668,7 +669,7 @@ class Watcher:
             for layer in self.layers
             if (depth := old_depth.get(layer.name)) is not None
         }
-        self._seen_grads = []
+        self._grad_marks.reset()
         self._sentinel = self._make_sentinel()
         self._carry.close()
         self._carry = CarryCheck(checked_parameters(self.layers), self._guard)
@@ -964,20 +965,7 @@ class Watcher:
     def _gradients_changed(self) -> bool:
         """True when a backward pass ran since the last monitored step: some gradient is
         a new tensor, or was added to in place (accumulation)."""
-        before = self._seen_grads
-        seen = [
-            None if grad is None else (weakref.ref(grad), grad._version)
-            for grad in [p.grad for p in self._params]
-        ]
-        self._seen_grads = seen
-        if len(before) != len(seen):
-            return any(s is not None for s in seen)
-        for now, then in zip(seen, before):
-            if now is not None and (
-                then is None or then[0]() is not now[0]() or now[1] != then[1]
-            ):
-                return True
-        return False
+        return self._grad_marks.changed(self._params)
 
     def _update_depth(self, order: Mapping[int, int]) -> None:
         depth = {index: float(pos) for index, pos in order.items()}

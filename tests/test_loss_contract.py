@@ -473,3 +473,36 @@ def test_nll_loss_on_masked_log_probabilities_is_silent():
     torch.manual_seed(0)
     watcher, _ = run(mlp(2), loss_fn)
     assert_silent_and_seen(watcher, "nll_loss")
+
+
+def test_hooks_come_off_after_monitored_steps_when_no_relu_needs_one():
+    """A healthy ReLU network: once its Linear layers' gradient rows show every ReLU's
+    units, the probes need no hook of their own, and the loss check's must still come off
+    after each monitored step (else every step in between pays for them)."""
+    from torch.nn.modules import module as torch_module
+
+    torch.manual_seed(0)
+    x, y = digits()
+    model = mlp(3, init="kaiming")
+    hooks_before = len(torch_module._global_forward_hooks)
+    watcher = gradwatch.watch(model, every_n_steps=2, reporters=[])
+    relus = {i for i, m in enumerate(model) if isinstance(m, nn.ReLU)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    all_covered = 0
+    for step in range(16):
+        armed = len(torch_module._global_forward_hooks) > hooks_before
+        assert armed == (step % 2 == 0), step
+        probes = watcher._probes
+        all_covered += step % 2 == 0 and {str(i) for i in relus} <= {
+            layer.name for layer in watcher.layers if layer.index in probes.skip_core
+        }
+        loss = F.cross_entropy(model(x[step * 64 :][:64]), y[step * 64 :][:64])
+        assert bool(_get_current_function_mode_stack()) == (step % 2 == 0)
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss)
+        opt.step()
+    assert all_covered  # the case this test is about did happen
+    assert all(len(s.loss_inputs) == 1 for s in watcher.history)
+    watcher.close()
+    assert len(torch_module._global_forward_hooks) == hooks_before
