@@ -2,14 +2,15 @@
 
 Each captured call keeps a small, fixed sample of its logit rows (at most
 ``SAMPLE_SLICES`` batch x head slices and ``SAMPLE_ROWS`` rows in all): a couple of
-indexing ops at the call. For the common ``scaled_dot_product_attention`` call (every
-slice sampled, one key head per query head, causal or no mask) even the logits wait: the
-call keeps copies of its sampled query rows and of its keys (:class:`PendingLogits`, two
-copy kernels), and the logits of all such calls of one shape are recomputed by one
-batched product when the step is packed, bit for bit what the call would have computed
-(the same product, scale and mask, per call). The statistics of every call of a step are
-computed together when the step is packed (one batch of ops per step, not per call) and
-travel in the step's single vector; :func:`read_back` turns them into
+indexing ops at the call. For a ``scaled_dot_product_attention`` call without an explicit
+mask (causal or none) even the logits wait: the call keeps copies of its sampled query
+rows and of the keys of their slices (:class:`PendingLogits`, two copy kernels, within
+the per-call budget), and the logits of all such calls of one shape are computed by one
+batched product, scale and mask when the step is packed: on a CPU bit for bit what the
+call would have computed alone (a GPU's batched product may pick another kernel and
+round differently in the last bit). The statistics of every call of a step are computed
+together when the step is packed (one batch of ops per step, not per call) and travel in
+the step's single vector; :func:`read_back` turns them into
 :class:`~gradwatch.stats.AttentionStats` on the host.
 """
 
