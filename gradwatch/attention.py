@@ -35,7 +35,6 @@ probabilities never exist (flash attention inside a custom op): said once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
@@ -58,7 +57,14 @@ from torch.overrides import (
     _push_mode,
 )
 
-from .attention_sample import AttentionCall, gather_rows, sample_plan, sdpa_logits
+from .attention_sample import (
+    AttentionCall,
+    defer_sdpa_logits,
+    gather_rows,
+    sample_plan,
+    sdpa_logits,
+)
+from .attention_sample import full_precision as _full_precision
 from .forward_context import grad_enabled, in_backward, is_compiling
 from .guard import Guard
 from .stats import MASK_LEVEL
@@ -157,17 +163,6 @@ def _usual_scale(args: tuple, kwargs: dict) -> tuple[float, int] | None:
 
 def _count(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum().to(_F32)
-
-
-def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off while the statistics are taken, entered only where autocast is on:
-    entering a context costs ~6 us of host time per call, and most models train without."""
-    try:
-        if not torch.is_autocast_enabled(device.type):
-            return contextlib.nullcontext()
-    except (RuntimeError, TypeError):  # a device type autocast does not know
-        pass
-    return torch.autocast(device.type, enabled=False)
 
 
 # -- the capture ----------------------------------------------------------------------
@@ -643,18 +638,22 @@ class AttentionCapture:
             q, k = q.detach(), k.detach()
             mask = mask.detach() if isinstance(mask, torch.Tensor) else None
             causal = bool(bound.get("is_causal", False))
-            sample = sdpa_logits(q, k, mask, causal, factor, plan)
+            # the logits of the common calls are computed when the step is packed,
+            # batched over calls; the others now
+            pending = defer_sdpa_logits(q, k, mask, causal, factor, plan)
+            sample = None if pending is not None else sdpa_logits(q, k, mask, causal, factor, plan)
             detail = None
             if self._detail:
+                zero = q.new_zeros((), dtype=_F32)
                 rows = float(math.prod(lead) * queries)
                 nonfinite = (
                     _count(~torch.isfinite(out.detach().sum(-1, dtype=_F32)))
                     if isinstance(out, torch.Tensor)
-                    else sample.new_zeros(())
+                    else zero
                 )
                 inputs = q.sum(dtype=_F32) + k.sum(dtype=_F32)
                 bad_inputs = (~torch.isfinite(inputs)).to(_F32) * rows
-                masked = sample.new_zeros(())
+                masked = zero
                 if mask is not None:
                     fully = (
                         ~mask.any(-1) if mask.dtype == torch.bool else mask.amax(-1) <= MASK_LEVEL
@@ -675,6 +674,7 @@ class AttentionCapture:
             scale=factor,
             head_dim=head_dim,
             confirmed=True,
+            pending=pending,
         )
         record.attention.append(call)
         self._seen_modules.add(module)

@@ -2,14 +2,21 @@
 
 Each captured call keeps a small, fixed sample of its logit rows (at most
 ``SAMPLE_SLICES`` batch x head slices and ``SAMPLE_ROWS`` rows in all): a couple of
-indexing ops at the call. The statistics of every call of a step are computed together
-when the step is packed (one batch of ops per step, not per call) and travel in the
-step's single vector; :func:`read_back` turns them into
+indexing ops at the call. For a ``scaled_dot_product_attention`` call without an explicit
+mask (causal or none) even the logits wait: the call keeps copies of its sampled query
+rows and of the keys of their slices (:class:`PendingLogits`, two copy kernels, within
+the per-call budget), and the logits of all such calls of one shape are computed by one
+batched product, scale and mask when the step is packed: on a CPU bit for bit what the
+call would have computed alone (a GPU's batched product may pick another kernel and
+round differently in the last bit). The statistics of every call of a step are computed
+together when the step is packed (one batch of ops per step, not per call) and travel in
+the step's single vector; :func:`read_back` turns them into
 :class:`~gradwatch.stats.AttentionStats` on the host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +59,21 @@ class AttentionCall:
     scale: float | None = None  # factor applied to q.k (when seen)
     head_dim: int | None = None
     confirmed: bool = False  # its probabilities weighted a matrix product
+    #: what ``sample`` is computed from when the step is packed (``sample`` is None
+    #: until then)
+    pending: PendingLogits | None = None
+
+
+@dataclass(slots=True)
+class PendingLogits:
+    """A scaled_dot_product_attention call whose sampled logits are computed when the
+    step is packed, batched with the other calls of its shape."""
+
+    rows: torch.Tensor  # (..., sampled rows, head size) float32 copy of q's sampled rows
+    keys: torch.Tensor  # (..., keys, head size) float32 copy of k (later edits of k unseen)
+    scale: float
+    causal: bool
+    plan: Plan
 
 
 @dataclass(frozen=True)
@@ -144,6 +166,73 @@ def gather_rows(t: torch.Tensor, plan: Plan) -> torch.Tensor:
     return picked.reshape(-1, t.shape[-1]).to(_F32)
 
 
+def defer_sdpa_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    plan: Plan,
+) -> PendingLogits | None:
+    """What :func:`sdpa_logits` needs, kept for the step's one batched product: copies of
+    the sampled query rows and of the keys of their slices, for calls without an explicit
+    mask whose kept keys fit the per-call budget (SAMPLE_VALUES, like a sample). None
+    otherwise, and for grouped-query heads when every slice is sampled: the logits are
+    then computed at the call."""
+    if mask is not None:
+        return None
+    if plan.every_slice:
+        if q.shape[:-2] != k.shape[:-2] or k.numel() > SAMPLE_VALUES:
+            return None
+        # index_select copies; k is copied so that a later in-place edit is not seen
+        rows, keys = q.index_select(-2, plan.rows), k.to(_F32, copy=True)
+    else:
+        slices = plan.size // len(plan.row_list)
+        if slices * k.shape[-2] * k.shape[-1] > SAMPLE_VALUES:
+            return None
+        rows, keys = _sampled_slices(q, k, plan)  # indexing copies both (q has lead axes)
+    return PendingLogits(
+        rows=rows.to(_F32), keys=keys.to(_F32), scale=scale, causal=causal, plan=plan
+    )
+
+
+def _resolve(calls: list[AttentionCall]) -> None:
+    """The samples of calls with pending logits: one product per (shape, scale, mask)
+    group. Each call's slice of the batched product equals the product the call would
+    have computed alone (the same matmul per slice, then the same scale and mask)."""
+    groups: dict[tuple, list[AttentionCall]] = {}
+    for call in calls:
+        p = call.pending
+        if p is not None:
+            key = (p.rows.shape, p.keys.shape, p.scale, p.causal, id(p.plan), p.rows.device)
+            groups.setdefault(key, []).append(call)
+    for group in groups.values():
+        first = group[0].pending
+        pending = [call.pending for call in group]
+        with full_precision(first.rows.device):
+            rows = torch.stack([p.rows for p in pending])
+            keys = torch.stack([p.keys for p in pending])
+            z = torch.matmul(rows, keys.transpose(-1, -2)).mul_(first.scale)
+        n_keys = first.keys.shape[-2]
+        if first.causal:
+            z = z.masked_fill_(_later(first.plan, n_keys), -math.inf)
+        for call, logits in zip(group, z.unbind(0)):
+            call.sample = logits.reshape(-1, n_keys)
+            call.pending = None
+
+
+def full_precision(device: torch.device) -> Any:
+    """Autocast off while the statistics are taken (a product inside an autocast region
+    would be taken in half precision), entered only where autocast is on: entering a
+    context costs ~6 us of host time per call, and most models train without."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return contextlib.nullcontext()
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        pass
+    return torch.autocast(device.type, enabled=False)
+
+
 def sdpa_logits(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -155,34 +244,41 @@ def sdpa_logits(
     """The logits of the sampled rows of ``scaled_dot_product_attention(q, k, ...)``:
     (rows, keys) float32, masked keys at -inf (boolean masks) or with the additive mask
     added, keys after the query at -inf when ``causal`` (top-left aligned, as SDPA)."""
-    lead_shape = q.shape[:-2]
     keys = k.shape[-2]
     if plan.every_slice:
         z = _every_slice_logits(q.index_select(-2, plan.rows), k)
         if z is not None:
             z = z.mul_(scale).reshape(-1, len(plan.row_list), keys)  # (slices, rows, keys)
             return _masked(z, q, mask, causal, plan, keys)
-    qs = q[plan.index] if len(plan.index) > 1 else q.index_select(-2, plan.rows).unsqueeze(0)
-    if lead_shape:
-        # grouped-query attention (fewer key heads) and broadcast axes map each sampled
-        # query slice onto its key slice: index * key size // query size
-        k_lead = tuple(k.shape[:-2])
-        k_index = _CACHE.get(("k", plan.lead, k_lead, lead_shape, plan.device))
-        if k_index is None:
-            k_index = tuple(
-                torch.tensor(
-                    [i * k_lead[axis] // lead_shape[axis] for i in plan.lead[axis]],
-                    dtype=torch.long,
-                    device=plan.device,
-                )
-                for axis in range(len(lead_shape))
-            )
-            _remember(("k", plan.lead, k_lead, lead_shape, plan.device), k_index)
-        ks = k[k_index]
-    else:
-        ks = k.unsqueeze(0)
+    qs, ks = _sampled_slices(q, k, plan)
     z = torch.matmul(qs.to(_F32), ks.to(_F32).transpose(-1, -2)).mul_(scale)
     return _masked(z, q, mask, causal, plan, keys)
+
+
+def _sampled_slices(
+    q: torch.Tensor, k: torch.Tensor, plan: Plan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slices, rows, head size) sampled rows of q, and (slices, keys, head size) the keys
+    of their slices (copies, but for k of a call without leading axes)."""
+    lead_shape = q.shape[:-2]
+    qs = q[plan.index] if len(plan.index) > 1 else q.index_select(-2, plan.rows).unsqueeze(0)
+    if not lead_shape:
+        return qs, k.unsqueeze(0)
+    # grouped-query attention (fewer key heads) and broadcast axes map each sampled
+    # query slice onto its key slice: index * key size // query size
+    k_lead = tuple(k.shape[:-2])
+    k_index = _CACHE.get(("k", plan.lead, k_lead, lead_shape, plan.device))
+    if k_index is None:
+        k_index = tuple(
+            torch.tensor(
+                [i * k_lead[axis] // lead_shape[axis] for i in plan.lead[axis]],
+                dtype=torch.long,
+                device=plan.device,
+            )
+            for axis in range(len(lead_shape))
+        )
+        _remember(("k", plan.lead, k_lead, lead_shape, plan.device), k_index)
+    return qs, k[k_index]
 
 
 def _every_slice_logits(qs: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -224,12 +320,17 @@ def _masked(
         ms = m[(*m_index, rows)] if m_index else m[..., rows.squeeze(0), :].unsqueeze(0)
         z = z.masked_fill(~ms, -math.inf) if ms.dtype == torch.bool else z + ms.to(_F32)
     elif causal:
-        later = _cached(  # keys after each sampled query
-            ("causal", plan.row_list, keys, plan.device),
-            lambda: torch.arange(keys, device=plan.device).unsqueeze(0) > plan.rows.unsqueeze(1),
-        )
-        z = z.masked_fill_(later, -math.inf)  # in place: z is a fresh product of the sample
+        # in place: z is a fresh product of the sample
+        z = z.masked_fill_(_later(plan, keys), -math.inf)
     return z.reshape(-1, keys)
+
+
+def _later(plan: Plan, keys: int) -> torch.Tensor:
+    """(sampled rows, keys): the keys after each sampled query (masked when causal)."""
+    return _cached(
+        ("causal", plan.row_list, keys, plan.device),
+        lambda: torch.arange(keys, device=plan.device).unsqueeze(0) > plan.rows.unsqueeze(1),
+    )
 
 
 def _owners(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -282,6 +383,7 @@ def pack(calls: list[AttentionCall]) -> tuple[list[torch.Tensor], list[torch.Ten
     across ranks, the calls in the order the pieces hold them)."""
     if not calls:
         return [], [], []
+    _resolve(calls)
     groups: dict[int, list[AttentionCall]] = {}
     for call in calls:  # one batch per number of keys (cross-attention may differ)
         groups.setdefault(call.sample.shape[-1], []).append(call)
