@@ -213,10 +213,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(_F32).view(-1, 8) @ weights
 
 
-def unpack_bits(values: list[float]) -> int:
-    return int.from_bytes(bytes(map(int, values)), "little")
-
-
 def pack_bit_words(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean vector into float64 values whose raw bytes are its bits (bit i =
     element i, little-endian), 64 bits a value: the host turns them back into bytes with
@@ -617,14 +613,6 @@ class Collector:
             cached = torch.tensor(positions).to(device, non_blocking=True)
             self._segment_cache[key] = cached
         return cached
-
-    def _alias_slots(self, slots: list[Slot]) -> list[tuple[int, int]]:
-        if not self.aliases:
-            return []
-        position = {id(slot.param): k for k, slot in enumerate(slots)}
-        return [
-            (index, position[id(param)]) for index, param in self.aliases if id(param) in position
-        ]
 
     def _segments(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
         key = ("segments", rows, str(device))
