@@ -285,6 +285,18 @@ def _first(findings, code):
     return next(f for f in findings if f.code == code and f.status == "new")
 
 
+def _tanh_net_with_xavier_init() -> nn.Sequential:
+    """12 tanh layers with the recommended init (xavier, gain 5/3): healthy at first; a
+    learning rate far too high saturates it during training."""
+    torch.manual_seed(0)
+    model = mlp(12, nn.Tanh, width=32)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"))
+            nn.init.zeros_(layer.bias)
+    return model
+
+
 @pytest.mark.parametrize("depth", [12, 20])
 def test_vanishing_hint_quotes_the_users_own_depth(depth):
     torch.manual_seed(0)
@@ -301,12 +313,7 @@ def test_vanishing_hint_quotes_the_users_own_depth(depth):
 def test_vanishing_that_appears_during_training_blames_training_not_init():
     """A tanh net with the recommended init (xavier, gain 5/3) passes the gradient at
     first; a learning rate far too high saturates it later."""
-    torch.manual_seed(0)
-    model = mlp(12, nn.Tanh, width=32)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"))
-            nn.init.zeros_(layer.bias)
+    model = _tanh_net_with_xavier_init()
     watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
     train(model, watcher, steps=45, lr=2.0)
     watcher.close()
@@ -655,12 +662,7 @@ def test_a_frozen_teacher_is_not_listed_as_layers_without_numbers(tmp_path):
 def test_findings_metric_is_the_active_state_and_drops_to_zero_once_resolved():
     from gradwatch.integrations._callback import MetricsBuffer, finding_counts
 
-    torch.manual_seed(0)
-    model = mlp(12, nn.Tanh, width=32)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"))
-            nn.init.zeros_(layer.bias)
+    model = _tanh_net_with_xavier_init()
     holder: dict = {}
     buffer = MetricsBuffer(counts=lambda: finding_counts(holder["watcher"]))
     watcher = holder["watcher"] = gradwatch.watch(model, every_n_steps=5, reporters=[buffer])
@@ -683,12 +685,7 @@ def test_findings_metric_is_the_active_state_and_drops_to_zero_once_resolved():
 
 
 def test_saturation_that_appears_during_training_blames_training_not_init():
-    torch.manual_seed(0)
-    model = mlp(12, nn.Tanh, width=32)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            nn.init.xavier_normal_(layer.weight, gain=nn.init.calculate_gain("tanh"))
-            nn.init.zeros_(layer.bias)
+    model = _tanh_net_with_xavier_init()
     watcher = gradwatch.watch(model, every_n_steps=5, reporters=[])
     train(model, watcher, steps=25, lr=2.0)
     watcher.close()
