@@ -52,6 +52,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from own_hooks import OwnHooks  # next to this file
+
 #: CPU time of this thread: with torch on one thread, all the work of a step, and none of
 #: the time another process held the core.
 clock = time.thread_time
@@ -193,7 +196,7 @@ class Config:
         #: the global module hooks this configuration placed are present only while it
         #: runs (see own_hooks.py): a gradwatch copy armed for its next monitored step
         #: must not slow down the bare loop's block
-        self.hooks = _own_hooks()
+        self.hooks = OwnHooks()
 
     def step(self) -> None:
         x, y = self.batch()
@@ -232,13 +235,6 @@ class Floor:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def _own_hooks():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from own_hooks import OwnHooks
-
-    return OwnHooks()
 
 
 def make_configs(model: nn.Module, batch: Callable, wanted: list[str]) -> list[Config]:
