@@ -21,7 +21,10 @@ can miss, never invent.
 Cost: nothing on most steps. After a monitored step, PyTorch's process-wide optimizer
 hooks are registered until the next optimizer step that owns a checked parameter, and
 one post-accumulate-grad hook per checked parameter (one per watched layer, at most
-``MAX_CHECKED``) lives for one optimizer step.
+``MAX_CHECKED``) lives for one optimizer step. What a cycle follows is kept in flat lists
+made once, and every hook is the same bound method: objects that live from one step to
+the next are what Python's garbage collector walks the whole heap for, and a closure and
+a record per parameter per cycle were ~1,000 of them at 256 checked parameters.
 """
 
 from __future__ import annotations
@@ -39,21 +42,6 @@ from .optimizer_events import after_any_step, before_any_step
 MAX_CHECKED = 256
 #: A check cycle not finished after this many monitored steps starts again.
 _STALE_CYCLES = 2
-
-
-class _Chain:
-    """One checked parameter during one cycle."""
-
-    __slots__ = ("added", "broken", "decided", "grad", "handle", "version")
-
-    def __init__(self, grad: torch.Tensor | None) -> None:
-        self.grad = weakref.ref(grad) if grad is not None else None
-        self.version = grad._version if grad is not None else -1
-        self.added = 0  # accumulations seen into the uncleared tensor
-        self.broken = False  # cleared (or written to) since the step
-        self.handle: Any = None
-        # No gradient at the step: nothing can be carried, nothing to decide.
-        self.decided = grad is None
 
 
 class CarryCheck:
@@ -79,9 +67,22 @@ class CarryCheck:
             params = [params[int(i * stride)] for i in range(MAX_CHECKED)]
         self._names = [name for name, _ in params]
         self._params = [p for _, p in params]
+        self._index = {id(p): i for i, p in enumerate(self._params)}
         self._guard = guard
         self._owners: dict[int, tuple[weakref.ref[Any], int, list[int]]] = {}
-        self._chains: dict[int, _Chain] = {}
+        # What the cycle follows, per checked parameter (position i of each list):
+        n = len(self._params)
+        #: its ``.grad`` after the step (a weak reference; None: no gradient, nothing to decide)
+        self._grad: list[Any] = [None] * n
+        self._version: list[int] = [0] * n  # that gradient's version, then at each addition
+        self._added = [0] * n  # accumulations seen into the uncleared tensor
+        self._broken = [False] * n  # cleared (or written to) since the step
+        self._decided = [False] * n
+        self._handles: list[Any] = [None] * n
+        #: the parameters followed in this cycle
+        self._following: set[int] = set()
+        #: one hook for every parameter (the parameter tells which it is)
+        self._on_accumulated = self._accumulated
         self._global: list[Any] = []
         self._cycles = 0  # monitored steps since this cycle started
         self._checked: set[str] = set()
@@ -111,52 +112,57 @@ class CarryCheck:
 
     def _arm(self, optimizer: Any) -> None:
         """After an optimizer step: note each owned parameter's ``.grad`` and follow it."""
-        fresh = [i for i in self._owned(optimizer) if i not in self._chains]
+        following = self._following
+        fresh = [i for i in self._owned(optimizer) if i not in following]
         for i in fresh:
             param = self._params[i]
-            chain = _Chain(param.grad)
-            if not chain.decided:
-                chain.handle = param.register_post_accumulate_grad_hook(self._follower(i))
-            self._chains[i] = chain
+            grad = param.grad
+            following.add(i)
+            self._added[i], self._broken[i] = 0, False
+            self._handles[i] = None
+            if grad is None:
+                # No gradient at the step: nothing can be carried, nothing to decide.
+                self._grad[i], self._decided[i] = None, True
+                continue
+            self._grad[i], self._version[i] = weakref.ref(grad), grad._version
+            self._decided[i] = False
+            self._handles[i] = param.register_post_accumulate_grad_hook(self._on_accumulated)
         if fresh and len(self._global) == 1:
             self._global.append(before_any_step(self._before_step))
 
-    def _follower(self, index: int) -> Any:
-        chains = self._chains
-
-        def on_accumulated(param: torch.Tensor) -> None:
-            chain = chains.get(index)
-            if chain is None or chain.broken:
-                return
-            grad = param.grad
-            if chain.grad is None or grad is None or chain.grad() is not grad:
-                chain.broken = True  # a new tensor: it was cleared (set to None)
-            elif grad._version != chain.version + 1:
-                chain.broken = True  # zeroed (or otherwise written) in between
-            else:
-                chain.version = grad._version
-                chain.added += 1
-
-        return on_accumulated
+    def _accumulated(self, param: torch.Tensor) -> None:
+        i = self._index.get(id(param))
+        if i is None or i not in self._following or self._broken[i]:
+            return
+        grad, then = param.grad, self._grad[i]
+        if then is None or grad is None or then() is not grad:
+            self._broken[i] = True  # a new tensor: it was cleared (set to None)
+        elif grad._version != self._version[i] + 1:
+            self._broken[i] = True  # zeroed (or otherwise written) in between
+        else:
+            self._version[i] = grad._version
+            self._added[i] += 1
 
     def _decide(self, optimizer: Any) -> None:
         """Before the owner's next step: a parameter followed since the last step whose
         ``.grad`` was only ever added to still holds the earlier steps' gradients."""
+        following, decided = self._following, self._decided
         for i in self._owned(optimizer):
-            chain = self._chains.get(i)
-            if chain is None or chain.decided:
+            if i not in following or decided[i]:
                 continue
-            chain.decided = True
-            chain.handle.remove()
-            if not chain.added and not chain.broken:
+            decided[i] = True
+            self._handles[i].remove()
+            self._handles[i] = None
+            broken = self._broken[i]
+            if not self._added[i] and not broken:
                 continue  # no backward reached it: no evidence either way
             name = self._names[i]
             self._checked.add(name)
-            still = chain.grad() if chain.grad is not None else None
-            if not chain.broken and still is not None and still is self._params[i].grad:
+            still = self._grad[i]()
+            if not broken and still is not None and still is self._params[i].grad:
                 self._carried.add(name)
                 self.seen = True
-        if all(chain.decided for chain in self._chains.values()):
+        if all(decided[i] for i in following):
             self._end_cycle()
 
     def _owned(self, optimizer: Any) -> list[int]:
@@ -175,10 +181,13 @@ class CarryCheck:
         return owned
 
     def _end_cycle(self) -> None:
-        for chain in self._chains.values():
-            if chain.handle is not None and not chain.decided:
-                chain.handle.remove()
-        self._chains = {}
+        for i in self._following:
+            handle = self._handles[i]
+            if handle is not None:
+                handle.remove()
+                self._handles[i] = None
+            self._grad[i] = None  # hold no reference into the last cycle
+        self._following = set()
         for handle in self._global:
             handle.remove()
         self._global = []
