@@ -100,15 +100,24 @@ CASES = {
 
 
 class Copy:
-    """One copy of the model and its optimizer, with or without a watcher."""
+    """One copy of the model and its optimizer: bare, watched (``every`` is the interval),
+    or with the floor of per-step monitoring (``every="floor"``, see benchmarks/overhead.py:
+    ReLU unit masks from per-module forward hooks, one fused norm pass, one read-back)."""
 
-    def __init__(self, model: nn.Module, every: int | None, pass_loss: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, every: int | str | None, pass_loss: bool = False
+    ) -> None:
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         self.watcher = None
+        self.floor = None
         #: what this copy arms (from watch() on) is present only while it steps
         self.hooks = OwnHooks()
-        if every is not None:
+        if every == "floor":
+            from overhead import Floor  # next to this file
+
+            self.floor = Floor(model)
+        elif every is not None:
             options = {"every_n_steps": every} if every != 15 else {}
             with self.hooks:
                 self.watcher = gradwatch.watch(model, reporters=[], optimizer=self.opt, **options)
@@ -138,6 +147,8 @@ class Copy:
             else:
                 self.watcher.step(self.count)
             inside = clock() - before
+        elif self.floor is not None:
+            self.floor.step(loss)
         self.count += 1
         self.opt.step()
         elapsed = clock() - start
@@ -149,23 +160,27 @@ class Copy:
         if self.watcher is not None:
             with self.hooks:
                 self.watcher.close()
+        if self.floor is not None:
+            self.floor.close()
 
 
 def measure(case: str, steps: int, warmup: int, pass_loss: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model, (x, y) = CASES[case]()
-    copies = [Copy(copy.deepcopy(model), every, pass_loss) for every in (None, 1, 15)]
+    copies = [Copy(copy.deepcopy(model), every, pass_loss) for every in (None, 1, 15, "floor")]
     try:
         for i in range(warmup + steps):
-            # Lockstep, so drift of the machine hits all three alike; the order rotates, so
+            # Lockstep, so drift of the machine hits all copies alike; the order rotates, so
             # none always runs with the caches another one left.
-            for c in copies[i % 3 :] + copies[: i % 3]:
+            k = i % len(copies)
+            for c in copies[k:] + copies[:k]:
                 c.step(x, y, record=i >= warmup)
     finally:
         for c in copies:
             c.close()
-    bare_copy, every_copy, default_copy = copies
+    bare_copy, every_copy, default_copy, floor_copy = copies
     bare = statistics.median(bare_copy.between)
+    floor = statistics.median(floor_copy.between)
     monitored = statistics.median(every_copy.monitored)
     inside = statistics.median(every_copy.inside)
     between = statistics.median(default_copy.between)
@@ -181,6 +196,8 @@ def measure(case: str, steps: int, warmup: int, pass_loss: bool = False) -> dict
         "in_step_ms": 1e3 * inside,
         "in_hooks_ms": 1e3 * (extra - inside),
         "per_layer_us": 1e6 * extra / layers,
+        "floor_extra_ms": 1e3 * (floor - bare),
+        "floor_per_layer_us": 1e6 * (floor - bare) / layers,
         "between_extra_ms": 1e3 * (between - bare),
         "between_in_step_us": 1e6 * between_inside,
         "every_step_ratio": monitored / bare,

@@ -2,15 +2,19 @@
 
 Narrow ReLU MLPs (Linear(32, 32) x L, batch 32) at several depths: the arithmetic of a step
 is small, so what gradwatch adds is its per-layer Python and the operations it launches.
-For each depth, three copies train in lockstep (bare, every step measured, defaults) with
-``watcher.step(loss=loss)`` (see benchmarks/host_cost.py, whose measurement this reuses);
-each step is timed in thread CPU time. It reports per depth:
+For each depth, four copies train in lockstep (bare, every step measured, defaults, and
+the floor of per-step monitoring) with ``watcher.step(loss=loss)`` (see
+benchmarks/host_cost.py, whose measurement this reuses); each step is timed in thread CPU
+time. It reports per depth:
 
   monitored adds      median monitored step minus the bare median (hooks + step())
+  floor adds          the same for the floor: ReLU unit masks from per-module forward
+                      hooks, one fused norm pass over the gradients, one read-back (what
+                      any per-layer monitor pays; see benchmarks/overhead.py)
   in step()           the part of it inside ``watcher.step()``
   in between          time inside ``watcher.step()`` of a step that is not monitored
 
-and the per-layer slope of "monitored adds" and of "in between" (least squares over the
+and the per-layer slope of "monitored adds", "floor adds" and "in between" (least squares over the
 depths), with the fixed part (the intercept).
 
 The first operation of any kind after a backward pass (a one-element in-place add on a
@@ -102,23 +106,26 @@ def main(argv: list[str] | None = None) -> int:
 
     layers = [float(r["weight_layers"]) for r in rows]
     mon_slope, mon_fixed = slope(layers, [1e3 * r["monitored_extra_ms"] for r in rows])
+    floor_slope, floor_fixed = slope(layers, [1e3 * r["floor_extra_ms"] for r in rows])
     step_slope, step_fixed = slope(layers, [1e3 * r["in_step_ms"] for r in rows])
     between_slope, between_fixed = slope(layers, [r["between_in_step_us"] for r in rows])
     net_slope, net_fixed = slope(layers, [r["between_net_us"] for r in rows])
     print(f"\nhost cost by depth (torch {torch.__version__}, 1 thread, step(loss=), "
           "thread CPU time)\n")
     print("| weight layers | bare step | monitored adds | in step() | in hooks | per layer "
-          "| in between (in step()) | first op | in between, net |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| floor adds | in between (in step()) | first op | in between, net |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['weight_layers']} | {r['bare_ms']:.2f} ms | {r['monitored_extra_ms']:.2f} ms"
             f" | {r['in_step_ms']:.2f} ms | {r['in_hooks_ms']:.2f} ms"
-            f" | {r['per_layer_us']:.1f} us | {r['between_in_step_us']:.0f} us"
+            f" | {r['per_layer_us']:.1f} us | {r['floor_extra_ms']:.2f} ms"
+            f" | {r['between_in_step_us']:.0f} us"
             f" | {r['first_op_us']:.0f} us | {r['between_net_us']:.0f} us |"
         )
     print(
-        f"\nslope: monitored adds {mon_slope:.1f} us/layer + {mon_fixed:.0f} us;"
+        f"\nslope: monitored adds {mon_slope:.1f} us/layer + {mon_fixed:.0f} us"
+        f" (the floor: {floor_slope:.1f} us/layer + {floor_fixed:.0f} us);"
         f" in step() {step_slope:.1f} us/layer + {step_fixed:.0f} us;"
         f" in between {between_slope:.3f} us/layer + {between_fixed:.0f} us"
         f" (net of the first op: {net_slope:.3f} us/layer + {net_fixed:.0f} us)"
@@ -131,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                     "results": rows,
                     "slope_us_per_layer": {
                         "monitored": mon_slope,
+                        "floor": floor_slope,
                         "in_step": step_slope,
                         "between": between_slope,
                         "between_net": net_slope,
                     },
                     "fixed_us": {
                         "monitored": mon_fixed,
+                        "floor": floor_fixed,
                         "in_step": step_fixed,
                         "between": between_fixed,
                         "between_net": net_fixed,
