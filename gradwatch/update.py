@@ -11,7 +11,9 @@ How, without a host sync on the steps in between and in bounded memory:
 - on the ``watcher.step()`` call just before a monitored step, a strided sample of each
   watched module's largest parameter (its weight; at most ``PER_TENSOR`` entries each,
   ``TOTAL`` in all) is copied into one buffer by one ``torch.cat`` over views made once
-  (views of a parameter stay valid while the optimizer updates it in place);
+  (views of a parameter stay valid while the optimizer updates it in place); when that
+  call is itself a monitored step, the sample it just measured is the snapshot (the
+  weights have not moved in between), so steps monitored back to back gather once;
 - one optimizer step later, at the monitored step, the same sample is taken again and the
   squared differences and squared weights are summed per parameter by one
   ``segment_reduce``. Those sums travel at the end of the monitored step's vector (still
@@ -113,14 +115,22 @@ class UpdateSampler:
         self._lengths: torch.Tensor | None = None
         self._snapshot: torch.Tensor | None = None
         self._label: int | None = None
+        #: (step, views, sample) of the weights the last :meth:`measure` read
+        self._measured: tuple[int, list[torch.Tensor], torch.Tensor] | None = None
         self._had_grad: list[bool] | None = None
         self._params: list[torch.Tensor] = []
 
     def snapshot(self, label: int) -> None:
         """Sample the weights as they are before the optimizer step of step ``label``."""
-        if self._views is None:  # storage is checked at the monitored step, not here
-            self._build(self._current_pointers())
-        self._snapshot = self._gather()
+        measured, self._measured = self._measured, None
+        if measured is not None and measured[0] == label and measured[1] is self._views:
+            # Measured at this same step (monitored steps back to back): the weights have
+            # not moved since, so that sample is this one, without a second gather.
+            self._snapshot = measured[2]
+        else:
+            if self._views is None:  # storage is checked at the monitored step, not here
+                self._build(self._current_pointers())
+            self._snapshot = self._gather()
         self._label = label
         self._had_grad = [p.grad is not None for p in self._params]
 
@@ -129,13 +139,14 @@ class UpdateSampler:
         taken at step ``label - 1``, as one float64 vector; None without such a snapshot
         (the first step, a step number that jumped, the model's parameters replaced)."""
         before, taken = self._snapshot, self._label
-        self._snapshot, self._label = None, None
+        self._snapshot, self._label, self._measured = None, None, None
         if before is None or taken != label - 1 or self._views is None:
             return None
         if self._current_pointers() != self._pointers:
             self._views = None  # storage replaced: the views are stale, build them anew
             return None
         now = self._gather()
+        self._measured = (label, self._views, now)
         assert self._segments is not None and self._weights is not None
         assert self._lengths is not None
         # float32 at least (a bf16 difference would round); float64 weights stay float64

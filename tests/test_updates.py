@@ -110,6 +110,36 @@ def test_update_ratio_is_the_optimizer_step_over_the_weights():
     assert watcher.latest.layers["1"].update_ratio is None  # a ReLU has no weights
 
 
+def test_steps_measured_back_to_back_each_see_their_own_update():
+    # Every step monitored: each step's sample of the weights is both what its own
+    # measurement reads and the "before" of the next one. A learning rate that changes
+    # at every step makes each step's ratio its own: one step's sample taken for another
+    # would show. Layers of at most 2,048 weights are sampled whole: the ratio is exact.
+    model = _model(3, width=32)
+    x, y = digits()
+    rates = [0.05, 0.4, 0.01, 0.2, 0.1, 0.3]
+    optimizer = torch.optim.SGD(model.parameters(), lr=rates[0])
+    watcher = gradwatch.watch(model, every_n_steps=1, reporters=[])
+    expected: dict[int, float] = {}
+    measured: dict[int, float] = {}
+    for step, lr in enumerate(rates):
+        optimizer.zero_grad()
+        batch = slice(step * 64, step * 64 + 64)
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        watcher.step()
+        if step > 0:  # what this step measured: the update of the step before
+            measured[step] = watcher.latest.layers["2"].update_ratio
+        weight = model.get_submodule("2").weight
+        expected[step + 1] = float((lr * weight.grad).norm() / weight.detach().norm())
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    watcher.close()
+    assert len(measured) == len(rates) - 1
+    for step, ratio in measured.items():
+        assert ratio == pytest.approx(expected[step], rel=1e-4), step
+
+
 def test_the_update_ratio_travels_to_metrics_records_and_the_report(tmp_path):
     model = _model()
     path = tmp_path / "run.jsonl"
