@@ -56,21 +56,33 @@ class PendingSums:
     __slots__ = ("_bytes", "_items")
 
     def __init__(self) -> None:
-        self._items: list[tuple[int, torch.Tensor, int]] = []
+        self._items: list[tuple[int, torch.Tensor, tuple]] = []
         self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, index: int, output: torch.Tensor, axis: int) -> bool:
+    def add(
+        self,
+        index: int,
+        output: torch.Tensor,
+        axis: int,
+        shape: torch.Size | None = None,
+        nbytes: int | None = None,
+    ) -> bool:
         """Keep ``output`` (a ReLU's, ``axis``: its unit axis) to sum later. False when
-        it must be summed now: too large, over the budget, or not kept by autograd."""
+        it must be summed now: too large, over the budget, or not kept by autograd.
+        (``shape`` and ``nbytes``: the output's, when the caller has read them already:
+        each read of a tensor attribute costs a call into torch, and this runs for every
+        ReLU call of a monitored step.)"""
         if not output.requires_grad:
             return False  # not saved for backward: it could change before the pass ends
-        size = output.numel() * output.element_size()
+        size = output.nbytes if nbytes is None else nbytes
         if size > PENDING_EACH or self._bytes + size > PENDING_BYTES:
             return False
-        self._items.append((index, output, axis))
+        # What torch.stack needs alike: read now, once, so that flush only compares
+        key = (output.shape if shape is None else shape, output.dtype, output.device, axis)
+        self._items.append((index, output, key))
         self._bytes += size
         return True
 
@@ -80,21 +92,35 @@ class PendingSums:
             return
         items, self._items, self._bytes = self._items, [], 0
         groups: dict[tuple, list[int]] = {}
-        for position, (_, output, axis) in enumerate(items):
-            key = (output.shape, output.dtype, output.device, axis)
-            groups.setdefault(key, []).append(position)
-        sums: list[torch.Tensor | None] = [None] * len(items)
-        with torch.no_grad():  # the outputs require grad; their sums need no graph
+        for position, item in enumerate(items):
+            groups.setdefault(item[2], []).append(position)
+        if len(groups) == 1:  # the usual case (outputs alike): no reordering to do
+            ((shape, dtype, _, axis),) = groups
+            sums = _sums([output for _, output, _ in items], shape, dtype, axis)
+        else:
+            sums = [None] * len(items)
             for (shape, dtype, _, axis), positions in groups.items():
-                stacked = torch.stack([items[p][1] for p in positions])
-                wanted = torch.float64 if dtype == torch.float64 else _F32
-                if len(shape) == 1:
-                    rows = stacked.to(wanted)
-                else:
-                    dims = [d + 1 for d in sum_dims(len(shape), axis)]
-                    rows = stacked.sum(dim=dims, dtype=wanted)
-                for position, row in zip(positions, rows.unbind(0)):
+                rows = _sums([items[p][1] for p in positions], shape, dtype, axis)
+                for position, row in zip(positions, rows):
                     sums[position] = row
         for (index, _, _), value in zip(items, sums):
-            assert value is not None
-            accumulate(store, index, value)
+            previous = store.get(index)
+            if previous is None:
+                store[index] = value  # (what accumulate does, without its call)
+            else:
+                accumulate(store, index, value)
+
+
+def _sums(
+    outputs: list[torch.Tensor], shape: torch.Size, dtype: torch.dtype, axis: int
+) -> tuple[torch.Tensor, ...]:
+    """Per-unit sums of same-shaped outputs: one stack, one reduction, one per output."""
+    with torch.no_grad():  # the outputs require grad; their sums need no graph
+        stacked = torch.stack(outputs)
+        wanted = torch.float64 if dtype == torch.float64 else _F32
+        if len(shape) == 1:
+            rows = stacked.to(wanted)
+        else:
+            dims = [d + 1 for d in sum_dims(len(shape), axis)]
+            rows = stacked.sum(dim=dims, dtype=wanted)
+        return rows.unbind(0)
