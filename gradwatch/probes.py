@@ -37,7 +37,7 @@ from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RECURRENT, RELU, SIGMOID, TANH, LayerInfo
 from .loss_contract import LossCall, LossCheck, PostHandler, PreHandler
 from .recurrent import state_tensors
-from .unit_sums import PendingSums, sum_dims
+from .unit_sums import PendingSums, UnitActivity, sum_dims
 from .unit_sums import accumulate as _accumulate
 
 # A sigmoid/tanh output counts as saturated where the derivative is below this share
@@ -102,7 +102,7 @@ class ProbeRecord:
     # (layer index, norm, number of elements), one entry per call
     out_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     grad_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
-    unit_activity: dict[int, torch.Tensor] = field(default_factory=dict)
+    unit_activity: UnitActivity = field(default_factory=UnitActivity)
     #: ReLU outputs whose unit_activity sums are still to be taken (see gradwatch.unit_sums)
     pending: PendingSums = field(default_factory=PendingSums)
     # Linear/Conv outputs (pre-activations): per unit, the sum of the positive part
