@@ -343,6 +343,12 @@ class LossCheck:
         #: the loss module the window was opened for, inside the forward (the probes' hooks
         #: close it when that module returns)
         self.pushed_by: nn.Module | None = None
+        # The innermost module that returned the latest output, and that output: held
+        # plainly while the outermost call runs (the caller holds it at least until the
+        # next module returns anyway, and a weak reference per module call costs ~0.2 us
+        # of a monitored step's forward), as a weak reference once it returned.
+        self._last_out: torch.Tensor | None = None
+        self._last_name: str | None = None
         self._last: tuple[weakref.ref, str] | None = None
         self._last_layer: str | None = None
         self._handlers: dict[int, tuple[nn.Module, PreHandler, PostHandler]] | None = None
@@ -363,6 +369,7 @@ class LossCheck:
             return  # nothing open (every step calls this: keep it to one test)
         self._depth = 0
         self._last = None
+        self._last_out = None
         self._last_layer = None
         self._leave()
 
@@ -434,21 +441,28 @@ class LossCheck:
             self._depth = depth - 1
             try:
                 tensor = output if type(output) is _Tensor else first_tensor(output)
-                if tensor is not None:
-                    last = self._last
-                    if last is None or last[0]() is not tensor:
-                        self._last = (weakref.ref(tensor), name)
+                if tensor is not None and tensor is not self._last_out:
+                    self._last_out, self._last_name = tensor, name
                 if has_params:
                     self._last_layer = name
-                # No tensor: the forward raised (this hook runs anyway, to keep the depth
-                # right) or returned nothing a loss could be computed from.
-                if depth == 1 and tensor is not None and grad_enabled():
-                    self._open_window(None)
+                if depth == 1:
+                    self._let_go()
+                    # No tensor: the forward raised (this hook runs anyway, to keep the
+                    # depth right) or returned nothing a loss could be computed from.
+                    if tensor is not None and grad_enabled():
+                        self._open_window(None)
             except Exception as error:
                 self.shut_down(error)
             return None
 
         return after
+
+    def _let_go(self) -> None:
+        """The outermost call returned: keep its latest output by a weak reference only."""
+        out = self._last_out
+        if out is not None:
+            self._last = (weakref.ref(out), self._last_name)  # type: ignore[assignment]
+            self._last_out = None
 
     def foreign_before(self, module: nn.Module) -> None:
         """A module from outside the model starts: a loss module opens the window."""
@@ -505,8 +519,11 @@ class LossCheck:
         else:
             classes = int(x.shape[-1]) if x.dim() >= 2 else 1
             values = binary_statistics(x, target)
-        last = self._last
-        producer = last[1] if last is not None and last[0]() is x else None
+        if self._last_out is not None:  # a loss module inside the forward pass
+            producer = self._last_name if self._last_out is x else None
+        else:
+            last = self._last
+            producer = last[1] if last is not None and last[0]() is x else None
         record.loss_calls.append(
             LossCall(
                 function=function,

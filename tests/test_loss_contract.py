@@ -506,3 +506,31 @@ def test_hooks_come_off_after_monitored_steps_when_no_relu_needs_one():
     assert all(len(s.loss_inputs) == 1 for s in watcher.history)
     watcher.close()
     assert len(torch_module._global_forward_hooks) == hooks_before
+
+
+def test_the_output_is_not_kept_alive_past_the_forward_pass():
+    """The loss check names the module whose output reached the loss: it holds the
+    latest module output while the forward pass runs, and only a weak reference after."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    x, y = digits()
+    model = mlp(2)
+    watcher = gradwatch.watch(model, every_n_steps=1, reporters=[])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        out = model(x[:64])
+        loss = F.cross_entropy(out, y[:64])
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss)
+        opt.step()
+    assert [s.loss_inputs[0].producer for s in watcher.history] == ["2"] * 3
+    with torch.no_grad():  # an evaluation pass of a monitored step: nothing autograd keeps
+        out = model(x[:64])
+    held = weakref.ref(out)
+    del out
+    gc.collect()
+    assert held() is None
+    watcher.close()
