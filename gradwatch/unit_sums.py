@@ -147,14 +147,20 @@ class PendingSums:
     [0.0, 3.0]
     """
 
-    __slots__ = ("_bytes", "_items")
+    # Parallel lists and a dict of groups (by what torch.stack needs alike), not one
+    # tuple per output: objects that outlive the call make the garbage collector run
+    # during the forward pass (~0.15 ms per pass of a 400-layer network).
+    __slots__ = ("_bytes", "_groups", "_indices", "_outputs")
 
     def __init__(self) -> None:
-        self._items: list[tuple[int, torch.Tensor, tuple]] = []
+        self._indices: list[int] = []
+        self._outputs: list[torch.Tensor] = []
+        #: (shape, dtype, device, unit axis) -> positions in the lists above
+        self._groups: dict[tuple, list[int]] = {}
         self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._indices)
 
     def add(
         self,
@@ -174,35 +180,35 @@ class PendingSums:
         size = output.nbytes if nbytes is None else nbytes
         if size > PENDING_EACH or self._bytes + size > PENDING_BYTES:
             return False
-        # What torch.stack needs alike: read now, once, so that flush only compares
         key = (output.shape if shape is None else shape, output.dtype, output.device, axis)
-        self._items.append((index, output, key))
+        positions = self._groups.get(key)
+        if positions is None:
+            positions = self._groups[key] = []
+        positions.append(len(self._indices))
+        self._indices.append(index)
+        self._outputs.append(output)
         self._bytes += size
         return True
 
     def flush(self, store: MutableMapping[int, torch.Tensor]) -> None:
         """Sum what is held into ``store`` (per layer index, in call order) and let go."""
-        if not self._items:
+        if not self._indices:
             return
-        items, self._items, self._bytes = self._items, [], 0
-        groups: dict[tuple, list[int]] = {}
-        for position, item in enumerate(items):
-            groups.setdefault(item[2], []).append(position)
+        indices, outputs, groups = self._indices, self._outputs, self._groups
+        self._indices, self._outputs, self._groups, self._bytes = [], [], {}, 0
         if len(groups) == 1:  # the usual case (outputs alike): no reordering to do
             ((shape, dtype, _, axis),) = groups
-            rows = _sums([output for _, output, _ in items], shape, dtype, axis)
-            indices = [index for index, _, _ in items]
+            rows = _sums(outputs, shape, dtype, axis)
             if isinstance(store, UnitActivity):
                 store.add_rows(indices, rows)  # kept stacked: see UnitActivity
                 return
             sums: Any = rows.unbind(0)
         else:
-            sums = [None] * len(items)
+            sums = [None] * len(indices)
             for (shape, dtype, _, axis), positions in groups.items():
-                rows = _sums([items[p][1] for p in positions], shape, dtype, axis)
+                rows = _sums([outputs[p] for p in positions], shape, dtype, axis)
                 for position, row in zip(positions, rows.unbind(0)):
                     sums[position] = row
-            indices = [index for index, _, _ in items]
         for index, value in zip(indices, sums):
             previous = store.get(index)
             if previous is None:
