@@ -352,6 +352,8 @@ class LossCheck:
         self._last: tuple[weakref.ref, str] | None = None
         self._last_layer: str | None = None
         self._handlers: dict[int, tuple[nn.Module, PreHandler, PostHandler]] | None = None
+        #: called when the check switches itself off (a failure)
+        self.on_shut_down: Callable[[], None] | None = None
 
     def arm(self) -> None:
         """Look at the module calls of the next forward pass (the probes' hooks run after the
@@ -393,6 +395,8 @@ class LossCheck:
         if error is not None:
             self._guard.fail("loss checks", error)
         self.disarm()
+        if self.on_shut_down is not None:
+            self.on_shut_down()  # the probes take this check's handlers out of their table
 
     # -- the forward pass ------------------------------------------------------------
 
@@ -474,6 +478,8 @@ class LossCheck:
         self._leave()  # the loss module is done
 
     def _open_window(self, module: nn.Module | None) -> None:
+        if self._off:
+            return  # shut down: its handlers may still be in this arming's table
         self._open = True
         self.pushed_by = module
         if self._pushed:

@@ -220,6 +220,9 @@ class Probes:
         )
         #: what reaches the loss after the forward pass (see gradwatch.loss_contract)
         self.loss = LossCheck(root, guard, lambda: self.record) if root is not None else None
+        if self.loss is not None:
+            self.loss.on_shut_down = self._loss_off
+        self._probe_calls: dict[int, tuple[nn.Module, PreHandler | None, PostHandler | None]] = {}
 
     @property
     def armed(self) -> bool:
@@ -284,17 +287,15 @@ class Probes:
             post[key] = _chain_post(post.get(key), self._root_ends)
         # One table, one lookup per module call: the probe's handler and the loss check's
         # made into one per side (probes first, as they are the finer measurement).
-        calls: dict[int, tuple[nn.Module, PreHandler | None, PostHandler | None]] = {}
+        probe_calls = {key: (m, pre.get(key), post.get(key)) for key, m in modules.items()}
+        calls = dict(probe_calls)
         for key, (module, before, after) in loss_calls.items():
             calls[key] = (
                 module,
-                _chain_pre(pre.pop(key, None), before),
-                _chain_post(post.pop(key, None), after),
+                _chain_pre(pre.get(key), before),
+                _chain_post(post.get(key), after),
             )
-        for key, module in modules.items():
-            if key not in calls:
-                calls[key] = (module, pre.get(key), post.get(key))
-        self._calls = calls
+        self._calls, self._probe_calls = calls, probe_calls
         # One pair of global hooks serves the probes and the loss check: each pair costs
         # every module call of the process a dispatch of its own. (Global hooks, so the
         # model's own hook tables stay untouched.) Placed after the attention capture's:
@@ -317,13 +318,18 @@ class Probes:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._calls = {}
+        self._calls, self._probe_calls = {}, {}
         self._probing = False
         self._loss_armed = False
         if self.attention is not None:
             self.attention.disarm()
         if self.loss is not None:
             self.loss.disarm()
+
+    def _loss_off(self) -> None:
+        """The loss check switched itself off: its handlers leave this arming's table."""
+        self._calls = self._probe_calls
+        self._loss_armed = False
 
     def losses_done(self) -> None:
         """The step's losses are computed (``watcher.step()`` is called): stop checking them."""
