@@ -29,6 +29,7 @@ from .per_tensor import Groups, counts_and_maxima, shape_groups
 from .probes import ProbeRecord
 from .recurrent import split_gradients
 from .stats import LayerStats, OptimizerInfo, StepStats, UnitMask
+from .unit_sums import unit_masks
 
 _F32 = torch.float32
 _F64 = torch.float64
@@ -480,8 +481,8 @@ class Collector:
             [call for call in record.attention if call.confirmed]
         )
         sums.extend(attention_sums)
-        relu_units = [(i, record.unit_activity[i].numel()) for i in sorted(record.unit_activity)]
-        masks.extend(record.unit_activity[i] for i, _ in relu_units)
+        relu_units, relu_masks = unit_masks(record.unit_activity)
+        masks.extend(relu_masks)
         positive_units = [(i, int(record.positive[i].numel())) for i in sorted(record.positive)]
         masks.extend(record.positive[i] for i, _ in positive_units)
 

@@ -51,6 +51,7 @@ from .guard import Guard
 from .loss_input import CLASS_LOSSES, VALUES, LossInput
 
 _F32 = torch.float32
+_Tensor = torch.Tensor
 _LOSSES: dict[Any, str] = {
     F.cross_entropy: "cross_entropy",
     F.nll_loss: "nll_loss",
@@ -58,6 +59,8 @@ _LOSSES: dict[Any, str] = {
     F.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits",
 }
 _LOSS_MODULE = nn.modules.loss._Loss
+PreHandler = Callable[[nn.Module, Any], None]
+PostHandler = Callable[[nn.Module, Any, Any], None]
 # The backward pass: run inside the mode's handler, where the mode is off (nothing of the
 # backward pass goes through it), and the losses of the step are complete after it.
 _BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad})
@@ -337,9 +340,20 @@ class LossCheck:
         self._depth = 0
         self._pushed = False
         self._open = False  # losses seen now belong to the monitored step
-        self._pushed_by: nn.Module | None = None
+        #: the loss module the window was opened for, inside the forward (the probes' hooks
+        #: close it when that module returns)
+        self.pushed_by: nn.Module | None = None
+        # The innermost module that returned the latest output, and that output: held
+        # plainly while the outermost call runs (the caller holds it at least until the
+        # next module returns anyway, and a weak reference per module call costs ~0.2 us
+        # of a monitored step's forward), as a weak reference once it returned.
+        self._last_out: torch.Tensor | None = None
+        self._last_name: str | None = None
         self._last: tuple[weakref.ref, str] | None = None
         self._last_layer: str | None = None
+        self._handlers: dict[int, tuple[nn.Module, PreHandler, PostHandler]] | None = None
+        #: called when the check switches itself off (a failure)
+        self.on_shut_down: Callable[[], None] | None = None
 
     def arm(self) -> None:
         """Look at the module calls of the next forward pass (the probes' hooks run after the
@@ -357,12 +371,13 @@ class LossCheck:
             return  # nothing open (every step calls this: keep it to one test)
         self._depth = 0
         self._last = None
+        self._last_out = None
         self._last_layer = None
         self._leave()
 
     def _leave(self) -> None:
         self._open = False
-        self._pushed_by = None
+        self.pushed_by = None
         if self._pushed:
             stack = _get_current_function_mode_stack()
             if stack and stack[-1] is self._mode:
@@ -380,55 +395,93 @@ class LossCheck:
         if error is not None:
             self._guard.fail("loss checks", error)
         self.disarm()
+        if self.on_shut_down is not None:
+            self.on_shut_down()  # the probes take this check's handlers out of their table
 
     # -- the forward pass ------------------------------------------------------------
 
-    # The probes' global hooks call these for every module call of the process while
-    # armed (the post-hook also for a forward that raised, to keep the depth right): one
-    # dictionary lookup decides whether the module is the model's.
-    def before_module(self, module: nn.Module, args: Any) -> None:
-        entry = self._modules.get(id(module))
-        if entry is not None and entry[0] is module:
-            if not self._depth:
+    # The probes' global hooks run for every module call of the process while armed. They
+    # look the module up once in a table (see Probes.arm) that holds, for each of the
+    # model's modules, the handlers below, made once per module with what they need bound
+    # in (its name, whether it owns parameters, whether it is a loss): no second lookup
+    # and no per-call test of facts that never change. Modules from outside the model go
+    # to foreign_before/foreign_after.
+    def module_handlers(self) -> dict[int, tuple[nn.Module, PreHandler, PostHandler]]:
+        """id(module) -> (module, before, after) for each of the model's modules."""
+        if self._handlers is None:  # made once: every monitored step arms them
+            self._handlers = {
+                key: (
+                    module,
+                    self._make_before(is_loss),
+                    self._make_after(name, has_params, is_loss),
+                )
+                for key, (module, name, has_params, is_loss) in self._modules.items()
+            }
+        return self._handlers
+
+    def _make_before(self, is_loss: bool) -> PreHandler:
+        def before(module: nn.Module, args: Any) -> None:
+            if self._depth:
+                self._depth += 1
+            else:
                 if in_backward() or is_compiling():
                     return None  # checkpointing recomputes; torch.compile traces
                 self.close_window()  # a new pass of the model: the last one's losses are done
-            self._depth += 1
-            if not entry[3]:
-                return None
-        elif not isinstance(module, _LOSS_MODULE):
+                self._depth = 1
+            if is_loss and not self._open and grad_enabled():
+                # a loss module called while the mode is off (inside the model's forward)
+                self._open_window(module)
             return None
-        if not self._open and grad_enabled():
-            # a loss module called while the mode is off (inside the model's forward)
-            self._open_window(module)
-        return None
 
-    def after_module(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._pushed_by is module:
-            self._leave()  # the loss module inside the forward is done
-        entry = self._modules.get(id(module))
-        if entry is None or entry[0] is not module or not self._depth:
+        return before
+
+    def _make_after(self, name: str, has_params: bool, is_loss: bool) -> PostHandler:
+        def after(module: nn.Module, args: Any, output: Any) -> None:
+            if is_loss and self.pushed_by is module:
+                self._leave()  # the loss module inside the forward is done
+            depth = self._depth
+            if not depth:
+                return None
+            self._depth = depth - 1
+            try:
+                tensor = output if type(output) is _Tensor else first_tensor(output)
+                if tensor is not None and tensor is not self._last_out:
+                    self._last_out, self._last_name = tensor, name
+                if has_params:
+                    self._last_layer = name
+                if depth == 1:
+                    self._let_go()
+                    # No tensor: the forward raised (this hook runs anyway, to keep the
+                    # depth right) or returned nothing a loss could be computed from.
+                    if tensor is not None and grad_enabled():
+                        self._open_window(None)
+            except Exception as error:
+                self.shut_down(error)
             return None
-        try:
-            self._depth -= 1
-            tensor = output if type(output) is torch.Tensor else first_tensor(output)
-            if tensor is not None:
-                last = self._last
-                if last is None or last[0]() is not tensor:
-                    self._last = (weakref.ref(tensor), entry[1])
-            if entry[2]:
-                self._last_layer = entry[1]
-            # No tensor: the forward raised (this hook runs anyway, to keep the depth
-            # right) or returned nothing a loss could be computed from.
-            if not self._depth and tensor is not None and grad_enabled():
-                self._open_window(None)
-        except Exception as error:
-            self.shut_down(error)
-        return None
+
+        return after
+
+    def _let_go(self) -> None:
+        """The outermost call returned: keep its latest output by a weak reference only."""
+        out = self._last_out
+        if out is not None:
+            self._last = (weakref.ref(out), self._last_name)  # type: ignore[assignment]
+            self._last_out = None
+
+    def foreign_before(self, module: nn.Module) -> None:
+        """A module from outside the model starts: a loss module opens the window."""
+        if isinstance(module, _LOSS_MODULE) and not self._open and grad_enabled():
+            self._open_window(module)
+
+    def foreign_after(self, module: nn.Module) -> None:
+        """A module from outside the model returns (called when it is :attr:`pushed_by`)."""
+        self._leave()  # the loss module is done
 
     def _open_window(self, module: nn.Module | None) -> None:
+        if self._off:
+            return  # shut down: its handlers may still be in this arming's table
         self._open = True
-        self._pushed_by = module
+        self.pushed_by = module
         if self._pushed:
             return  # still on the stack (under another mode): it serves again
         try:
@@ -472,8 +525,11 @@ class LossCheck:
         else:
             classes = int(x.shape[-1]) if x.dim() >= 2 else 1
             values = binary_statistics(x, target)
-        last = self._last
-        producer = last[1] if last is not None and last[0]() is x else None
+        if self._last_out is not None:  # a loss module inside the forward pass
+            producer = self._last_name if self._last_out is x else None
+        else:
+            last = self._last
+            producer = last[1] if last is not None and last[0]() is x else None
         record.loss_calls.append(
             LossCall(
                 function=function,

@@ -35,9 +35,9 @@ from .attention_sample import AttentionCall
 from .forward_context import first_tensor, grad_enabled, in_backward, is_compiling
 from .guard import Guard
 from .layers import CONV, EMBEDDING, LINEAR, NORM, RECURRENT, RELU, SIGMOID, TANH, LayerInfo
-from .loss_contract import LossCall, LossCheck
+from .loss_contract import LossCall, LossCheck, PostHandler, PreHandler
 from .recurrent import state_tensors
-from .unit_sums import PendingSums, sum_dims
+from .unit_sums import PendingSums, UnitActivity, sum_dims
 from .unit_sums import accumulate as _accumulate
 
 # A sigmoid/tanh output counts as saturated where the derivative is below this share
@@ -58,6 +58,33 @@ def _raised(output: Any) -> bool:
     return output is None and sys.exc_info()[1] is not None
 
 
+_LOSS_MODULE = nn.modules.loss._Loss
+
+
+def _chain_pre(first: PreHandler | None, second: PreHandler | None) -> PreHandler | None:
+    """One pre-hook handler that runs ``first``, then ``second`` (either may be missing)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(module: nn.Module, args: Any) -> None:
+        first(module, args)
+        second(module, args)
+
+    return both
+
+
+def _chain_post(first: PostHandler | None, second: PostHandler | None) -> PostHandler | None:
+    """One post-hook handler that runs ``first``, then ``second`` (either may be missing)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(module: nn.Module, args: Any, output: Any) -> None:
+        first(module, args, output)
+        second(module, args, output)
+
+    return both
+
+
 def _norm(values: torch.Tensor) -> torch.Tensor:
     """L2 norm accumulated in float32 (float64 stays float64: its norm cannot narrow)."""
     if values.dtype == torch.float64:
@@ -75,7 +102,7 @@ class ProbeRecord:
     # (layer index, norm, number of elements), one entry per call
     out_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     grad_norms: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
-    unit_activity: dict[int, torch.Tensor] = field(default_factory=dict)
+    unit_activity: UnitActivity = field(default_factory=UnitActivity)
     #: ReLU outputs whose unit_activity sums are still to be taken (see gradwatch.unit_sums)
     pending: PendingSums = field(default_factory=PendingSums)
     # Linear/Conv outputs (pre-activations): per unit, the sum of the positive part
@@ -160,6 +187,15 @@ class Probes:
             for layer in self._layers
             if layer.kind in _ACTIVATION_KINDS
         }
+        # Plain ReLUs (the common case, and most of a monitored step's module calls) get
+        # the core hook's work in its fewest steps.
+        self._core_hooks.update(
+            {
+                layer.index: self._make_relu_hook(layer.index)
+                for layer in self._layers
+                if layer.kind == RELU and getattr(layer.module, "max_val", None) is None
+            }
+        )
         self._grad_hooks = {
             layer.index: self._make_grad_hook(layer.index) for layer in self._layers
         }
@@ -171,10 +207,11 @@ class Probes:
         self._root = root
         #: a forward pass of the root module has started and not finished
         self._in_forward = False
-        # id(module) -> (module, hook), for the modules hooked in the current arming
-        self._post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
-        self._pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+        # id(module) -> (module, pre handler, post handler) for the current arming: the
+        # probes' hooks and the loss check's, each module's made into one handler per side
+        self._calls: dict[int, tuple[nn.Module, PreHandler | None, PostHandler | None]] = {}
         self._probing = False  # the probes have hooks in the current arming
+        self._loss_armed = False  # the loss check looks at this arming's module calls
         #: attention softmax statistics (see gradwatch.attention), armed with the hooks
         self.attention = (
             AttentionCapture(root, {layer.name for layer in layers}, guard, lambda: self.record)
@@ -183,6 +220,9 @@ class Probes:
         )
         #: what reaches the loss after the forward pass (see gradwatch.loss_contract)
         self.loss = LossCheck(root, guard, lambda: self.record) if root is not None else None
+        if self.loss is not None:
+            self.loss.on_shut_down = self._loss_off
+        self._probe_calls: dict[int, tuple[nn.Module, PreHandler | None, PostHandler | None]] = {}
 
     @property
     def armed(self) -> bool:
@@ -211,32 +251,56 @@ class Probes:
         self.disarm()
         self._detail = detail
         self.record = ProbeRecord(detail=detail)
-        post: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
-        pre: dict[int, tuple[nn.Module, Callable[..., None]]] = {}
+        post: dict[int, PostHandler] = {}
+        pre: dict[int, PreHandler] = {}
+        modules: dict[int, nn.Module] = {}
         for layer in self._layers:
             module = layer.module
             if detail:
                 if not layer.is_leaf:
                     # Containers that own parameters (attention, a root with embeddings)
                     # start before their children: take their depth when they start.
-                    pre[id(module)] = (module, self._order_hooks[layer.index])
-                post[id(module)] = (module, self._full_hooks[layer.index])
+                    pre[id(module)] = self._order_hooks[layer.index]
+                post[id(module)] = self._full_hooks[layer.index]
             elif layer.index in self._core_hooks and layer.index not in self.skip_core:
-                post[id(module)] = (module, self._core_hooks[layer.index])
-        self._post, self._pre = post, pre
+                post[id(module)] = self._core_hooks[layer.index]
+            else:
+                continue
+            modules[id(module)] = module
         self._probing = bool(post)  # (no post-hook: no pre-hook either)
         self._in_forward = False
         if self.attention is not None:
             self.attention.arm(detail)
+        loss_calls = {}
         if self.loss is not None:
             self.loss.arm()
+            if self.loss.armed:
+                loss_calls = self.loss.module_handlers()
+        self._loss_armed = bool(loss_calls)
+        if self._probing and self._root is not None:
+            # The root's start and end bracket a pass: they tell a forward pass an
+            # exception aborted (the out-of-memory pattern: catch, skip the batch, go on)
+            # from a finished one.
+            key = id(self._root)
+            modules[key] = self._root
+            pre[key] = _chain_pre(self._root_starts, pre.get(key))
+            post[key] = _chain_post(post.get(key), self._root_ends)
+        # One table, one lookup per module call: the probe's handler and the loss check's
+        # made into one per side (probes first, as they are the finer measurement).
+        probe_calls = {key: (m, pre.get(key), post.get(key)) for key, m in modules.items()}
+        calls = dict(probe_calls)
+        for key, (module, before, after) in loss_calls.items():
+            calls[key] = (
+                module,
+                _chain_pre(pre.get(key), before),
+                _chain_post(post.get(key), after),
+            )
+        self._calls, self._probe_calls = calls, probe_calls
         # One pair of global hooks serves the probes and the loss check: each pair costs
         # every module call of the process a dispatch of its own. (Global hooks, so the
-        # model's own hook tables stay untouched.) They also see the root start and end:
-        # that tells a forward pass an exception aborted (the out-of-memory pattern: catch,
-        # skip the batch, go on) from a finished one. Placed after the attention capture's:
+        # model's own hook tables stay untouched.) Placed after the attention capture's:
         # at the end of a pass its mode leaves the stack before the loss check's comes on.
-        if self._probing or (self.loss is not None and self.loss.armed):
+        if calls:
             self._handles.append(register_module_forward_pre_hook(self._dispatch_pre))
             # always_call: the loss check keeps its depth right through a forward that raised
             post_hook = register_module_forward_hook(self._dispatch_post, always_call=True)
@@ -254,12 +318,18 @@ class Probes:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._post, self._pre = {}, {}
+        self._calls, self._probe_calls = {}, {}
         self._probing = False
+        self._loss_armed = False
         if self.attention is not None:
             self.attention.disarm()
         if self.loss is not None:
             self.loss.disarm()
+
+    def _loss_off(self) -> None:
+        """The loss check switched itself off: its handlers leave this arming's table."""
+        self._calls = self._probe_calls
+        self._loss_armed = False
 
     def losses_done(self) -> None:
         """The step's losses are computed (``watcher.step()`` is called): stop checking them."""
@@ -288,34 +358,28 @@ class Probes:
 
     # -- hooks -------------------------------------------------------------------------
 
-    # The global hooks run for every module of the process while armed: one dictionary
-    # lookup decides whether the module is one of ours.
-    def _dispatch_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._probing and not _raised(output):  # probes look at passes that returned
-            entry = self._post.get(id(module))
-            if entry is not None and entry[0] is module:
-                entry[1](module, args, output)
-            if module is self._root:
-                self._in_forward = False
-                self._sum_pending()  # the pass is over: hold no output past it
-        loss = self.loss
-        if loss is not None and loss.armed:
-            loss.after_module(module, args, output)
-        return None
-
+    # The global hooks run for every module call of the process while armed: one
+    # dictionary lookup finds the module's handler; a module that is neither probed nor
+    # the model's costs that failed lookup (and a loss module outside the model is seen).
     def _dispatch_pre(self, module: nn.Module, args: Any) -> None:
-        if self._probing:
-            if module is self._root:
-                self._root_starts()
-            entry = self._pre.get(id(module))
-            if entry is not None and entry[0] is module:
+        entry = self._calls.get(id(module))
+        if entry is not None and entry[0] is module:
+            if entry[1] is not None:
                 entry[1](module, args)
-        loss = self.loss
-        if loss is not None and loss.armed:
-            loss.before_module(module, args)
+        elif self._loss_armed and isinstance(module, _LOSS_MODULE):
+            self.loss.foreign_before(module)  # type: ignore[union-attr]
         return None
 
-    def _root_starts(self) -> None:
+    def _dispatch_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        entry = self._calls.get(id(module))
+        if entry is not None and entry[0] is module:
+            if entry[2] is not None:
+                entry[2](module, args, output)
+        elif self._loss_armed and self.loss.pushed_by is module:  # type: ignore[union-attr]
+            self.loss.foreign_after(module)  # type: ignore[union-attr]
+        return None
+
+    def _root_starts(self, module: nn.Module, args: Any) -> None:
         if self._off or is_compiling() or in_backward() or not grad_enabled():
             return
         if self._in_forward:
@@ -325,6 +389,12 @@ class Probes:
             self.record = ProbeRecord(detail=self._detail, order=self.record.order)
             self._producer = None
         self._in_forward = True
+
+    def _root_ends(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _raised(output):
+            return  # the pass was aborted: the next one starts afresh (see _root_starts)
+        self._in_forward = False
+        self._sum_pending()  # the pass is over: hold no output past it
 
     def _sum_pending(self) -> None:
         record = self.record
@@ -366,8 +436,8 @@ class Probes:
         recurrent = kind == RECURRENT
 
         def full_hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._off or is_compiling():
-                return None
+            if self._off or is_compiling() or _raised(output):
+                return None  # (probes look at passes that returned)
             try:
                 record = self.record
                 recomputing = in_backward()
@@ -453,6 +523,46 @@ class Probes:
             return None
 
         return core_hook
+
+    def _make_relu_hook(self, index: int) -> Callable[..., None]:
+        """The core hook of a ReLU without an upper clamp: the same work and answers as
+        :meth:`_make_core_hook`'s, with each tensor attribute read once (every read is a
+        call into torch, and this runs for each ReLU call of every monitored step)."""
+        axes = self._axis  # (filled in on detail steps; the same dict for good)
+
+        def relu_hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._off or not grad_enabled() or is_compiling():
+                return None
+            try:
+                record = self.record
+                recomputing = in_backward()
+                if recomputing and index in record.calls:
+                    return None  # recomputed by activation checkpointing: counted already
+                tensor = output if type(output) is _Tensor else first_tensor(output)
+                if tensor is None:
+                    return None
+                shape = tensor.shape
+                ndim = len(shape)
+                nbytes = tensor.nbytes
+                if ndim == 0 or not nbytes:
+                    return None  # an empty call (an expert routed no tokens) says nothing
+                calls = record.calls
+                calls[index] = calls.get(index, 0) + 1
+                axis = axes.get(index)
+                if axis is None or axis >= ndim:
+                    axis = unit_axis(ndim, None, False)
+                pending = record.pending
+                # (Not a recomputation inside backward: its pass is over already.)
+                if not recomputing and pending.add(index, tensor, axis, shape, nbytes):
+                    return None  # summed with the other small outputs after the pass
+                pending.flush(record.unit_activity)  # the sums stay in call order
+                # The output is >= 0, so a unit was active iff its sum is > 0.
+                _accumulate(record.unit_activity, index, per_unit_sum(tensor.detach(), axis))
+            except Exception as error:
+                self.shut_down(error)
+            return None
+
+        return relu_hook
 
     def _make_grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def grad_hook(grad: torch.Tensor) -> None:

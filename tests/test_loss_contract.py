@@ -506,3 +506,75 @@ def test_hooks_come_off_after_monitored_steps_when_no_relu_needs_one():
     assert all(len(s.loss_inputs) == 1 for s in watcher.history)
     watcher.close()
     assert len(torch_module._global_forward_hooks) == hooks_before
+
+
+def test_the_output_is_not_kept_alive_past_the_forward_pass():
+    """The loss check names the module whose output reached the loss: it holds the
+    latest module output while the forward pass runs, and only a weak reference after."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    x, y = digits()
+    model = mlp(2)
+    watcher = gradwatch.watch(model, every_n_steps=1, reporters=[])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        out = model(x[:64])
+        loss = F.cross_entropy(out, y[:64])
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss)
+        opt.step()
+    assert [s.loss_inputs[0].producer for s in watcher.history] == ["2"] * 3
+    with torch.no_grad():  # an evaluation pass of a monitored step: nothing autograd keeps
+        out = model(x[:64])
+    held = weakref.ref(out)
+    del out
+    gc.collect()
+    assert held() is None
+    watcher.close()
+
+
+def test_a_failing_loss_check_stays_off_and_training_goes_on(monkeypatch, caplog):
+    """A failure inside the loss check switches it off for good (said once): its mode
+    never comes back on the stack, not even for a second loss module of the same step,
+    and the other measurements go on."""
+    from gradwatch import loss_contract
+
+    def broken(x):
+        raise RuntimeError("broken statistic")
+
+    class Criterion(nn.modules.loss._Loss):
+        """A loss module from outside the model that notes whether a mode sees it."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[bool] = []
+
+        def forward(self, out, target):
+            self.seen.append(bool(_get_current_function_mode_stack()))
+            return F.cross_entropy(out, target)
+
+    monkeypatch.setattr(loss_contract, "class_statistics", broken)
+    torch.manual_seed(0)
+    x, y = digits()
+    model = mlp(2)
+    watcher = gradwatch.watch(model, every_n_steps=1, reporters=[])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    criterion = Criterion()
+    for _ in range(3):
+        out = model(x[:64])
+        loss = criterion(out, y[:64]) + criterion(out, y[:64])
+        opt.zero_grad()
+        loss.backward()
+        watcher.step(loss=loss)
+        opt.step()
+    # (The second call of the failing step still finds the mode, closed: it cannot leave
+    # the stack from inside its own handler, and leaves at the step's end.)
+    assert criterion.seen == [True, True] + [False] * 4
+    assert len(watcher.history) == 3
+    assert all(not s.loss_inputs for s in watcher.history)
+    assert all(s.layers["0"].grad_norm > 0 for s in watcher.history)
+    assert sum("loss checks" in r.getMessage() for r in caplog.records) == 1
+    watcher.close()
