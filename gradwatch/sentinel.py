@@ -115,6 +115,8 @@ class Sentinel:
         self._sample_size = sum(p.numel() for p in self.params)
         self._buffer: torch.Tensor | None = None  # made at the first step, where grads are
         self._norm_out: torch.Tensor | None = None  # the norm, written in place
+        self._norm_dtype: torch.dtype | None = None  # vector_norm's dtype= for the buffer
+        self._buffer_on_cuda = False
         self.window = window
         self.surge = surge
         self.min_history = min_history
@@ -136,12 +138,15 @@ class Sentinel:
         """Read this step's sample; return the trips among the steps judged now (this
         one on the CPU, the previous one on CUDA)."""
         norm = self._whole_sample_norm()
-        if norm is None:
+        if norm is not None:
+            on_device = self._buffer_on_cuda
+        else:
             grads = [
                 g for p in self.params if (g := p.grad) is not None and g.layout is _STRIDED
             ]
             norm = self._sample_norm(grads) if grads else None
-        if norm is not None and norm.is_cuda:
+            on_device = norm is not None and norm.is_cuda
+        if on_device:
             return self._observe_on_device(step, norm, loss, scale)
         loss_value = _host_float(loss)
         scale_value = _host_float(scale) if scale is not None else None
@@ -175,7 +180,8 @@ class Sentinel:
             # gradient that is always None, say an unused bias, raises no more).
             self._buffer = None
             return None
-        return _norm(joined, out=self._norm_out)
+        # What _norm() does, with its dtype choice made when the buffer was made.
+        return torch.linalg.vector_norm(joined, dtype=self._norm_dtype, out=self._norm_out)
 
     def _sample_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The norm of the sampled gradients: one concatenation and one norm (cheaper
@@ -197,6 +203,8 @@ class Sentinel:
                 buffer = self._buffer = first.new_empty(self._sample_size)
                 wide = first.dtype in (torch.float32, torch.float64)
                 self._norm_out = first.new_empty((), dtype=first.dtype if wide else _F32)
+                self._norm_dtype = None if wide else _F32
+                self._buffer_on_cuda = buffer.is_cuda
             return _norm(torch.cat(grads, out=buffer), out=self._norm_out)
         return _norm(torch.cat(grads))
 
@@ -246,7 +254,13 @@ class Sentinel:
             # above its new median, but not above where it came from. (The maximum is
             # checked first: it is cheap, and most steps are not a new high.)
             enough = len(grads) >= self.min_history
-            if enough and value > max(grads) and value > self.surge * _median(grads) > 0:
+            # (value > grads[-1] first: half the time it settles the test without max())
+            if (
+                enough
+                and value > grads[-1]
+                and value > max(grads)
+                and value > self.surge * _median(grads) > 0
+            ):
                 if self._surge_level is None or value > 2.0 * self._surge_level:
                     reason = "surge"
                     self._surge_level = value
@@ -255,6 +269,7 @@ class Sentinel:
                 if (
                     loss_value is not None
                     and len(losses) >= self.min_history
+                    and loss_value > losses[-1]
                     and loss_value > max(losses)
                     and self._loss_surge(loss_value)
                 ):
