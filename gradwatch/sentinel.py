@@ -117,6 +117,8 @@ class Sentinel:
         self._norm_out: torch.Tensor | None = None  # the norm, written in place
         self._norm_dtype: torch.dtype | None = None  # vector_norm's dtype= for the buffer
         self._buffer_on_cuda = False
+        self._buffer_dtype: torch.dtype | None = None
+        self._device_steps = False  # a step was judged on a device (see observe)
         self.window = window
         self.surge = surge
         self.min_history = min_history
@@ -156,8 +158,8 @@ class Sentinel:
             scale_value if scale_value is not None else 1.0,
             1.0 if loss_value is not None else 0.0,
         ]
-        # a sample left in flight by an earlier CUDA step
-        trips = self.flush() if self._transfer.has_pending else []
+        # a sample left in flight by an earlier CUDA step (none unless one was on CUDA)
+        trips = self.flush() if self._device_steps and self._transfer.has_pending else []
         trip = self._judge(step, values)
         return [*trips, trip] if trip is not None else trips
 
@@ -171,7 +173,7 @@ class Sentinel:
         if buffer is None or not self._flat:
             return None
         grads = [p.grad for p in self.params]
-        if grads[0] is None or grads[0].dtype is not buffer.dtype:
+        if grads[0] is None or grads[0].dtype is not self._buffer_dtype:
             return None
         try:
             joined = torch.cat(grads, out=buffer)
@@ -205,6 +207,7 @@ class Sentinel:
                 self._norm_out = first.new_empty((), dtype=first.dtype if wide else _F32)
                 self._norm_dtype = None if wide else _F32
                 self._buffer_on_cuda = buffer.is_cuda
+                self._buffer_dtype = buffer.dtype
             return _norm(torch.cat(grads, out=buffer), out=self._norm_out)
         return _norm(torch.cat(grads))
 
@@ -226,6 +229,7 @@ class Sentinel:
             parts.append(torch.ones(1, device=device))
         parts.append(torch.full((1,), 1.0 if loss is not None else 0.0, device=device))
         self._transfer.deferred = self._deferred_setting is not False
+        self._device_steps = True
         trips = []
         for judged, values in self._transfer.submit(torch.cat(parts), step):
             trip = self._judge(judged, values)
@@ -241,11 +245,13 @@ class Sentinel:
         loss_value = loss if has_loss > 0 else None
         grads, losses = self._grads, self._losses
         reason = None
-        if not math.isfinite(value) or (loss_value is not None and not math.isfinite(loss_value)):
+        finite = math.isfinite(value)
+        loss_finite = loss_value is None or math.isfinite(loss_value)  # None: no loss
+        if not finite or not loss_finite:
             if not self._in_nonfinite:
                 # Under a loss scaler an Inf gradient with a finite loss is a skipped
                 # step: the watcher judges it with the scale at hand.
-                reason = "nonfinite" if not math.isfinite(value) else "loss-nonfinite"
+                reason = "nonfinite" if not finite else "loss-nonfinite"
             self._in_nonfinite = True
         else:
             self._in_nonfinite = False
@@ -284,9 +290,9 @@ class Sentinel:
                 loss_value,
                 _median(losses) if losses else None,
             )
-        if math.isfinite(value):
+        if finite:
             grads.append(value)
-        if loss_value is not None and math.isfinite(loss_value):
+        if loss_value is not None and loss_finite:
             losses.append(loss_value)
         if loss_value is not None:
             self._judged_losses.append((step, loss_value))
