@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import gradwatch
+from gradwatch.sentinel import sample_parameters
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from own_hooks import OwnHooks  # next to this file
@@ -164,23 +165,64 @@ class Copy:
             self.floor.close()
 
 
-def measure(case: str, steps: int, warmup: int, pass_loss: bool = False) -> dict[str, float]:
+class FloorCopy(Copy):
+    """A bare copy that, where ``watcher.step()`` would run, does by hand only the
+    arithmetic of gradwatch's every-step check: the same sample of gradients concatenated
+    into a kept buffer, its norm, and the norm and the loss read with ``item()``. Its time
+    there ("inside") is the floor of a step in between: what no leaner implementation of
+    the same check could remove, with the caches as cold as the watched copy has them."""
+
+    def __init__(self, model: nn.Module, pass_loss: bool = True) -> None:
+        super().__init__(model, None, pass_loss)
+        self.sample = sample_parameters(list(model.parameters()))
+        self.buffer = torch.empty(sum(p.numel() for p in self.sample))
+        self.norm = torch.empty(())
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
+        start = clock()
+        loss = F.cross_entropy(self.model(x), y)
+        self.opt.zero_grad()
+        loss.backward()
+        before = clock()
+        grads = [p.grad for p in self.sample]
+        torch.linalg.vector_norm(torch.cat(grads, out=self.buffer), out=self.norm)
+        self.norm.item()
+        if self.pass_loss:
+            loss.item()
+        inside = clock() - before
+        self.count += 1
+        self.opt.step()
+        if record:
+            self.between.append(clock() - start)
+            self.between_inside.append(inside)
+
+
+def measure(
+    case: str, steps: int, warmup: int, pass_loss: bool = False, floor: bool = False
+) -> dict[str, float]:
+    """The figures of one case: bare, every step, defaults and the monitoring floor
+    (``every="floor"`` of :class:`Copy`) in lockstep; with ``floor``, also ``floor_us``, the
+    floor of a step in between (see :class:`FloorCopy`)."""
     torch.manual_seed(0)
     model, (x, y) = CASES[case]()
-    copies = [Copy(copy.deepcopy(model), every, pass_loss) for every in (None, 1, 15, "floor")]
+    copies = [
+        Copy(copy.deepcopy(model), every, pass_loss) for every in (None, 1, 15, "floor")
+    ]
+    if floor:
+        copies.append(FloorCopy(copy.deepcopy(model), pass_loss))
+    n = len(copies)
     try:
         for i in range(warmup + steps):
-            # Lockstep, so drift of the machine hits all copies alike; the order rotates, so
-            # none always runs with the caches another one left.
-            k = i % len(copies)
-            for c in copies[k:] + copies[:k]:
+            # Lockstep, so drift of the machine hits all copies alike; the order rotates,
+            # so none always runs with the caches another one left.
+            for c in copies[i % n :] + copies[: i % n]:
                 c.step(x, y, record=i >= warmup)
     finally:
         for c in copies:
             c.close()
-    bare_copy, every_copy, default_copy, floor_copy = copies
+    bare_copy, every_copy, default_copy, monitor_floor_copy = copies[:4]
     bare = statistics.median(bare_copy.between)
-    floor = statistics.median(floor_copy.between)
+    monitor_floor = statistics.median(monitor_floor_copy.between)
     monitored = statistics.median(every_copy.monitored)
     inside = statistics.median(every_copy.inside)
     between = statistics.median(default_copy.between)
@@ -188,7 +230,7 @@ def measure(case: str, steps: int, warmup: int, pass_loss: bool = False) -> dict
     default_monitored = statistics.median(default_copy.monitored)
     layers = sum(1 for layer in every_copy.watcher.layers if layer.params)
     extra = monitored - bare
-    return {
+    result = {
         "case": case,
         "weight_layers": layers,
         "bare_ms": 1e3 * bare,
@@ -196,13 +238,16 @@ def measure(case: str, steps: int, warmup: int, pass_loss: bool = False) -> dict
         "in_step_ms": 1e3 * inside,
         "in_hooks_ms": 1e3 * (extra - inside),
         "per_layer_us": 1e6 * extra / layers,
-        "floor_extra_ms": 1e3 * (floor - bare),
-        "floor_per_layer_us": 1e6 * (floor - bare) / layers,
+        "monitor_floor_ms": 1e3 * (monitor_floor - bare),
+        "monitor_floor_per_layer_us": 1e6 * (monitor_floor - bare) / layers,
         "between_extra_ms": 1e3 * (between - bare),
         "between_in_step_us": 1e6 * between_inside,
         "every_step_ratio": monitored / bare,
         "default_ratio": (14 * between + default_monitored) / 15 / bare,
     }
+    if floor:
+        result["floor_us"] = 1e6 * statistics.median(copies[4].between_inside)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

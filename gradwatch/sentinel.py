@@ -115,6 +115,10 @@ class Sentinel:
         self._sample_size = sum(p.numel() for p in self.params)
         self._buffer: torch.Tensor | None = None  # made at the first step, where grads are
         self._norm_out: torch.Tensor | None = None  # the norm, written in place
+        self._norm_dtype: torch.dtype | None = None  # vector_norm's dtype= for the buffer
+        self._buffer_on_cuda = False
+        self._buffer_dtype: torch.dtype | None = None
+        self._device_steps = False  # a step was judged on a device (see observe)
         self.window = window
         self.surge = surge
         self.min_history = min_history
@@ -136,12 +140,15 @@ class Sentinel:
         """Read this step's sample; return the trips among the steps judged now (this
         one on the CPU, the previous one on CUDA)."""
         norm = self._whole_sample_norm()
-        if norm is None:
+        if norm is not None:
+            on_device = self._buffer_on_cuda
+        else:
             grads = [
                 g for p in self.params if (g := p.grad) is not None and g.layout is _STRIDED
             ]
             norm = self._sample_norm(grads) if grads else None
-        if norm is not None and norm.is_cuda:
+            on_device = norm is not None and norm.is_cuda
+        if on_device:
             return self._observe_on_device(step, norm, loss, scale)
         loss_value = _host_float(loss)
         scale_value = _host_float(scale) if scale is not None else None
@@ -151,8 +158,8 @@ class Sentinel:
             scale_value if scale_value is not None else 1.0,
             1.0 if loss_value is not None else 0.0,
         ]
-        # a sample left in flight by an earlier CUDA step
-        trips = self.flush() if self._transfer.has_pending else []
+        # a sample left in flight by an earlier CUDA step (none unless one was on CUDA)
+        trips = self.flush() if self._device_steps and self._transfer.has_pending else []
         trip = self._judge(step, values)
         return [*trips, trip] if trip is not None else trips
 
@@ -166,7 +173,7 @@ class Sentinel:
         if buffer is None or not self._flat:
             return None
         grads = [p.grad for p in self.params]
-        if grads[0] is None or grads[0].dtype is not buffer.dtype:
+        if grads[0] is None or grads[0].dtype is not self._buffer_dtype:
             return None
         try:
             joined = torch.cat(grads, out=buffer)
@@ -175,7 +182,8 @@ class Sentinel:
             # gradient that is always None, say an unused bias, raises no more).
             self._buffer = None
             return None
-        return _norm(joined, out=self._norm_out)
+        # What _norm() does, with its dtype choice made when the buffer was made.
+        return torch.linalg.vector_norm(joined, dtype=self._norm_dtype, out=self._norm_out)
 
     def _sample_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The norm of the sampled gradients: one concatenation and one norm (cheaper
@@ -197,6 +205,9 @@ class Sentinel:
                 buffer = self._buffer = first.new_empty(self._sample_size)
                 wide = first.dtype in (torch.float32, torch.float64)
                 self._norm_out = first.new_empty((), dtype=first.dtype if wide else _F32)
+                self._norm_dtype = None if wide else _F32
+                self._buffer_on_cuda = buffer.is_cuda
+                self._buffer_dtype = buffer.dtype
             return _norm(torch.cat(grads, out=buffer), out=self._norm_out)
         return _norm(torch.cat(grads))
 
@@ -218,6 +229,7 @@ class Sentinel:
             parts.append(torch.ones(1, device=device))
         parts.append(torch.full((1,), 1.0 if loss is not None else 0.0, device=device))
         self._transfer.deferred = self._deferred_setting is not False
+        self._device_steps = True
         trips = []
         for judged, values in self._transfer.submit(torch.cat(parts), step):
             trip = self._judge(judged, values)
@@ -233,11 +245,13 @@ class Sentinel:
         loss_value = loss if has_loss > 0 else None
         grads, losses = self._grads, self._losses
         reason = None
-        if not math.isfinite(value) or (loss_value is not None and not math.isfinite(loss_value)):
+        finite = math.isfinite(value)
+        loss_finite = loss_value is None or math.isfinite(loss_value)  # None: no loss
+        if not finite or not loss_finite:
             if not self._in_nonfinite:
                 # Under a loss scaler an Inf gradient with a finite loss is a skipped
                 # step: the watcher judges it with the scale at hand.
-                reason = "nonfinite" if not math.isfinite(value) else "loss-nonfinite"
+                reason = "nonfinite" if not finite else "loss-nonfinite"
             self._in_nonfinite = True
         else:
             self._in_nonfinite = False
@@ -246,7 +260,13 @@ class Sentinel:
             # above its new median, but not above where it came from. (The maximum is
             # checked first: it is cheap, and most steps are not a new high.)
             enough = len(grads) >= self.min_history
-            if enough and value > max(grads) and value > self.surge * _median(grads) > 0:
+            # (value > grads[-1] first: half the time it settles the test without max())
+            if (
+                enough
+                and value > grads[-1]
+                and value > max(grads)
+                and value > self.surge * _median(grads) > 0
+            ):
                 if self._surge_level is None or value > 2.0 * self._surge_level:
                     reason = "surge"
                     self._surge_level = value
@@ -255,6 +275,7 @@ class Sentinel:
                 if (
                     loss_value is not None
                     and len(losses) >= self.min_history
+                    and loss_value > losses[-1]
                     and loss_value > max(losses)
                     and self._loss_surge(loss_value)
                 ):
@@ -269,9 +290,9 @@ class Sentinel:
                 loss_value,
                 _median(losses) if losses else None,
             )
-        if math.isfinite(value):
+        if finite:
             grads.append(value)
-        if loss_value is not None and math.isfinite(loss_value):
+        if loss_value is not None and loss_finite:
             losses.append(loss_value)
         if loss_value is not None:
             self._judged_losses.append((step, loss_value))
