@@ -181,7 +181,6 @@ class Probes:
         #: ReLUs whose units the producing layer's gradient rows already show: on steps
         #: without detail they need no hook at all.
         self.skip_core: set[int] = set()
-        self._full_hooks = {layer.index: self._make_full_hook(layer) for layer in self._layers}
         self._core_hooks = {
             layer.index: self._make_core_hook(layer)
             for layer in self._layers
@@ -196,6 +195,8 @@ class Probes:
                 if layer.kind == RELU and getattr(layer.module, "max_val", None) is None
             }
         )
+        # (after the core hooks: a detail step's hook runs the layer's core hook too)
+        self._full_hooks = {layer.index: self._make_full_hook(layer) for layer in self._layers}
         self._grad_hooks = {
             layer.index: self._make_grad_hook(layer.index) for layer in self._layers
         }
@@ -430,7 +431,7 @@ class Probes:
         channels_first = isinstance(
             layer.module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNorm)
         )
-        core = self._make_core_hook(layer) if kind in _ACTIVATION_KINDS else None
+        core = self._core_hooks.get(index)  # the same work as on other steps
         # A recurrent layer returns its final state beside the output sequence, and a
         # classifier often reads only the state: the backward signal is what reaches either.
         recurrent = kind == RECURRENT
@@ -483,6 +484,8 @@ class Probes:
         return full_hook
 
     def _make_core_hook(self, layer: LayerInfo) -> Callable[..., None]:
+        """The hook of a sigmoid/tanh or of a ReLU with an upper clamp (ReLU6): plain
+        ReLUs have their own, :meth:`_make_relu_hook`."""
         index, kind = layer.index, layer.kind
         # ReLU6 passes gradient only strictly between 0 and its upper clamp.
         upper = getattr(layer.module, "max_val", None) if kind == RELU else None
@@ -506,15 +509,11 @@ class Probes:
                     axis = self._axis.get(index)
                     if axis is None or axis >= ndim:
                         axis = unit_axis(ndim, None, False)
-                    pending = record.pending
-                    # (Not a recomputation inside backward: its pass is over already.)
-                    if upper is None and not recomputing and pending.add(index, tensor, axis):
-                        return None  # summed with the other small outputs after the pass
-                    pending.flush(record.unit_activity)  # the sums stay in call order
+                    record.pending.flush(record.unit_activity)  # the sums stay in call order
                     values = tensor.detach()
-                    # The output is >= 0, so a unit was active iff its sum is > 0; under an
-                    # upper clamp the product is > 0 only strictly inside the range.
-                    activity = values if upper is None else values * (upper - values)
+                    # The output is in [0, upper]: the product is > 0 only strictly inside
+                    # the range, where the unit passes gradient.
+                    activity = values * (upper - values)
                     _accumulate(record.unit_activity, index, per_unit_sum(activity, axis))
                 else:
                     self._saturation(index, kind, tensor.detach())
@@ -525,9 +524,10 @@ class Probes:
         return core_hook
 
     def _make_relu_hook(self, index: int) -> Callable[..., None]:
-        """The core hook of a ReLU without an upper clamp: the same work and answers as
-        :meth:`_make_core_hook`'s, with each tensor attribute read once (every read is a
-        call into torch, and this runs for each ReLU call of every monitored step)."""
+        """The hook of a plain ReLU (no upper clamp), on every monitored step (detail
+        steps run it from the full hook): which units fired, with each tensor attribute
+        read once (every read is a call into torch, and this runs for each ReLU call of
+        every monitored step)."""
         axes = self._axis  # (filled in on detail steps; the same dict for good)
 
         def relu_hook(module: nn.Module, args: Any, output: Any) -> None:
