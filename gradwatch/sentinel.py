@@ -115,10 +115,6 @@ class Sentinel:
         self._sample_size = sum(p.numel() for p in self.params)
         self._buffer: torch.Tensor | None = None  # made at the first step, where grads are
         self._norm_out: torch.Tensor | None = None  # the norm, written in place
-        self._norm_dtype: torch.dtype | None = None  # vector_norm's dtype= for the buffer
-        self._buffer_on_cuda = False
-        self._buffer_dtype: torch.dtype | None = None
-        self._device_steps = False  # a step was judged on a device (see observe)
         self.window = window
         self.surge = surge
         self.min_history = min_history
@@ -140,15 +136,12 @@ class Sentinel:
         """Read this step's sample; return the trips among the steps judged now (this
         one on the CPU, the previous one on CUDA)."""
         norm = self._whole_sample_norm()
-        if norm is not None:
-            on_device = self._buffer_on_cuda
-        else:
+        if norm is None:
             grads = [
                 g for p in self.params if (g := p.grad) is not None and g.layout is _STRIDED
             ]
             norm = self._sample_norm(grads) if grads else None
-            on_device = norm is not None and norm.is_cuda
-        if on_device:
+        if norm is not None and norm.is_cuda:
             return self._observe_on_device(step, norm, loss, scale)
         loss_value = _host_float(loss)
         scale_value = _host_float(scale) if scale is not None else None
@@ -158,8 +151,8 @@ class Sentinel:
             scale_value if scale_value is not None else 1.0,
             1.0 if loss_value is not None else 0.0,
         ]
-        # a sample left in flight by an earlier CUDA step (none unless one was on CUDA)
-        trips = self.flush() if self._device_steps and self._transfer.has_pending else []
+        # a sample left in flight by an earlier CUDA step
+        trips = self.flush() if self._transfer.has_pending else []
         trip = self._judge(step, values)
         return [*trips, trip] if trip is not None else trips
 
@@ -173,7 +166,7 @@ class Sentinel:
         if buffer is None or not self._flat:
             return None
         grads = [p.grad for p in self.params]
-        if grads[0] is None or grads[0].dtype is not self._buffer_dtype:
+        if grads[0] is None or grads[0].dtype is not buffer.dtype:
             return None
         try:
             joined = torch.cat(grads, out=buffer)
@@ -182,8 +175,7 @@ class Sentinel:
             # gradient that is always None, say an unused bias, raises no more).
             self._buffer = None
             return None
-        # What _norm() does, with its dtype choice made when the buffer was made.
-        return torch.linalg.vector_norm(joined, dtype=self._norm_dtype, out=self._norm_out)
+        return _norm(joined, out=self._norm_out)
 
     def _sample_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The norm of the sampled gradients: one concatenation and one norm (cheaper
@@ -205,9 +197,6 @@ class Sentinel:
                 buffer = self._buffer = first.new_empty(self._sample_size)
                 wide = first.dtype in (torch.float32, torch.float64)
                 self._norm_out = first.new_empty((), dtype=first.dtype if wide else _F32)
-                self._norm_dtype = None if wide else _F32
-                self._buffer_on_cuda = buffer.is_cuda
-                self._buffer_dtype = buffer.dtype
             return _norm(torch.cat(grads, out=buffer), out=self._norm_out)
         return _norm(torch.cat(grads))
 
@@ -229,7 +218,6 @@ class Sentinel:
             parts.append(torch.ones(1, device=device))
         parts.append(torch.full((1,), 1.0 if loss is not None else 0.0, device=device))
         self._transfer.deferred = self._deferred_setting is not False
-        self._device_steps = True
         trips = []
         for judged, values in self._transfer.submit(torch.cat(parts), step):
             trip = self._judge(judged, values)

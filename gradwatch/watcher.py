@@ -379,24 +379,15 @@ class Watcher:
             findings.extend(self._guard.call("statistics", self._read_ready, default=[]))
             self._flush_next = self._transfer.has_pending
         trip = None
-        sentinel, guard = self._sentinel, self._guard
-        if sentinel is not None and not guard.is_disabled("statistics"):
-            scale = self._scale_tensor() if self._scaler is not None else None
-            # Guarded as Guard.call does, written out: this runs at every step.
-            if not guard.is_disabled("sentinel"):
-                try:
-                    trips = sentinel.observe(label, loss, scale)
-                except Exception as error:
-                    guard.fail("sentinel", error)
-                    trips = []
-                trip = trips[-1] if trips else None
+        if self._sentinel is not None and not self._guard.is_disabled("statistics"):
+            trips = self._guard.call(
+                "sentinel", self._sentinel.observe, label, loss, self._scale_tensor(), default=[]
+            )
+            trip = trips[-1] if trips else None
         if not self.is_monitored(label) and trip is None:
             self._count += 1
-            if self.is_monitored(label + 1):
-                self._arm_for(label + 1)
-                self._sample_weights_before(label)
-            elif self._probes is not None and self._probes.armed:
-                self._arm_for(label + 1)  # takes the hooks off
+            self._arm_for(label + 1)
+            self._sample_weights_before(label)
             return findings
         # On every rank at every monitored step, statistics on or off: a rank whose
         # statistics failed after the last step's collectives tells its peers now.
