@@ -269,10 +269,8 @@ weight_hh gradient is of the order of the head's); NaN/Inf gradients are GW103's
         stuck = stuck_layers(ctx)  # their gradient is never applied: no step to judge
         layers = [s for s in matrix_layers(ctx.stats) if s.name not in stuck]
         limit = self.t("update_ratio")
-        latest = ctx.stats.layers  # latest_param_rms() without a call per layer
         for layer in layers:
-            now = latest.get(layer.name)
-            weight = now.param_rms if now is not None else None
+            weight = layer.param_rms  # the latest measured (carried between detail steps)
             if not weight or layer.grad_rms is None:
                 continue  # a zero-initialised layer has no scale to compare with yet
             ratio = lr * layer.grad_rms / weight

@@ -180,7 +180,7 @@ never used, or freeze it (requires_grad_(False)) or exclude it from watch()."""
                 continue  # no trainable parameters of its own
             if (
                 not layer.missing_grad
-                and layer.grad_norm != 0.0  # gets_gradient(): a gradient, not None nor 0
+                and gets_gradient(layer)
                 and layer.name not in absent
                 and layer.name not in params
             ):

@@ -47,9 +47,15 @@ def effective_speed(rms: float, optimizer: OptimizerInfo | None) -> float:
     by the gradient's own running scale, so every layer steps at about ``lr`` until the
     gradient falls towards ``eps``: then the step shrinks by ``rms / (rms + eps)``.
     """
+    return effective_speeds((rms,), optimizer)[0]
+
+
+def effective_speeds(rms: Sequence[float], optimizer: OptimizerInfo | None) -> list[float]:
+    """:func:`effective_speed` of each of ``rms`` (the optimizer looked at once)."""
     if optimizer is not None and optimizer.adaptive and optimizer.eps:
-        return rms / (rms + optimizer.eps)
-    return rms
+        eps = optimizer.eps
+        return [r / (r + eps) for r in rms]
+    return list(rms)
 
 
 def build_profile(
@@ -67,12 +73,8 @@ def gradient_profile(
     """Gradient RMS of each weight layer, as the optimizer will feel it (layers named in
     ``skip`` left out)."""
     layers = [s for s in matrix_layers(stats) if s.grad_rms is not None and s.name not in skip]
-    rms = [s.grad_rms or 0.0 for s in layers]
-    info = stats.optimizer
-    if info is not None and info.adaptive and info.eps:  # effective_speed(), inlined
-        eps = info.eps
-        rms = [r / (r + eps) for r in rms]
-    return build_profile(layers, rms, min_layers)
+    speeds = effective_speeds([s.grad_rms or 0.0 for s in layers], stats.optimizer)
+    return build_profile(layers, speeds, min_layers)
 
 
 def signal_profile(stats: StepStats, min_layers: int) -> Profile | None:
@@ -87,20 +89,13 @@ def signal_profile(stats: StepStats, min_layers: int) -> Profile | None:
     return build_profile(layers, values, min_layers)
 
 
-def latest_param_rms(ctx: RuleContext, name: str) -> float | None:
-    """Parameter RMS of a layer as last measured (carried over between detail steps)."""
-    layer = ctx.stats.layers.get(name)
-    return layer.param_rms if layer is not None else None
-
-
-def init_gain(ctx: RuleContext, layers: Sequence[LayerStats]) -> float | None:
+def init_gain(layers: Sequence[LayerStats]) -> float | None:
     """Median of param_rms * sqrt(fan_in) over Linear/Conv layers: 1.41 for He init,
-    ~1 for Xavier on square layers, 0.58 for PyTorch's default."""
+    ~1 for Xavier on square layers, 0.58 for PyTorch's default. (A step's ``param_rms``
+    is the latest measured: it is carried over between detail steps.)"""
     gains = []
-    latest = ctx.stats.layers  # latest_param_rms() without a call per layer
     for layer in layers:
-        now = latest.get(layer.name)
-        rms = now.param_rms if now is not None else None
+        rms = layer.param_rms
         if rms is not None and layer.fan_in:
             gains.append(rms * math.sqrt(layer.fan_in))
     return median(gains) if gains else None
@@ -187,11 +182,8 @@ def _find_cuts(stats: StepStats, recent: Sequence[StepStats]) -> list[Cut]:
     if not gradients_finite(stats):
         return []  # GW103's business
     # The usual step: every module with parameters got a non-zero gradient, so there is
-    # no run to judge (lacks_gradient() inlined: one pass, no call per module).
-    if not any(
-        s.grad_norm == 0.0 if s.grad_norm is not None else s.missing_grad
-        for s in stats.layers.values()
-    ):
+    # no run to judge (one pass, before the modules are put in forward order).
+    if not any(map(lacks_gradient, stats.layers.values())):
         return []
     known = forward_order_known(stats)
     chain = [
@@ -202,7 +194,7 @@ def _find_cuts(stats: StepStats, recent: Sequence[StepStats]) -> list[Cut]:
     if not any(lacks_gradient(s) for s in chain):
         return []
     weights = [s for s in chain if s.kind in MATRIX_KINDS and gets_gradient(s)]
-    late = _late([effective_speed(s.grad_rms or 0.0, stats.optimizer) for s in weights])
+    late = _late(effective_speeds([s.grad_rms or 0.0 for s in weights], stats.optimizer))
     detail = next((s for s in reversed(recent) if s.detail and s.activations_observed), None)
     late_signal = 0.0
     if detail is not None:

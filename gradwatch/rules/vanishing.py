@@ -30,7 +30,6 @@ from .profile import (
     gradient_profile,
     has_relu,
     init_gain,
-    latest_param_rms,
     signal_profile,
 )
 from .updates import stuck_layers
@@ -131,7 +130,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
             evidence["backward_signal_ratio"] = signal.ratio
         if stats.optimizer is not None:
             evidence["optimizer"] = stats.optimizer.name
-        gain = init_gain(ctx, profile.layers[:-1] or profile.layers)
+        gain = init_gain(profile.layers[:-1] or profile.layers)
         if gain is not None:
             evidence["init_gain"] = gain
         orders = -math.log10(ratio) if ratio > 0 else math.inf
@@ -187,7 +186,7 @@ normalization (BatchNorm, LayerNorm); with many layers, do both."""
         if info is None or info.lr <= 0:
             return False, ""
         for layer in early:
-            weight = latest_param_rms(ctx, layer.name)
+            weight = layer.param_rms  # the latest measured (carried between detail steps)
             if not weight:
                 return False, ""
             rms = layer.grad_rms or 0.0
