@@ -795,8 +795,6 @@ def read(
     checked = nonfinite_counts is not None and checked_param_sumsq is not None
     if not detailed and not checked:
         # The usual step: gradient norms only (same sums, in the same order, as below).
-        # The rows' masks are read inline (this loop runs once per parameter): each mask
-        # is the bytes that hold its bits, shifted to its first bit.
         for slot, square in zip(slots, sumsq):
             mine = acc.get(slot.layer)
             if mine is None:
@@ -808,11 +806,7 @@ def read(
             if size:
                 ls = stats[slot.layer]
                 ls.units = size
-                end = bit_pos + size
-                chunk = int.from_bytes(packed_masks[bit_pos >> 3 : (end + 7) >> 3], "little")
-                full = (1 << size) - 1
-                ls.zero_grad_units = shared_mask(((chunk >> (bit_pos & 7)) & full) ^ full, size)
-                bit_pos = end
+                ls.zero_grad_units = shared_mask(take_mask(size) ^ ((1 << size) - 1), size)
         per_slot = [
             [sumsq[k], float(slots[k].numel), 0.0, 0.0, 0.0, 0.0] for _, k in layout.aliases
         ]
