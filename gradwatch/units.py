@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from .kinds import RECURRENT, RELU, SATURATING_KINDS, UNIT_ROW_KINDS
-from .stats import LayerStats, StepStats, UnitMask
+from .stats import LayerStats, StepStats
 
 
 @dataclass(frozen=True)
@@ -116,31 +116,20 @@ def _next_activation(ordered: list[LayerStats], position: int) -> LayerStats | N
     return None
 
 
-def alive_units(group: UnitGroup, stats: StepStats) -> tuple[UnitMask, str] | None:
-    """Units of a group seen alive at one step, and how that was seen; None if unknown.
+def alive_bits(group: UnitGroup, stats: StepStats) -> tuple[int, int, str] | None:
+    """Units of a group seen alive at one step, as plain numbers: (bits of the alive
+    units, units, how seen); None if unknown.
 
     In order of preference: the ReLU module's output (> 0 somewhere); the producer's
     non-zero gradient rows; and where no gradient reaches the producer at all, its
     pre-activations (a unit never positive is dead behind a ReLU, and a layer of such
     units blocks every gradient, which is why the rows show nothing).
-    """
-    seen = alive_bits(group, stats)
-    if seen is None:
-        return None
-    bits, size, how = seen
-    return UnitMask(bits, size), how
-
-
-def alive_bits(group: UnitGroup, stats: StepStats) -> tuple[int, int, str] | None:
-    """:func:`alive_units` as plain numbers: (bits of the alive units, units, how seen).
 
     Asked about every group at every step, by several rules and about the last few steps,
     so worked out once per group and step. Kept as a tuple of plain numbers, which the
     garbage collector stops walking (a mask object per group and step, kept with the
     history, made every collection walk them all)."""
-    memo = stats.__dict__.get("_alive_bits")
-    if memo is None:
-        memo = stats.__dict__["_alive_bits"] = {}
+    memo = _alive_memo(stats)
     key = (group.producer, group.activation)  # cheaper to hash than the dataclass
     found = memo.get(key, _UNSEEN)
     if found is _UNSEEN:
@@ -151,15 +140,32 @@ def alive_bits(group: UnitGroup, stats: StepStats) -> tuple[int, int, str] | Non
 _UNSEEN = object()
 
 
+def _alive_memo(stats: StepStats) -> dict[tuple[str | None, str | None], tuple | None]:
+    """What :func:`alive_bits` worked out at this step, by (producer, activation)."""
+    memo = stats.__dict__.get("_alive_bits")
+    if memo is None:
+        memo = stats.__dict__["_alive_bits"] = {}
+    return memo
+
+
+def dead_share_of(seen: tuple[int, int, str] | None) -> float | None:
+    """Share of dead units from :func:`alive_bits`'s answer (None when not seen).
+
+    >>> dead_share_of((0b0111, 4, "activations")), dead_share_of(None)
+    (0.25, None)
+    """
+    if seen is None or not seen[1]:
+        return None
+    return 1.0 - seen[0].bit_count() / seen[1]
+
+
 def alive_table(
     stats: StepStats, groups: tuple[UnitGroup, ...]
 ) -> dict[tuple[str | None, str | None], tuple[int, int, str] | None]:
     """:func:`alive_bits` of each of ``groups`` (a :func:`shared_groups` tuple) at one
     step, keyed by (producer, activation): for the rules that read every group at each
     of the last steps, a dictionary look-up each instead of a call."""
-    memo = stats.__dict__.get("_alive_bits")
-    if memo is None:
-        memo = stats.__dict__["_alive_bits"] = {}
+    memo = _alive_memo(stats)
     if stats.__dict__.get("_alive_for") is not groups:  # filled for these groups once
         for group in groups:
             key = (group.producer, group.activation)
@@ -189,10 +195,7 @@ def _alive(group: UnitGroup, stats: StepStats) -> tuple[int, int, str] | None:
 
 def dead_fraction(group: UnitGroup, stats: StepStats) -> float | None:
     """Share of the group's units seen dead at one step (None when not seen)."""
-    seen = alive_bits(group, stats)
-    if seen is None or not seen[1]:
-        return None
-    return 1.0 - seen[0].bit_count() / seen[1]
+    return dead_share_of(alive_bits(group, stats))
 
 
 def dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
@@ -219,9 +222,9 @@ def _dead_share(steps: list[StepStats]) -> dict[UnitGroup, float]:
     for group in groups:
         key = (group.producer, group.activation)
         for table in tables:
-            seen = table[key]  # dead_fraction(), without its calls
-            if seen is not None and seen[1]:
-                out[group] = 1.0 - seen[0].bit_count() / seen[1]
+            share = dead_share_of(table[key])
+            if share is not None:
+                out[group] = share
                 break
     return out
 

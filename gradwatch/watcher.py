@@ -56,7 +56,7 @@ from .sentinel import Sentinel, Trip
 from .stats import OptimizerInfo, StepStats
 from .structure import WatchedSet
 from .transfer import HostTransfer
-from .units import alive_table, shared_groups
+from .units import alive_table, dead_share_of, shared_groups
 from .update import OptimizerCoverage, UpdateLayout, UpdateSampler, moved, read_updates
 from .validation import (
     deferred_option,
@@ -826,13 +826,13 @@ class Watcher:
                 covered.discard(activation)
                 continue
             seen = alive[(group.producer, group.activation)]  # (alive bits, units, how)
+            dead = dead_share_of(seen)
             if (
-                seen is not None
-                and seen[1]
+                dead is not None
                 and producer is not None
                 and producer.grad_norm  # once no gradient reaches it, rows show nothing
-                and producer.units == seen[1]
-                and 1.0 - seen[0].bit_count() / seen[1] < _AT_RISK  # the dead share
+                and producer.units == seen[1]  # (seen is set: dead is)
+                and dead < _AT_RISK
             ):
                 covered.add(activation)
             else:
