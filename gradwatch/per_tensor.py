@@ -50,16 +50,25 @@ def shape_groups(tensors: list[torch.Tensor]) -> Groups:
     return tuple(groups), tuple(sorted(singles))
 
 
+def _sample_stride(n: int) -> int:
+    """Every how many entries a tensor of ``n`` values is read to count its non-zeros:
+    1 (all of them) up to ZERO_SAMPLE values, else an odd stride (the samples walk across
+    the columns of a matrix) that reads about ZERO_SAMPLE of them."""
+    if n <= ZERO_SAMPLE:
+        return 1
+    stride = n // ZERO_SAMPLE
+    return stride + (stride % 2 == 0)
+
+
 def nonzero_count(grad: torch.Tensor) -> torch.Tensor:
     """Number of non-zero entries (a float32 scalar). Counting every entry of a large
     tensor costs more than the rest of a monitored step, so those are estimated from a
     strided sample."""
     flat = grad.reshape(-1)
     n = flat.numel()
-    if n <= ZERO_SAMPLE:
+    stride = _sample_stride(n)
+    if stride == 1:
         return torch.count_nonzero(flat).to(_F32)
-    stride = n // ZERO_SAMPLE
-    stride += stride % 2 == 0  # odd: the samples walk across the columns of a matrix
     sample = flat[::stride]
     return torch.count_nonzero(sample).to(_F32) * (n / sample.numel())
 
@@ -67,10 +76,9 @@ def nonzero_count(grad: torch.Tensor) -> torch.Tensor:
 def _nonzero_counts(stacked: torch.Tensor) -> torch.Tensor:
     """:func:`nonzero_count` of each row of a (tensors, values) matrix."""
     n = stacked.shape[1]
-    if n <= ZERO_SAMPLE:
+    stride = _sample_stride(n)
+    if stride == 1:
         return torch.count_nonzero(stacked, dim=1).to(_F32)
-    stride = n // ZERO_SAMPLE
-    stride += stride % 2 == 0
     sample = stacked[:, ::stride]
     return torch.count_nonzero(sample, dim=1).to(_F32) * (n / sample.shape[1])
 

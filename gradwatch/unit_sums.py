@@ -210,11 +210,7 @@ class PendingSums:
                 for position, row in zip(positions, rows.unbind(0)):
                     sums[position] = row
         for index, value in zip(indices, sums):
-            previous = store.get(index)
-            if previous is None:
-                store[index] = value  # (what accumulate does, without its call)
-            else:
-                accumulate(store, index, value)
+            accumulate(store, index, value)
 
 
 def _sums(
