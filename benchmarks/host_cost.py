@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,10 +101,36 @@ CASES = {
 }
 
 
+class CheckFloor:
+    """Where ``watcher.step()`` would run, only the arithmetic of gradwatch's every-step
+    check, by hand: the same sample of gradients concatenated into a kept buffer, its
+    norm, and the norm and the loss read with ``item()``. Its time there is the floor of
+    a step in between: what no leaner implementation of the same check could remove, with
+    the caches as cold as the watched copy has them."""
+
+    def __init__(self, model: nn.Module, pass_loss: bool) -> None:
+        self.sample = sample_parameters(list(model.parameters()))
+        self.buffer = torch.empty(sum(p.numel() for p in self.sample))
+        self.norm = torch.empty(())
+        self.pass_loss = pass_loss
+
+    def step(self, loss: torch.Tensor) -> None:
+        grads = [p.grad for p in self.sample]
+        torch.linalg.vector_norm(torch.cat(grads, out=self.buffer), out=self.norm)
+        self.norm.item()
+        if self.pass_loss:
+            loss.item()
+
+    def close(self) -> None:
+        pass
+
+
 class Copy:
     """One copy of the model and its optimizer: bare, watched (``every`` is the interval),
-    or with the floor of per-step monitoring (``every="floor"``, see benchmarks/overhead.py:
-    ReLU unit masks from per-module forward hooks, one fused norm pass, one read-back)."""
+    or doing in ``watcher.step()``'s place one of two floors: ``every="floor"``, the floor
+    of per-step monitoring (see benchmarks/overhead.py: ReLU unit masks from per-module
+    forward hooks, one fused norm pass, one read-back), or ``every="check floor"``, the
+    every-step check's arithmetic (:class:`CheckFloor`)."""
 
     def __init__(
         self, model: nn.Module, every: int | str | None, pass_loss: bool = False
@@ -111,13 +138,15 @@ class Copy:
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         self.watcher = None
-        self.floor = None
+        self.floor: Any = None  # what runs where watcher.step() would: .step(loss), .close()
         #: what this copy arms (from watch() on) is present only while it steps
         self.hooks = OwnHooks()
         if every == "floor":
             from overhead import Floor  # next to this file
 
             self.floor = Floor(model)
+        elif every == "check floor":
+            self.floor = CheckFloor(model, pass_loss)
         elif every is not None:
             options = {"every_n_steps": every} if every != 15 else {}
             with self.hooks:
@@ -141,15 +170,15 @@ class Copy:
         self.opt.zero_grad()
         loss.backward()
         inside = 0.0
-        if self.watcher is not None:
+        if self.watcher is not None or self.floor is not None:
             before = clock()
-            if self.pass_loss:
+            if self.watcher is None:
+                self.floor.step(loss)
+            elif self.pass_loss:
                 self.watcher.step(self.count, loss=loss)
             else:
                 self.watcher.step(self.count)
             inside = clock() - before
-        elif self.floor is not None:
-            self.floor.step(loss)
         self.count += 1
         self.opt.step()
         elapsed = clock() - start
@@ -165,51 +194,19 @@ class Copy:
             self.floor.close()
 
 
-class FloorCopy(Copy):
-    """A bare copy that, where ``watcher.step()`` would run, does by hand only the
-    arithmetic of gradwatch's every-step check: the same sample of gradients concatenated
-    into a kept buffer, its norm, and the norm and the loss read with ``item()``. Its time
-    there ("inside") is the floor of a step in between: what no leaner implementation of
-    the same check could remove, with the caches as cold as the watched copy has them."""
-
-    def __init__(self, model: nn.Module, pass_loss: bool = True) -> None:
-        super().__init__(model, None, pass_loss)
-        self.sample = sample_parameters(list(model.parameters()))
-        self.buffer = torch.empty(sum(p.numel() for p in self.sample))
-        self.norm = torch.empty(())
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor, record: bool) -> None:
-        start = clock()
-        loss = F.cross_entropy(self.model(x), y)
-        self.opt.zero_grad()
-        loss.backward()
-        before = clock()
-        grads = [p.grad for p in self.sample]
-        torch.linalg.vector_norm(torch.cat(grads, out=self.buffer), out=self.norm)
-        self.norm.item()
-        if self.pass_loss:
-            loss.item()
-        inside = clock() - before
-        self.count += 1
-        self.opt.step()
-        if record:
-            self.between.append(clock() - start)
-            self.between_inside.append(inside)
-
-
 def measure(
     case: str, steps: int, warmup: int, pass_loss: bool = False, floor: bool = False
 ) -> dict[str, float]:
     """The figures of one case: bare, every step, defaults and the monitoring floor
     (``every="floor"`` of :class:`Copy`) in lockstep; with ``floor``, also ``floor_us``, the
-    floor of a step in between (see :class:`FloorCopy`)."""
+    floor of a step in between (see :class:`CheckFloor`)."""
     torch.manual_seed(0)
     model, (x, y) = CASES[case]()
     copies = [
         Copy(copy.deepcopy(model), every, pass_loss) for every in (None, 1, 15, "floor")
     ]
     if floor:
-        copies.append(FloorCopy(copy.deepcopy(model), pass_loss))
+        copies.append(Copy(copy.deepcopy(model), "check floor", pass_loss))
     n = len(copies)
     try:
         for i in range(warmup + steps):
