@@ -26,6 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # lit_models, and the tests pa
 
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from lit_models import Classifier, deep_tanh, healthy, quiet_trainer  # noqa: E402
+from process_end import end_process  # noqa: E402
 
 import gradwatch  # noqa: E402
 from gradwatch.integrations.lightning import GradWatchCallback  # noqa: E402
@@ -128,8 +129,4 @@ if __name__ == "__main__":
     result = {"a": run_a(out), "b": run_b()}
     rank = torch.distributed.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(result, default=str))
-    # Tear the process group down before the interpreter does: gloo's threads, left to
-    # end with the process, sometimes abort it ("terminate called without an active
-    # exception") after the script's last line.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process()

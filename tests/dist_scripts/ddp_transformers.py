@@ -25,6 +25,7 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]  # hf_models, and the tests pac
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from hf_models import deep_sigmoid, digit_data, trainer_args  # noqa: E402
+from process_end import end_process  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 import gradwatch  # noqa: E402
@@ -110,8 +111,4 @@ if __name__ == "__main__":
     result = {"a": run_a(out), "b": run_b()}
     rank = dist.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(result, default=str))
-    # Tear the process group down before the interpreter does: gloo's threads, left to
-    # end with the process, sometimes abort it ("terminate called without an active
-    # exception") after the script's last line.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_process()

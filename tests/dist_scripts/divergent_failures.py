@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from process_end import end_process  # the script's own folder is on sys.path
 from torch import nn
 
 WORLD = 2
@@ -81,7 +82,7 @@ def worker(rank: int, scenario: str, init_file: str, out: str) -> None:
         steps.append({"disabled": sorted(watcher.disabled), "sync": float(sync[0])})
     watcher.close()
     Path(out, f"{scenario}-rank{rank}.json").write_text(json.dumps(steps))
-    dist.destroy_process_group()
+    end_process()
 
 
 def run(scenario: str, out: Path, deadline_s: float = 60.0) -> object:

@@ -25,6 +25,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from process_end import end_process
+
 WORLD = 2
 
 
@@ -181,7 +183,7 @@ def worker(rank: int, init_file: str, port: int, out: str) -> None:
     except Exception:
         result["lightning_error"] = traceback.format_exc()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    end_process()
 
 
 def free_port() -> int:
